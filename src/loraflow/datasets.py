@@ -1,0 +1,179 @@
+"""Training data in LLaMA-Factory's layout (a folder with dataset_info.json and the files it
+names), from a local folder, an https URL or s3://. Remote folders are copied into a local cache,
+then every dataset the config uses is checked row by row before training starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraflow.envs import PROJECT_ROOT
+from loraflow.errors import UserError
+
+CACHE_DIR = PROJECT_ROOT / ".cache" / "datasets"
+_DEFAULT_ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+_DEFAULT_SHAREGPT_COLUMNS = {"messages": "conversations"}
+
+
+@dataclass
+class DatasetFile:
+    name: str  # the name in dataset_info.json, e.g. viggo-train
+    path: Path
+    source: str  # where it came from: a local path or the remote URL
+    sha256: str
+    rows: list[dict]
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(("https://", "http://", "s3://"))
+
+
+def materialize(dataset_dir: str) -> Path:
+    """Return a local folder holding `dataset_dir` (downloaded once into a cache if remote)."""
+    if not is_remote(dataset_dir):
+        path = Path(dataset_dir).expanduser().resolve()
+        if not (path / "dataset_info.json").is_file():
+            raise UserError(
+                f"dataset_dir {path} has no dataset_info.json; point dataset_dir at a folder in "
+                f"LLaMA-Factory's layout (see data/viggo/ for an example)."
+            )
+        return path
+    local = CACHE_DIR / hashlib.sha256(dataset_dir.encode()).hexdigest()[:16]
+    if (local / "dataset_info.json").is_file():
+        return local
+    info = json.loads(_fetch(_join(dataset_dir, "dataset_info.json")))
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=_ensure(CACHE_DIR)))
+    try:
+        (staging / "dataset_info.json").write_text(json.dumps(info, indent=2))
+        for spec in info.values():
+            if "file_name" in spec:
+                (staging / spec["file_name"]).write_bytes(_fetch(_join(dataset_dir, spec["file_name"])))
+        staging.rename(local)  # only complete downloads become visible
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return local
+
+
+def load_datasets(dataset_dir: str, names: list[str]) -> list[DatasetFile]:
+    """Check and read the named datasets; raise UserError naming the file and line at fault."""
+    local = materialize(dataset_dir)
+    info = _read_info(local)
+    missing = [n for n in names if n not in info]
+    if missing:
+        raise UserError(
+            f"Unknown dataset {', '.join(map(repr, missing))}: {local / 'dataset_info.json'} "
+            f"defines {sorted(info)}. Fix `dataset`/`eval_dataset` or add an entry there."
+        )
+    files = []
+    for name in names:
+        spec = info[name]
+        if "file_name" not in spec:
+            raise UserError(f"Dataset {name!r} in {local / 'dataset_info.json'} has no file_name.")
+        path = local / spec["file_name"]
+        if not path.is_file():
+            raise UserError(
+                f"Data file for dataset {name!r} is missing: {path} (named by "
+                f"{local / 'dataset_info.json'}). Restore the file or fix its file_name."
+            )
+        rows = _read_rows(path)
+        _check_columns(name, path, rows, _required_columns(spec))
+        source = _join(dataset_dir, spec["file_name"]) if is_remote(dataset_dir) else str(path)
+        files.append(DatasetFile(name, path, source, _sha256(path), rows))
+    return files
+
+
+def split_names(value: str | None) -> list[str]:
+    return [n.strip() for n in (value or "").split(",") if n.strip()]
+
+
+def _read_info(local: Path) -> dict:
+    try:
+        info = json.loads((local / "dataset_info.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{local / 'dataset_info.json'} is not valid JSON: {exc}") from exc
+    if not isinstance(info, dict):
+        raise UserError(f"{local / 'dataset_info.json'} must map dataset names to their specs.")
+    return info
+
+
+def _read_rows(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: a .json data file must hold a list of objects.")
+        numbered = list(enumerate(rows, start=1))
+        unit = "item"
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"{path}:{lineno}: malformed JSON Lines row ({exc.msg} at column {exc.colno}). "
+                    f"Each line must be one JSON object."
+                ) from exc
+        unit = "line"
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise UserError(f"{path} {unit} {number}: expected a JSON object, got {type(row).__name__}.")
+    if not numbered:
+        raise UserError(f"{path} holds no rows.")
+    return [row for _, row in numbered]
+
+
+def _required_columns(spec: dict) -> list[str]:
+    default = _DEFAULT_SHAREGPT_COLUMNS if spec.get("formatting") == "sharegpt" else _DEFAULT_ALPACA_COLUMNS
+    return list({**default, **spec.get("columns", {})}.values())
+
+
+def _check_columns(name: str, path: Path, rows: list[dict], required: list[str]) -> None:
+    for index, row in enumerate(rows, start=1):
+        absent = [c for c in required if c not in row]
+        if absent:
+            raise UserError(
+                f"{path} row {index}: missing column(s) {absent} that dataset {name!r} maps in "
+                f"dataset_info.json (row has {sorted(row)}). Fix the data or the 'columns' mapping."
+            )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fetch(url: str) -> bytes:
+    if url.startswith("s3://"):
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = url[len("s3://") :].partition("/")
+        try:
+            return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise UserError(f"Cannot read {url}: {exc}. Check the path and the AWS_* settings.") from exc
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"Cannot download {url}: {exc}.") from exc

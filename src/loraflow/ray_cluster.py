@@ -1,0 +1,69 @@
+"""Connecting to Ray (a local instance by default, RAY_ADDRESS for a cluster) and refusing work
+that the cluster can never schedule, instead of waiting on it forever."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from loraflow.envs import PROJECT_ROOT
+from loraflow.errors import UserError
+
+# Unix socket paths are limited to 107 bytes; Ray puts its sockets deep under the temp dir.
+_MAX_TEMP_DIR_LEN = 40
+
+
+def connect(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            _temp_dir=str(_local_temp_dir()), logging_level=logging.WARNING
+        )
+
+
+def _local_temp_dir() -> Path:
+    inside = PROJECT_ROOT / ".cache" / "ray"
+    if len(str(inside)) <= _MAX_TEMP_DIR_LEN:
+        return inside
+    return Path(tempfile.gettempdir()) / f"loraflow-ray-{os.getuid()}"
+
+
+def bundles_that_fit(node: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many copies of `bundle` one node's total resources can hold."""
+    counts = [math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
+    return min(counts) if counts else 0
+
+
+def check_feasible(num_workers: int, bundle: dict[str, float], strategy: str) -> None:
+    """Raise UserError when no placement of `num_workers` x `bundle` exists on the alive nodes."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = [bundles_that_fit(node, bundle) for node in nodes]
+    if strategy == "STRICT_SPREAD":
+        possible = sum(1 for f in fits if f >= 1)
+    elif strategy == "STRICT_PACK":
+        possible = max(fits, default=0)
+    else:
+        possible = sum(fits)
+    if possible >= num_workers:
+        return
+    have = [
+        {k: v for k, v in node.items() if not k.startswith(("node:", "memory", "object_store"))}
+        for node in nodes
+    ]
+    raise UserError(
+        f"Ray can never schedule this training: it asks for ray_num_workers={num_workers} x "
+        f"resources_per_worker={bundle} with placement_strategy={strategy}, but the cluster's "
+        f"nodes have {have} (room for {possible} worker(s)). Lower ray_num_workers or "
+        f"resources_per_worker, or set RAY_ADDRESS to a cluster that has these resources."
+    )

@@ -1,0 +1,107 @@
+"""LLaMA-Factory SFT inside Ray Train's TorchTrainer.
+
+LLaMA-Factory 0.9.5's own USE_RAY path is no longer Ray Train (plain remote tasks, 10 CPUs each),
+so we run its `run_exp` as the training function of a TorchTrainer: Ray Train sets up the
+process group, restarts failed workers (FailureConfig) and persists checkpoints
+(RayTrainReportCallback) under RunConfig's storage path. The finished adapter comes back to the
+driver as the last reported checkpoint, which also works when workers live on other nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from loraflow.errors import UserError
+from loraflow.train_config import RaySettings
+
+FINAL_MARKER = "loraflow_final.json"  # present only in the checkpoint that holds the finished adapter
+
+
+def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: dict[str, str]) -> Path:
+    """Train on Ray and return a local folder with the adapter and LLaMA-Factory's outputs."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_worker,
+        train_loop_config={"lf_args": lf_args, "env": worker_env},
+        scaling_config=ScalingConfig(
+            num_workers=ray.ray_num_workers,
+            use_gpu=ray.uses_gpu,
+            resources_per_worker=ray.resources_per_worker,
+            placement_strategy=ray.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=ray.ray_storage_path,
+            failure_config=FailureConfig(max_failures=ray.ray_max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's exception; show the user its message
+        raise TrainingFailed(_root_message(exc)) from exc
+    if result.checkpoint is None:
+        raise TrainingFailed("training finished without reporting the trained adapter")
+    out = Path(tempfile.mkdtemp(prefix="loraflow-adapter-"))
+    result.checkpoint.to_directory(str(out))
+    if not (out / FINAL_MARKER).exists():
+        raise TrainingFailed(f"the last checkpoint in {result.checkpoint.path} is not a finished adapter")
+    return out
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def _root_message(exc: BaseException) -> str:
+    """The innermost cause's message: Ray nests the worker's error several levels deep."""
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip() or type(seen).__name__
+    return text.splitlines()[-1] if "Traceback" in text else text
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    from llamafactory.train.tuner import run_exp
+    from ray.train import Checkpoint
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    from loraflow.datasets import materialize
+
+    os.environ.update(config["env"])  # MLflow run id and tracking URI for report_to: mlflow
+    args = dict(config["lf_args"])
+    args["dataset_dir"] = str(materialize(args["dataset_dir"]))
+    resume = ray.train.get_checkpoint()
+    if resume is not None:  # a restarted worker continues from the last persisted checkpoint
+        local = Path(tempfile.mkdtemp(prefix="loraflow-resume-"))
+        resume.to_directory(str(local))
+        args["resume_from_checkpoint"] = str(local / RayTrainReportCallback.CHECKPOINT_NAME)
+
+    run_exp(args, callbacks=[RayTrainReportCallback()])
+
+    # Every worker must report; rank 0 hands the finished adapter back to the driver.
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report({"finished": 1})
+        return
+    with tempfile.TemporaryDirectory() as staging:
+        _copy_outputs(Path(args["output_dir"]), Path(staging))
+        (Path(staging) / FINAL_MARKER).write_text('{"finished": true}\n')
+        ray.train.report({"finished": 1}, checkpoint=Checkpoint.from_directory(staging))
+
+
+def _copy_outputs(output_dir: Path, dest: Path) -> None:
+    """LLaMA-Factory's outputs without the intermediate checkpoint-N folders."""
+    for item in output_dir.iterdir():
+        if item.is_file():
+            shutil.copy2(item, dest / item.name)
+    if not (dest / "adapter_config.json").exists():
+        raise UserError(f"training wrote no adapter_config.json into {output_dir}")

@@ -1,0 +1,238 @@
+"""The `train` entry point: validate the config and data, train on Ray, track everything in one
+MLflow run and register the adapter as a new model version.
+
+Nothing is registered unless training and logging finished: a failure ends the run FAILED, an
+interrupt (Ctrl-C, SIGTERM) ends it KILLED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraflow import datasets, ray_cluster, ray_training, tracking, train_config
+from loraflow.envs import PROJECT_ROOT
+from loraflow.errors import UserError
+from loraflow.registry import ADAPTER_ARTIFACT_PATH, register_adapter
+
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "train" / "default.yaml"
+OUTPUTS_DIR = PROJECT_ROOT / "outputs"
+RUN_MARKER = "loraflow_run_id"  # written into output_dir: which run owns the files there
+_TRAINING_FILES = (  # LLaMA-Factory's logs and results; everything else it writes is the adapter
+    "trainer_log.jsonl", "all_results.json", "train_results.json", "eval_results.json",
+    "trainer_state.json", "training_args.bin", RUN_MARKER, ray_training.FINAL_MARKER,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlflow run . -e train",
+        description="Fine-tune a LoRA adapter with LLaMA-Factory on Ray Train, log it to MLflow "
+        "and register it as a new model version.",
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML (LLaMA-Factory keys + ray_* keys)")
+    parser.add_argument(
+        "--overrides", default="", help="YAML mapping of config keys to replace, e.g. '{max_samples: 50}'"
+    )
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        version = train(args.config, train_config.parse_overrides(args.overrides))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ray_training.TrainingFailed as exc:
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the run is marked KILLED and nothing was registered", file=sys.stderr)
+        return 130
+    print(f"registered {version.name} version {version.version} (run {version.run_id})")
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def train(config_path: str, overrides: dict[str, Any] | None = None):
+    import mlflow
+
+    cfg = train_config.load(config_path, overrides)
+    lf_args = _resolve_paths(cfg.llamafactory)
+    if "://" not in cfg.ray.ray_storage_path:
+        cfg.ray.ray_storage_path = str(Path(cfg.ray.ray_storage_path).expanduser().resolve())
+    data = _check_data(lf_args)
+    tracking.configure()
+
+    with mlflow.start_run() as run:  # resumes the run `mlflow run` created (MLFLOW_RUN_ID)
+        try:
+            return _train_in_run(run, cfg, lf_args, data, config_path)
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+
+
+def _train_in_run(run, cfg, lf_args, data, config_path):
+    import llamafactory
+    import mlflow
+
+    run_id = run.info.run_id
+    lf_args = _finish_args(lf_args, run_id, run_name=f"train-{Path(config_path).stem}")
+    output_dir = Path(lf_args["output_dir"])
+    _claim_output_dir(output_dir, run_id)
+
+    base_model = lf_args["model_name_or_path"]
+    data_digest = _combined_digest([d for d in data if d.name in datasets.split_names(lf_args["dataset"])])
+    mlflow.set_tags({
+        "mlflow.runName": lf_args["run_name"],
+        "loraflow.job": "train",
+        "base_model": base_model,
+        "llamafactory_version": llamafactory.__version__,
+        "git_commit": tracking.git_commit() or "unknown",
+        "registered_model_name": cfg.registered_model_name,
+        "data_digest": data_digest,
+    })
+    mlflow.log_params(tracking.flatten(lf_args))
+    mlflow.log_params(tracking.flatten(vars(cfg.ray), prefix="ray."))
+    _log_lineage(data, lf_args)
+    mlflow.log_text(yaml.safe_dump({**lf_args, **vars(cfg.ray)}, sort_keys=False), "config/train_config.yaml")
+
+    ray_cluster.connect()
+    ray_cluster.check_feasible(
+        cfg.ray.ray_num_workers, cfg.ray.resources_per_worker, cfg.ray.placement_strategy
+    )
+    worker_env = {
+        "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+        "MLFLOW_RUN_ID": run_id,
+        "MLFLOW_MAX_LOG_PARAMS": "0",  # the config is logged above, under the user's own key names
+    }
+    ray_name = f"{cfg.ray.ray_run_name}-{run_id[:8]}"  # unique: Ray Train resumes runs by name
+    finished = ray_training.run(lf_args, cfg.ray, ray_name, worker_env)
+    try:
+        results = _log_outputs(finished)
+    finally:
+        shutil.rmtree(finished, ignore_errors=True)
+
+    version = register_adapter(
+        cfg.registered_model_name,
+        run_id,
+        tags={
+            "run_id": run_id,
+            "base_model": base_model,
+            "data_digest": data_digest,
+            "lora_rank": str(lf_args.get("lora_rank", 8)),
+            "template": str(lf_args.get("template")),
+            "train_loss": str(results.get("train_loss")),
+        },
+        description=f"LoRA adapter on {base_model}, trained by run {run_id} from {config_path}.",
+    )
+    mlflow.set_tag("registered_version", f"{version.name}/{version.version}")
+    return version
+
+
+def _looks_like_path(value: str) -> bool:
+    # Hub ids are "org/name"; anything else with a slash, or starting with . or ~, is a path.
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or Path(value).exists()
+
+
+def _resolve_paths(lf_args: dict[str, Any]) -> dict[str, Any]:
+    """Make local paths absolute (Ray workers run in another cwd) and check that they exist."""
+    args = dict(lf_args)
+    model = args.get("model_name_or_path")
+    if not model:
+        raise UserError("model_name_or_path is missing from the config; set it to a model folder or hub id.")
+    if _looks_like_path(model):
+        path = Path(model).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            hint = " Run ./setup.sh to build the default models." if ".cache/models" in str(path) else ""
+            raise UserError(
+                f"model_name_or_path {model!r} is not a model folder ({path} has no config.json).{hint}"
+            )
+        args["model_name_or_path"] = str(path)
+    if not args.get("dataset"):
+        raise UserError("dataset is missing from the config; name datasets from dataset_info.json.")
+    dataset_dir = args.get("dataset_dir", "data")
+    args["dataset_dir"] = dataset_dir if datasets.is_remote(dataset_dir) else str(Path(dataset_dir).resolve())
+    for key in ("output_dir",):
+        if args.get(key):
+            args[key] = str(Path(args[key]).expanduser().resolve())
+    return args
+
+
+def _check_data(lf_args: dict[str, Any]) -> list[datasets.DatasetFile]:
+    names = datasets.split_names(lf_args["dataset"]) + datasets.split_names(lf_args.get("eval_dataset"))
+    return datasets.load_datasets(lf_args["dataset_dir"], list(dict.fromkeys(names)))
+
+
+def _finish_args(lf_args: dict[str, Any], run_id: str, run_name: str) -> dict[str, Any]:
+    args = {"stage": "sft", "do_train": True, "finetuning_type": "lora", "plot_loss": True, **lf_args}
+    reporters = args.get("report_to") or []
+    reporters = [reporters] if isinstance(reporters, str) else list(reporters)
+    args["report_to"] = [r for r in reporters if r not in ("none", "mlflow")] + ["mlflow"]
+    args["run_name"] = run_name
+    args.setdefault("output_dir", str(OUTPUTS_DIR / run_id))
+    # loraflow checks output_dir ownership itself (below) and resumes through Ray checkpoints.
+    args["overwrite_output_dir"] = True
+    return args
+
+
+def _claim_output_dir(output_dir: Path, run_id: str) -> None:
+    marker = output_dir / RUN_MARKER
+    owner = marker.read_text().strip() if marker.exists() else None
+    occupied = output_dir.is_dir() and any(
+        (output_dir / name).exists() for name in ("adapter_config.json", "adapter_model.safetensors")
+    ) or any(output_dir.glob("checkpoint-*"))
+    if occupied and owner != run_id:
+        raise UserError(
+            f"output_dir {output_dir} already holds an adapter from "
+            f"{'run ' + owner if owner else 'another training'}; choose a new output_dir "
+            f"(or leave it unset for outputs/<run id>), or remove that folder."
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run_id + "\n")
+
+
+def _combined_digest(files: list[datasets.DatasetFile]) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(sorted(f.sha256 for f in files)).encode()).hexdigest()
+
+
+def _log_lineage(data: list[datasets.DatasetFile], lf_args: dict[str, Any]) -> None:
+    import mlflow
+    import pandas as pd
+
+    train_names = datasets.split_names(lf_args["dataset"])
+    for item in data:
+        dataset = mlflow.data.from_pandas(pd.DataFrame(item.rows), source=item.source, name=item.name)
+        mlflow.log_input(
+            dataset,
+            context="training" if item.name in train_names else "evaluation",
+            tags={"sha256": item.sha256, "rows": str(len(item.rows)),
+                  "max_samples": str(lf_args.get("max_samples"))},
+        )
+
+
+def _log_outputs(finished: Path) -> dict[str, Any]:
+    """Log the adapter, LLaMA-Factory's logs, plots and final results; return the results."""
+    import mlflow
+
+    for item in sorted(finished.iterdir()):
+        if item.suffix == ".png" or item.name in _TRAINING_FILES:
+            if item.name not in (RUN_MARKER, ray_training.FINAL_MARKER):
+                mlflow.log_artifact(str(item), "training")
+        else:
+            mlflow.log_artifact(str(item), ADAPTER_ARTIFACT_PATH)
+    results_file = finished / "all_results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    mlflow.log_metrics({k: float(v) for k, v in results.items() if isinstance(v, (int, float))})
+    return results

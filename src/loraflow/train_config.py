@@ -1,0 +1,212 @@
+"""The training config: a LLaMA-Factory YAML plus the seed's Ray keys and loraflow's own keys.
+
+Every key is checked before anything starts: LLaMA-Factory keys against its own argument
+dataclasses (so a typo or a wrong type fails here, not minutes later on a Ray worker), the
+others against the table below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from loraflow.errors import UserError
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class RaySettings:
+    """The seed's Ray keys (LLaMA-Factory 0.9.5 no longer reads them) plus a failure policy."""
+
+    ray_run_name: str = "loraflow_sft"
+    ray_storage_path: str = "outputs/ray"
+    ray_num_workers: int = 1
+    resources_per_worker: dict = field(default_factory=lambda: {"CPU": 1})
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    ray_max_failures: int = 0
+
+    @property
+    def uses_gpu(self) -> bool:
+        return float(self.resources_per_worker.get("GPU", 0)) > 0
+
+
+@dataclass
+class TrainConfig:
+    llamafactory: dict[str, Any]  # arguments handed to llamafactory's run_exp
+    ray: RaySettings
+    registered_model_name: str
+    source: str  # where the config came from, for messages and lineage
+
+
+_LORAFLOW_KEYS = {"registered_model_name": str}
+_RAY_KEYS = {f.name for f in dataclasses.fields(RaySettings)}
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist; pass -P config=<path to a YAML file>.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"Config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"Config file {path} must hold a mapping of keys to values.")
+    raw.update(overrides or {})
+    return from_dict(raw, source=str(path))
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Config keys to replace, as a YAML mapping: '{max_samples: 50, resources_per_worker: {CPU: 1}}'."""
+    if not text.strip():
+        return {}
+    try:
+        overrides = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"overrides is not valid YAML: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise UserError(
+            f"overrides must be a YAML mapping such as '{{max_samples: 50}}', got {text!r}."
+        )
+    return overrides
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
+    ray_raw = {k: raw[k] for k in raw if k in _RAY_KEYS}
+    own_raw = {k: raw[k] for k in raw if k in _LORAFLOW_KEYS}
+    lf_raw = {k: v for k, v in raw.items() if k not in _RAY_KEYS and k not in _LORAFLOW_KEYS}
+
+    problems: list[str] = []
+    lf_args = _check_against(lf_raw, _llamafactory_fields(), problems, source)
+    ray_hints = typing.get_type_hints(RaySettings)
+    ray_args = _check_against(ray_raw, ray_hints, problems, source)
+    own = _check_against(own_raw, _LORAFLOW_KEYS, problems, source)
+    if problems:
+        raise UserError("Invalid training config:\n  " + "\n  ".join(problems))
+
+    ray = RaySettings(**ray_args)
+    _check_ray_settings(ray, source)
+    return TrainConfig(
+        llamafactory=lf_args,
+        ray=ray,
+        registered_model_name=own.get("registered_model_name", "viggo-lora"),
+        source=source,
+    )
+
+
+def _check_ray_settings(ray: RaySettings, source: str) -> None:
+    if ray.ray_num_workers < 1:
+        raise UserError(f"{source}: ray_num_workers must be at least 1, got {ray.ray_num_workers}.")
+    if ray.ray_max_failures < -1:
+        raise UserError(f"{source}: ray_max_failures must be -1 (retry forever) or >= 0.")
+    bad = {k: v for k, v in ray.resources_per_worker.items() if not _is_number(v) or v < 0}
+    if bad or not ray.resources_per_worker:
+        raise UserError(
+            f"{source}: resources_per_worker must map resource names to non-negative numbers, "
+            f"e.g. {{CPU: 1}} or {{GPU: 1}}; got {ray.resources_per_worker!r}."
+        )
+
+
+def _llamafactory_fields() -> dict[str, Any]:
+    from llamafactory.hparams.parser import _TRAIN_ARGS  # the dataclasses run_exp parses into
+
+    hints: dict[str, Any] = {}
+    for cls in _TRAIN_ARGS:
+        names = {f.name for f in dataclasses.fields(cls)}
+        hints.update({k: v for k, v in typing.get_type_hints(cls).items() if k in names})
+    return hints
+
+
+def _check_against(raw: dict, hints: dict, problems: list[str], source: str) -> dict:
+    checked = {}
+    known = list(hints) + list(_RAY_KEYS) + list(_LORAFLOW_KEYS)
+    for key, value in raw.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            problems.append(
+                f"unknown key {key!r} in {source}.{hint} Keys are LLaMA-Factory 0.9.5 training "
+                f"arguments, the Ray keys {sorted(_RAY_KEYS)} or {sorted(_LORAFLOW_KEYS)}."
+            )
+            continue
+        try:
+            checked[key] = _coerce(value, hints[key])
+        except TypeError as exc:
+            problems.append(f"{key}: {exc}")
+    return checked
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Return `value` as type `hint`, converting only where YAML is known to be ambiguous
+    (PyYAML reads `1e-4` as a string); raise TypeError naming what was expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in sorted(options, key=_strictness):  # try str last: it would take anything
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option)
+            except TypeError as exc:
+                errors.append(str(exc))
+        raise TypeError(" or ".join(dict.fromkeys(errors)))
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise TypeError(f"expected one of {list(typing.get_args(hint))}, got {value!r}")
+    if hint is Any or hint is object:
+        return value
+    if origin in (list, dict, tuple) or hint in (list, dict):
+        expected = origin or hint
+        if isinstance(value, expected):
+            return value
+        raise TypeError(f"expected a {expected.__name__}, got {value!r}")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        allowed = [m.value for m in hint]
+        if value in allowed or isinstance(value, hint):
+            return value
+        raise TypeError(f"expected one of {allowed}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"expected an integer, got {value!r}")
+    if hint is float:
+        if _is_number(value):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError(f"expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string, got {value!r}")
+    return value  # other annotations (callables, nested dataclasses): leave to LLaMA-Factory
+
+
+def _strictness(option: Any) -> int:
+    return 1 if option is str else 0
