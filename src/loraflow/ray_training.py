@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from transformers.integrations import MLflowCallback
+
 from loraflow.errors import UserError
 from loraflow.train_config import RaySettings
 
@@ -86,7 +88,11 @@ def _train_worker(config: dict[str, Any]) -> None:
         resume.to_directory(str(local))
         args["resume_from_checkpoint"] = str(local / RayTrainReportCallback.CHECKPOINT_NAME)
 
-    run_exp(args, callbacks=[RayTrainReportCallback()])
+    run_exp(args, callbacks=[RayTrainReportCallback(), _RunKeepingMLflowCallback()])
+    import mlflow
+
+    if mlflow.active_run():  # rank 0 logged into the driver's run; hand it back to the driver
+        mlflow.end_run()
 
     # Every worker must report; rank 0 hands the finished adapter back to the driver.
     if ray.train.get_context().get_world_rank() != 0:
@@ -96,6 +102,15 @@ def _train_worker(config: dict[str, Any]) -> None:
         _copy_outputs(Path(args["output_dir"]), Path(staging))
         (Path(staging) / FINAL_MARKER).write_text('{"finished": true}\n')
         ray.train.report({"finished": 1}, checkpoint=Checkpoint.from_directory(staging))
+
+
+class _RunKeepingMLflowCallback(MLflowCallback):
+    """transformers' MLflowCallback (metrics per logging step into the run named by
+    MLFLOW_RUN_ID), except that it keeps the run open at train end: LLaMA-Factory evaluates after
+    training, and the stock callback would log those metrics into a new run."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        pass
 
 
 def _copy_outputs(output_dir: Path, dest: Path) -> None:

@@ -177,7 +177,8 @@ def _finish_args(lf_args: dict[str, Any], run_id: str, run_name: str) -> dict[st
     args = {"stage": "sft", "do_train": True, "finetuning_type": "lora", "plot_loss": True, **lf_args}
     reporters = args.get("report_to") or []
     reporters = [reporters] if isinstance(reporters, str) else list(reporters)
-    args["report_to"] = [r for r in reporters if r not in ("none", "mlflow")] + ["mlflow"]
+    # MLflow is always on, through ray_training's callback rather than report_to.
+    args["report_to"] = [r for r in reporters if r not in ("none", "mlflow")] or "none"
     args["run_name"] = run_name
     args.setdefault("output_dir", str(OUTPUTS_DIR / run_id))
     # loraflow checks output_dir ownership itself (below) and resumes through Ray checkpoints.
@@ -232,7 +233,12 @@ def _log_outputs(finished: Path) -> dict[str, Any]:
                 mlflow.log_artifact(str(item), "training")
         else:
             mlflow.log_artifact(str(item), ADAPTER_ARTIFACT_PATH)
-    results_file = finished / "all_results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    mlflow.log_metrics({k: float(v) for k, v in results.items() if isinstance(v, (int, float))})
+    results = _read_json(finished / "all_results.json")
+    last_step = _read_json(finished / "trainer_state.json").get("global_step", 0)
+    numbers = {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
+    mlflow.log_metrics(numbers, step=last_step)
     return results
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
