@@ -56,15 +56,17 @@ def enter(kind: str) -> None:
             f"re-run ./setup.sh to repair the '{kind}' environment."
         )
     os.environ["LORAFLOW_REEXEC"] = kind
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(PROJECT_ROOT / "src"), os.environ.get("PYTHONPATH")])
-    )
+    _put_src_on_path()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(str(python), [str(python), *sys.argv])
 
 
 def _put_src_on_path() -> None:
+    """Make the package importable here and in child processes (Ray workers inherit the env)."""
     src = str(PROJECT_ROOT / "src")
     if src not in sys.path:
         sys.path.insert(0, src)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if src not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [src, *paths]))

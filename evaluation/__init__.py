@@ -1,0 +1,1 @@
+"""Task scorers and their golden cases."""

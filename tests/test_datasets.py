@@ -1,0 +1,75 @@
+"""Data checks: every dataset the config names is read and checked before training starts."""
+
+import json
+
+import pytest
+
+from loraflow import datasets
+from loraflow.errors import UserError
+from servers import http_server, s3_server
+
+
+def test_bundled_viggo_splits_load():
+    files = datasets.load_datasets(str(datasets.PROJECT_ROOT / "data" / "viggo"),
+                                   ["viggo-train", "viggo-val", "viggo-test"])
+    assert [len(f.rows) for f in files] == [5103, 714, 1083]
+    assert files[0].sha256 == "db23aff1d85d8c13536c7227d9da6d9071a09864d62150f431502fa05b0672b0"
+
+
+def test_unknown_dataset_name_lists_the_known_ones(viggo_copy):
+    with pytest.raises(UserError, match=r"Unknown dataset 'viggo-trian'.*viggo-train"):
+        datasets.load_datasets(str(viggo_copy), ["viggo-trian"])
+
+
+def test_missing_data_file(viggo_copy):
+    (viggo_copy / "val.jsonl").unlink()
+    with pytest.raises(UserError, match=r"Data file for dataset 'viggo-val' is missing: .*val.jsonl"):
+        datasets.load_datasets(str(viggo_copy), ["viggo-val"])
+
+
+def test_malformed_row_reports_file_and_line(viggo_copy):
+    lines = (viggo_copy / "val.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:-5]  # cut the closing of line 3
+    (viggo_copy / "val.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"val.jsonl:3: malformed JSON Lines row"):
+        datasets.load_datasets(str(viggo_copy), ["viggo-val"])
+
+
+def test_missing_columns_are_named(viggo_copy):
+    rows = [json.loads(l) for l in (viggo_copy / "val.jsonl").read_text().splitlines()]
+    del rows[4]["output"]
+    (viggo_copy / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"val.jsonl row 5: missing column\(s\) \['output'\]"):
+        datasets.load_datasets(str(viggo_copy), ["viggo-val"])
+
+
+def test_folder_without_dataset_info(tmp_path):
+    with pytest.raises(UserError, match="has no dataset_info.json"):
+        datasets.load_datasets(str(tmp_path), ["viggo-val"])
+
+
+def test_https_dataset_dir_is_downloaded_and_checked(viggo_copy, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
+    with http_server(viggo_copy) as url:
+        files = datasets.load_datasets(url, ["viggo-val"])
+    assert len(files[0].rows) == 714 and files[0].source == f"{url}/val.jsonl"
+    assert (datasets.materialize(url) / "val.jsonl").is_file()  # cached: server is gone now
+
+
+def test_s3_dataset_dir_is_downloaded_with_boto3(viggo_copy, tmp_path, monkeypatch):
+    import boto3
+
+    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with s3_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="data")
+        for name in ("dataset_info.json", "train.jsonl", "val.jsonl", "test.jsonl"):
+            s3.upload_file(str(viggo_copy / name), "data", f"viggo/{name}")
+        files = datasets.load_datasets("s3://data/viggo", ["viggo-test"])
+        assert len(files[0].rows) == 1083
+        with pytest.raises(UserError, match="Cannot read s3://data/nowhere/dataset_info.json"):
+            datasets.materialize("s3://data/nowhere")

@@ -1,0 +1,78 @@
+"""The training config is checked against LLaMA-Factory's own argument dataclasses."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraflow import train_config
+from loraflow.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = train_config.load(path)
+    assert cfg.llamafactory["finetuning_type"] == "lora"
+    assert cfg.registered_model_name
+
+
+def test_seed_gpu_config_matches_the_tutorial():
+    cfg = train_config.load(Path(__file__).resolve().parents[1] / "configs/train/qwen2.5-7b-gpu.yaml")
+    lf = cfg.llamafactory
+    assert lf["model_name_or_path"].endswith("Qwen2.5-7B-Instruct")
+    assert (lf["lora_rank"], lf["lora_target"], lf["template"]) == (8, "all", "qwen")
+    assert (lf["cutoff_len"], lf["max_samples"], lf["learning_rate"]) == (2048, 1000, 1e-4)
+    assert (lf["per_device_train_batch_size"], lf["gradient_accumulation_steps"]) == (1, 8)
+    assert (lf["num_train_epochs"], lf["lr_scheduler_type"], lf["warmup_ratio"]) == (5.0, "cosine", 0.1)
+    assert lf["bf16"] is True and lf["eval_dataset"] == "viggo-val"
+    assert cfg.ray.ray_num_workers == 4 and cfg.ray.resources_per_worker["GPU"] == 1
+    assert cfg.ray.uses_gpu
+
+
+def _write(tmp_path, **changes):
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/train/tiny.yaml").read_text())
+    raw.update(changes)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'lora_rnak'.*Did you mean 'lora_rank'"):
+        train_config.load(_write(tmp_path, lora_rnak=8))
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [("lora_rank", "eight", "expected an integer"), ("learning_rate", "fast", "expected a number"),
+     ("bf16", "yes please", "expected true or false"), ("ray_num_workers", 1.5, "expected an integer"),
+     ("placement_strategy", "EVERYWHERE", "expected one of")],
+)
+def test_wrong_types_are_named(tmp_path, key, value, expected):
+    with pytest.raises(UserError, match=rf"{key}: {expected}"):
+        train_config.load(_write(tmp_path, **{key: value}))
+
+
+def test_yaml_exponent_strings_become_numbers(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as a string; LLaMA-Factory would get a str learning rate.
+    assert train_config.load(_write(tmp_path, learning_rate="1e-4")).llamafactory["learning_rate"] == 1e-4
+
+
+def test_bad_resources_per_worker(tmp_path):
+    with pytest.raises(UserError, match="resources_per_worker"):
+        train_config.load(_write(tmp_path, resources_per_worker={"CPU": -1}))
+
+
+def test_overrides_are_a_yaml_mapping():
+    assert train_config.parse_overrides("{ray_num_workers: 2, resources_per_worker: {CPU: 1}}") == {
+        "ray_num_workers": 2, "resources_per_worker": {"CPU": 1}}
+    assert train_config.parse_overrides("") == {}
+    with pytest.raises(UserError, match="YAML mapping"):
+        train_config.parse_overrides("max_samples")
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        train_config.load(tmp_path / "nope.yaml")

@@ -1,0 +1,184 @@
+"""The train entry point end to end: real LLaMA-Factory training on Ray Train into a real MLflow
+store, and every bad input refused with a clear message and nothing registered."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import ROOT, TINY_CONFIG, registered_versions, run_train
+
+
+def _only_run(experiment="0"):
+    runs = MlflowClient().search_runs([experiment])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
+    """`mlflow run . -e train` with the tiny model: the command users run."""
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.run(
+        [str(mlflow_cli), "run", ".", "-e", "train", "--env-manager", "local",
+         "--experiment-name", "viggo", "-P", f"config={TINY_CONFIG}",
+         "-P", f"overrides={{output_dir: {tmp_path / 'out'}}}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    run = _only_run(client.get_experiment_by_name("viggo").experiment_id)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+
+    # per-step metrics while training, and the loss fell
+    loss = [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+    assert len(loss) >= 3 and loss[-1] < loss[0]
+    for name in ("learning_rate", "grad_norm", "epoch", "eval_loss", "train_loss", "train_runtime"):
+        assert name in run.data.metrics, name
+    assert len(client.get_metric_history(run_id, "eval_loss")) >= 2
+
+    # params: the resolved LLaMA-Factory config and the Ray settings
+    params = run.data.params
+    assert params["lora_rank"] == "8" and params["template"] == "smollm2"
+    assert params["ray.ray_num_workers"] == "1" and params["ray.resources_per_worker.CPU"] == "2"
+    assert params["output_dir"] == str(tmp_path / "out")
+
+    # artifacts: adapter under a fixed path, logs, loss plot, resolved config
+    def listing(path):
+        return {Path(a.path).name for a in client.list_artifacts(run_id, path)}
+
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= listing("adapter")
+    assert {"trainer_log.jsonl", "training_loss.png", "all_results.json"} <= listing("training")
+    assert listing("config") == {"train_config.yaml"}
+    local = client.download_artifacts(run_id, "adapter/adapter_config.json", str(tmp_path))
+    assert json.loads(Path(local).read_text())["r"] == 8
+
+    # lineage, tags
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"viggo-train", "viggo-val"}
+    tags = {t.key: t.value for t in inputs["viggo-train"].tags}
+    assert tags["mlflow.data.context"] == "training" and len(tags["sha256"]) == 64
+    assert run.data.tags["base_model"].endswith("tiny-smollm2")
+    assert run.data.tags["llamafactory_version"] == "0.9.5"
+    assert len(run.data.tags["git_commit"]) == 40
+
+    # one registered version, pointing at this run
+    [version] = registered_versions()
+    assert (version.name, version.version, version.run_id) == ("viggo-tiny-lora", "1", run_id)
+    assert version.source == f"runs:/{run_id}/adapter"
+    assert version.tags["base_model"] == run.data.tags["base_model"]
+    assert version.tags["data_digest"] == run.data.tags["data_digest"]
+    downloaded = mlflow.artifacts.download_artifacts(f"models:/viggo-tiny-lora/1", dst_path=str(tmp_path / "v1"))
+    assert (Path(downloaded) / "adapter_model.safetensors").is_file()
+
+
+def test_two_ray_workers(tracking_uri, tmp_path):
+    proc = run_train("--config", str(TINY_CONFIG), "--overrides",
+                     "{ray_num_workers: 2, resources_per_worker: {CPU: 1}}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _only_run()
+    assert run.info.status == "FINISHED" and run.data.params["ray.ray_num_workers"] == "2"
+    assert "train_loss" in run.data.metrics
+    [version] = registered_versions()
+    assert version.run_id == run.info.run_id
+
+
+def _write_config(tmp_path, **changes):
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    raw.update(changes)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _damage(viggo: Path, how: str) -> None:
+    if how == "missing_file":
+        (viggo / "train.jsonl").unlink()
+    elif how == "malformed":
+        lines = (viggo / "train.jsonl").read_text().splitlines()
+        lines[6] = '{"instruction": "x", "input": '
+        (viggo / "train.jsonl").write_text("\n".join(lines) + "\n")
+    elif how == "missing_columns":
+        rows = [json.loads(line) for line in (viggo / "train.jsonl").read_text().splitlines()]
+        rows[9].pop("output")
+        (viggo / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize(
+    "changes, damage, message",
+    [
+        ({"lora_rnak": 8}, None, "unknown key 'lora_rnak'"),
+        ({"learning_rate": "fast"}, None, "learning_rate: expected a number"),
+        ({"dataset": "viggo-trian"}, None, "Unknown dataset 'viggo-trian'"),
+        ({}, "missing_file", "Data file for dataset 'viggo-train' is missing"),
+        ({}, "malformed", "train.jsonl:7: malformed JSON Lines row"),
+        ({}, "missing_columns", "train.jsonl row 10: missing column(s) ['output']"),
+        ({"model_name_or_path": "/nonexistent/model"}, None, "is not a model folder"),
+        ({"resources_per_worker": {"GPU": 1}}, None, "Ray can never schedule this training"),
+        ({"ray_num_workers": 3, "resources_per_worker": {"CPU": 1}}, None, "room for 2 worker(s)"),
+    ],
+    ids=["unknown_key", "wrong_type", "unknown_dataset", "missing_file", "malformed_row",
+         "missing_columns", "missing_model", "gpu_on_cpu_cluster", "too_many_workers"],
+)
+def test_bad_input_is_refused_and_nothing_registered(tracking_uri, tmp_path, viggo_copy, changes, damage, message):
+    _damage(viggo_copy, damage)
+    proc = run_train("--config", _write_config(tmp_path, dataset_dir=str(viggo_copy), **changes))
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert registered_versions() == []
+    for run in MlflowClient().search_runs(["0"]):
+        assert run.info.status != "FINISHED"
+
+
+def test_output_dir_of_another_run_is_refused(tracking_uri, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    (out / "loraflow_run_id").write_text("0123456789abcdef\n")
+    proc = run_train("--config", str(TINY_CONFIG), "--overrides", f"{{output_dir: {out}}}")
+    assert proc.returncode == 2
+    assert f"output_dir {out} already holds an adapter from run 0123456789abcdef" in proc.stderr
+    assert (out / "adapter_config.json").read_text() == "{}"  # untouched
+    assert registered_versions() == []
+
+
+def test_failure_inside_llamafactory_marks_run_failed(tracking_uri, tmp_path):
+    proc = run_train("--config", _write_config(tmp_path, template="no_such_template"))
+    assert proc.returncode == 1
+    assert "training failed" in proc.stderr and "no_such_template" in proc.stderr
+    run = _only_run()
+    assert run.info.status == "FAILED"
+    assert registered_versions() == []
+
+
+def test_interrupt_marks_run_killed_and_registers_nothing(tracking_uri, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "mlproject" / "train.py"), "--config", str(TINY_CONFIG),
+         "--overrides", "{max_samples: 64}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )
+    client = MlflowClient()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until training has logged its first step
+        runs = client.search_runs(["0"])
+        if runs and "loss" in runs[0].data.metrics:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(1)
+    else:
+        pytest.fail("training never logged a step")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "marked KILLED" in stderr
+    assert _only_run().info.status == "KILLED"
+    assert registered_versions() == []
