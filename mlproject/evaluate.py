@@ -1,6 +1,12 @@
-"""MLproject entry point `evaluate`: not implemented yet (issue 3)."""
+"""MLproject entry point `evaluate` (the logic lives in loraflow.evaluate)."""
 
 import sys
+from pathlib import Path
 
-print("error: the evaluate entry point is not implemented yet (tracked in issue 3).", file=sys.stderr)
-sys.exit(2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from loraflow.envs import enter  # noqa: E402
+
+enter("infer")
+from loraflow.evaluate import main  # noqa: E402
+
+sys.exit(main())

@@ -72,7 +72,7 @@ def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
 
     # one registered version, pointing at this run
     [version] = registered_versions()
-    assert (version.name, version.version, version.run_id) == ("viggo-tiny-lora", "1", run_id)
+    assert (version.name, str(version.version), version.run_id) == ("viggo-tiny-lora", "1", run_id)
     assert version.source == f"runs:/{run_id}/adapter"
     assert version.tags["base_model"] == run.data.tags["base_model"]
     assert version.tags["data_digest"] == run.data.tags["data_digest"]

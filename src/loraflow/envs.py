@@ -41,7 +41,7 @@ def has_module(name: str) -> bool:
 def enter(kind: str) -> None:
     """Make sure this process runs in environment `kind`, re-executing under it if needed."""
     if has_module(_MARKER_MODULE[kind]):
-        _put_src_on_path()
+        _put_project_on_path()
         return
     python = python_for(kind)
     if not python.exists():
@@ -56,17 +56,18 @@ def enter(kind: str) -> None:
             f"re-run ./setup.sh to repair the '{kind}' environment."
         )
     os.environ["LORAFLOW_REEXEC"] = kind
-    _put_src_on_path()
+    _put_project_on_path()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(str(python), [str(python), *sys.argv])
 
 
-def _put_src_on_path() -> None:
-    """Make the package importable here and in child processes (Ray workers inherit the env)."""
-    src = str(PROJECT_ROOT / "src")
-    if src not in sys.path:
-        sys.path.insert(0, src)
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if src not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [src, *paths]))
+def _put_project_on_path() -> None:
+    """Make `loraflow` (src/) and the task scorers (evaluation/) importable here and in child
+    processes, which inherit the environment (Ray workers among them)."""
+    for path in (str(PROJECT_ROOT), str(PROJECT_ROOT / "src")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if path not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [path, *paths]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -16,18 +17,24 @@ from loraflow.errors import UserError
 _MAX_TEMP_DIR_LEN = 40
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS's cluster, or start a local instance (declaring `num_cpus` logical CPUs
+    when given: Ray's CPUs are scheduling slots, not cores)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # ray.init replaces the SIGTERM handler with one that aborts the process; the entry points
+    # need theirs, to end their MLflow run KILLED.
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(
-            _temp_dir=str(_local_temp_dir()), logging_level=logging.WARNING
+            num_cpus=num_cpus, _temp_dir=str(_local_temp_dir()), logging_level=logging.WARNING
         )
+    signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 def _local_temp_dir() -> Path:

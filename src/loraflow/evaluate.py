@@ -1,0 +1,211 @@
+"""The `evaluate` entry point: batch inference with Ray Data LLM + vLLM (base model in the
+engine, the adapter chosen per row), scored by evaluation/viggo.py, logged as an MLflow run
+nested under the train run that produced the adapter, with the metrics also written onto the
+registered model version for promotion gates."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraflow import datasets, model_refs, ray_cluster, tracking
+from loraflow.envs import PROJECT_ROOT
+from loraflow.errors import UserError
+
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "evaluate" / "default.yaml"
+METRIC_TAG_PREFIX = "eval."  # version tags: eval.exact_match, eval.parse_validity, ...
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlflow run . -e evaluate",
+        description="Evaluate a registered LoRA adapter on the ViGGO test split with vLLM "
+        "through Ray Data LLM, and log per-row predictions and metrics to MLflow.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/STAGE or a run id")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation YAML")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        metrics = evaluate(args.model, args.config)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the evaluation run is marked KILLED", file=sys.stderr)
+        return 130
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+    return 0
+
+
+def load_config(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise UserError(f"Evaluation config {path} does not exist.")
+    return yaml.safe_load(Path(path).read_text())
+
+
+def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
+    import mlflow
+
+    from evaluation import viggo
+
+    config = load_config(config_path)
+    tracking.configure()
+    ref = model_refs.resolve(model_ref)
+    rows = _test_rows(config)
+    workdir = Path(tempfile.mkdtemp(prefix="loraflow-eval-"))
+    try:
+        adapter_dir = _download_adapter(ref, workdir)
+        _check_adapter(adapter_dir, ref, config)
+        with mlflow.start_run() as run:  # resumes the run `mlflow run` created, if any
+            try:
+                mlflow.set_tags({
+                    "mlflow.runName": f"eval-{ref.label}",
+                    "mlflow.parentRunId": ref.run_id,  # shows under the train run in the UI
+                    "loraflow.job": "evaluate",
+                    "model_ref": model_ref,
+                    "base_model": ref.base_model,
+                    "train_run_id": ref.run_id,
+                })
+                mlflow.log_params(tracking.flatten({k: v for k, v in config.items()}))
+                predictions, timing = _generate(rows, ref.base_model, adapter_dir, config)
+                metrics = _score_and_log(predictions, timing, viggo)
+            except KeyboardInterrupt:
+                mlflow.end_run("KILLED")
+                raise
+        if ref.version is not None:
+            _tag_version(ref.version, metrics, run.info.run_id)
+        return metrics
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _test_rows(config: dict[str, Any]) -> list[dict]:
+    [split] = datasets.load_datasets(str(PROJECT_ROOT / config["dataset_dir"])
+                                     if not datasets.is_remote(config["dataset_dir"])
+                                     else config["dataset_dir"], [config["dataset"]])
+    rows = split.rows[: config.get("max_rows") or None]
+    return rows
+
+
+def _download_adapter(ref: model_refs.AdapterRef, workdir: Path) -> Path:
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.artifact_uri,
+                                                     dst_path=str(workdir / "adapter")))
+    if not (local / "adapter_config.json").is_file():
+        raise UserError(f"{ref.text}: the artifacts at {ref.artifact_uri} hold no adapter_config.json.")
+    return local
+
+
+def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[str, Any]) -> None:
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    max_rank = config["engine"]["max_lora_rank"]
+    if adapter_config.get("r", 0) > max_rank:
+        raise UserError(
+            f"{ref.text}: the adapter has LoRA rank {adapter_config['r']} but the engine's "
+            f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in {config.get('_source', 'the config')}."
+        )
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if trained_on and Path(trained_on).name != Path(ref.base_model).name:
+        raise UserError(
+            f"{ref.text}: the adapter was trained on {trained_on!r}, not on the base model "
+            f"{ref.base_model!r} recorded for it; evaluate it against its own base model."
+        )
+    if not Path(ref.base_model).exists() and ref.base_model.startswith(("/", ".")):
+        raise UserError(f"Base model {ref.base_model} is not on this machine; run ./setup.sh.")
+
+
+def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict[str, Any]):
+    """Run the adapter (and the base model, for the baseline) over `rows` in one vLLM engine."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    # Ray Data LLM runs its chat-template, tokenize, engine and detokenize stages as separate
+    # actors of 1 CPU each: a local 2-core instance must declare more logical CPUs or stall.
+    ray_cluster.connect(num_cpus=4)
+    engine_kwargs = {"enable_lora": True, "max_loras": 1, **config["engine"]}
+    bundle = config.get("resources_per_engine")
+    processor_config = vLLMEngineProcessorConfig(
+        model_source=base_model,
+        engine_kwargs=engine_kwargs,
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        batch_size=config["batch_size"],
+        concurrency=config["concurrency"],
+        accelerator_type=config.get("accelerator_type"),
+        # The default asks for a GPU per engine, which never comes on a CPU-only cluster.
+        placement_group_config={"bundles": [bundle], "strategy": "PACK"} if bundle else None,
+    )
+    sampling = dict(config["sampling"])
+    processor = build_processor(
+        processor_config,
+        preprocess=lambda row: {
+            "model": row["engine_model"],
+            # The prompt LLaMA-Factory trained on (alpaca: instruction, a newline, the input).
+            "messages": [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}],
+            "sampling_params": sampling,
+        },
+        postprocess=lambda row: {
+            "variant": row["variant"], "index": row["index"], "input": row["input"],
+            "expected": row["output"], "generated": row["generated_text"],
+            "num_input_tokens": row["num_input_tokens"],
+            "num_generated_tokens": row["num_generated_tokens"],
+        },
+    )
+    variants = [("adapter", str(adapter_dir))] + ([("baseline", base_model)] if config.get("baseline") else [])
+    items = [
+        {**row, "index": i, "variant": variant, "engine_model": engine_model}
+        for variant, engine_model in variants for i, row in enumerate(rows)
+    ]
+    start = time.monotonic()
+    out = processor(ray.data.from_items(items)).take_all()
+    seconds = time.monotonic() - start
+    return sorted(out, key=lambda r: (r["variant"], r["index"])), seconds
+
+
+def _score_and_log(predictions: list[dict], seconds: float, viggo) -> dict[str, float]:
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame(predictions)
+    frame["correct"] = frame["expected"] == frame["generated"]
+    frame["parse_ok"] = frame["generated"].map(lambda text: viggo.parse(text) is not None)
+    metrics: dict[str, float] = {}
+    for variant, group in frame.groupby("variant"):
+        prefix = "" if variant == "adapter" else "baseline_"
+        scores = viggo.score(group["expected"].tolist(), group["generated"].tolist())
+        metrics.update({prefix + k: v for k, v in scores.items()})
+        if variant == "adapter":
+            for intent, by in viggo.score_by_intent(group["expected"].tolist(), group["generated"].tolist()).items():
+                metrics[f"intent_{intent}_exact_match"] = by["exact_match"]
+                metrics[f"intent_{intent}_rows"] = by["rows"]
+    metrics["exact_match_lift"] = metrics["exact_match"] - metrics.get("baseline_exact_match", 0.0)
+    metrics["rows_per_s"] = len(frame) / seconds
+    metrics["generated_tokens_per_s"] = float(frame["num_generated_tokens"].sum()) / seconds
+    mlflow.log_metrics(metrics)
+    mlflow.log_table(frame, artifact_file="predictions.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        frame.to_csv(Path(tmp) / "predictions.csv", index=False)
+        mlflow.log_artifact(str(Path(tmp) / "predictions.csv"))
+    return metrics
+
+
+def _tag_version(version, metrics: dict[str, float], eval_run_id: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key in ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "baseline_exact_match", "rows"):
+        if key in metrics:
+            client.set_model_version_tag(version.name, version.version, METRIC_TAG_PREFIX + key,
+                                         f"{metrics[key]:.6f}")
+    client.set_model_version_tag(version.name, version.version, "eval.run_id", eval_run_id)
