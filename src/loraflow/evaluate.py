@@ -131,9 +131,11 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    # Ray Data LLM runs its chat-template, tokenize, engine and detokenize stages as separate
-    # actors of 1 CPU each: a local 2-core instance must declare more logical CPUs or stall.
+    # Ray Data LLM runs pre/post-processing, chat template, tokenize and detokenize as separate
+    # tasks and actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
+    # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
     ray_cluster.connect(num_cpus=4)
+    light = {"num_cpus": 0.25}
     engine_kwargs = {"enable_lora": True, "max_loras": 1, **config["engine"]}
     bundle = config.get("resources_per_engine")
     processor_config = vLLMEngineProcessorConfig(
@@ -145,6 +147,9 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
         accelerator_type=config.get("accelerator_type"),
         # The default asks for a GPU per engine, which never comes on a CPU-only cluster.
         placement_group_config={"bundles": [bundle], "strategy": "PACK"} if bundle else None,
+        chat_template_stage=light,
+        tokenize_stage=light,
+        detokenize_stage=light,
     )
     sampling = dict(config["sampling"])
     processor = build_processor(
@@ -161,6 +166,8 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
             "num_input_tokens": row["num_input_tokens"],
             "num_generated_tokens": row["num_generated_tokens"],
         },
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
     )
     variants = [("adapter", str(adapter_dir))] + ([("baseline", base_model)] if config.get("baseline") else [])
     items = [
