@@ -49,6 +49,14 @@ def parse(text: str) -> MeaningRepresentation | None:
     return MeaningRepresentation(frame.group(1), frozenset(slots))
 
 
+def mr_regex() -> str:
+    """A regular expression for well-formed MRs (allowed function, allowed attributes, one
+    `attr[value]` each, comma-separated) for vLLM's structured outputs. It cannot forbid a
+    repeated attribute; `parse` still rejects those."""
+    attribute = "(" + "|".join(ATTRIBUTES) + r")\[[^\[\]\n]*\]"
+    return "(" + "|".join(FUNCTIONS) + r")\(" + attribute + "(, " + attribute + r")*\)"
+
+
 def exact_match(expected: str, generated: str) -> bool:
     """The seed tutorial's metric: the generated text equals the reference string exactly."""
     return generated == expected

@@ -29,6 +29,17 @@ def test_every_reference_in_the_data_parses():
             assert viggo.parse(output) is not None, output
 
 
+def test_guided_decoding_regex_accepts_every_reference_and_rejects_invalid_output():
+    import re
+
+    pattern = re.compile(viggo.mr_regex())
+    for line in (ROOT / "data/viggo/test.jsonl").read_text().splitlines():
+        assert pattern.fullmatch(json.loads(line)["output"])
+    for case in CASES:
+        if not case["valid"] and "repeated" not in case["case"]:
+            assert not pattern.fullmatch(case["generated"]), case["case"]
+
+
 def test_corpus_scores_are_micro_averaged():
     refs = [c["expected"] for c in CASES]
     gens = [c["generated"] for c in CASES]

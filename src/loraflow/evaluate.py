@@ -91,11 +91,11 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
 
 
 def _test_rows(config: dict[str, Any]) -> list[dict]:
-    [split] = datasets.load_datasets(str(PROJECT_ROOT / config["dataset_dir"])
-                                     if not datasets.is_remote(config["dataset_dir"])
-                                     else config["dataset_dir"], [config["dataset"]])
-    rows = split.rows[: config.get("max_rows") or None]
-    return rows
+    location = config["dataset_dir"]
+    if not datasets.is_remote(location):
+        location = str(PROJECT_ROOT / location)  # relative paths are the project's, as shipped
+    [split] = datasets.load_datasets(location, [config["dataset"]])
+    return split.rows[: config.get("max_rows") or None]
 
 
 def _download_adapter(ref: model_refs.AdapterRef, workdir: Path) -> Path:
@@ -151,14 +151,18 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
         tokenize_stage=light,
         detokenize_stage=light,
     )
+    from evaluation import viggo
+
     sampling = dict(config["sampling"])
+    # vLLM's structured outputs constrain generation to the task's grammar (no hand decoding).
+    guided = {**sampling, "structured_outputs": {"regex": viggo.mr_regex()}}
     processor = build_processor(
         processor_config,
         preprocess=lambda row: {
             "model": row["engine_model"],
             # The prompt LLaMA-Factory trained on (alpaca: instruction, a newline, the input).
             "messages": [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}],
-            "sampling_params": sampling,
+            "sampling_params": guided if row["variant"] == "guided" else sampling,
         },
         postprocess=lambda row: {
             "variant": row["variant"], "index": row["index"], "input": row["input"],
@@ -169,7 +173,11 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
         preprocess_map_kwargs=light,
         postprocess_map_kwargs=light,
     )
-    variants = [("adapter", str(adapter_dir))] + ([("baseline", base_model)] if config.get("baseline") else [])
+    variants = [("adapter", str(adapter_dir))]
+    if config.get("baseline"):
+        variants.append(("baseline", base_model))
+    if config.get("guided_decoding"):
+        variants.append(("guided", str(adapter_dir)))
     items = [
         {**row, "index": i, "variant": variant, "engine_model": engine_model}
         for variant, engine_model in variants for i, row in enumerate(rows)
@@ -189,7 +197,7 @@ def _score_and_log(predictions: list[dict], seconds: float, viggo) -> dict[str, 
     frame["parse_ok"] = frame["generated"].map(lambda text: viggo.parse(text) is not None)
     metrics: dict[str, float] = {}
     for variant, group in frame.groupby("variant"):
-        prefix = "" if variant == "adapter" else "baseline_"
+        prefix = "" if variant == "adapter" else f"{variant}_"
         scores = viggo.score(group["expected"].tolist(), group["generated"].tolist())
         metrics.update({prefix + k: v for k, v in scores.items()})
         if variant == "adapter":

@@ -1,0 +1,121 @@
+"""The evaluate entry point: real vLLM (CPU build) through real Ray Data LLM, on an adapter that
+the train entry point trained and registered, scored by evaluation/viggo.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import ROOT, TINY_CONFIG, run_train
+
+SMALL_EVAL = {"max_rows": 6, "sampling": {"temperature": 0.0, "max_tokens": 24}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny adapter, trained and registered as viggo-tiny-lora version 1."""
+    store = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/train.py"), "--config", str(TINY_CONFIG)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return uri
+
+
+@pytest.fixture
+def store(trained, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained)
+    mlflow.set_tracking_uri(trained)
+    return MlflowClient()
+
+
+def _config(tmp_path, **changes):
+    raw = yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())
+    raw.update(SMALL_EVAL)
+    raw.update(changes)
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def run_evaluate(model, config, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "mlproject/evaluate.py"), "--model", model,
+                           "--config", config], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
+
+
+def test_evaluate_logs_predictions_and_metrics(store, tmp_path):
+    proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = store.get_model_version("viggo-tiny-lora", "1")
+    eval_run = store.get_run(version.tags["eval.run_id"])
+    assert eval_run.info.status == "FINISHED"
+    assert eval_run.data.tags["mlflow.parentRunId"] == version.run_id  # nested under the train run
+    metrics = eval_run.data.metrics
+    for name in ("exact_match", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1",
+                 "parse_validity", "baseline_exact_match", "exact_match_lift", "rows_per_s",
+                 "generated_tokens_per_s"):
+        assert name in metrics, name
+    assert metrics["rows"] == 6 and metrics["baseline_rows"] == 6 and metrics["guided_rows"] == 6
+    assert metrics["guided_parse_validity"] == 1.0  # constrained to the MR grammar
+    assert float(version.tags["eval.exact_match"]) == pytest.approx(metrics["exact_match"])
+
+    local = store.download_artifacts(eval_run.info.run_id, "predictions.json", str(tmp_path))
+    table = json.loads(Path(local).read_text())
+    columns = table["columns"]
+    assert {"input", "expected", "generated", "correct", "parse_ok", "num_generated_tokens",
+            "variant"} <= set(columns)
+    assert len(table["data"]) == 18  # 6 rows each: adapter, baseline, guided adapter
+    assert "predictions.csv" in {a.path for a in store.list_artifacts(eval_run.info.run_id)}
+
+
+@pytest.mark.parametrize(
+    "model, changes, message",
+    [
+        ("models:/no-such-model/1", {}, "Model reference 'models:/no-such-model/1' does not exist"),
+        ("models:/viggo-tiny-lora/7", {}, "does not exist"),
+        ("models:/viggo-tiny-lora/Production", {}, "has no version in stage Production"),
+        ("0123456789abcdef0123456789abcdef", {}, "does not exist"),
+        ("models:/viggo-tiny-lora/1", {"engine": {"max_lora_rank": 4, "dtype": "float32",
+                                                  "max_model_len": 1024, "enforce_eager": True}},
+         "the adapter has LoRA rank 8 but the engine's max_lora_rank is 4"),
+        ("models:/viggo-tiny-lora/1", {"dataset": "viggo-nothing"}, "Unknown dataset 'viggo-nothing'"),
+    ],
+    ids=["unknown_model", "unknown_version", "empty_stage", "unknown_run", "rank_too_large",
+         "unknown_test_set"],
+)
+def test_bad_input_is_refused(store, tmp_path, model, changes, message):
+    before = len(store.search_runs([e.experiment_id for e in store.search_experiments()]))
+    proc = run_evaluate(model, _config(tmp_path, **changes), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    assert len(runs) == before  # nothing logged as an evaluation
+
+
+def test_empty_or_malformed_test_set(store, tmp_path, viggo_copy):
+    (viggo_copy / "test.jsonl").write_text("")
+    proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path, dataset_dir=str(viggo_copy)), timeout=300)
+    assert proc.returncode == 2 and "test.jsonl holds no rows" in proc.stderr
+    (viggo_copy / "test.jsonl").write_text('{"instruction": "x", "input": "y", "output": "z"}\n{oops\n')
+    proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path, dataset_dir=str(viggo_copy)), timeout=300)
+    assert proc.returncode == 2 and "test.jsonl:2: malformed JSON Lines row" in proc.stderr
+
+
+def test_adapter_for_another_base_model(store, tmp_path):
+    store.set_model_version_tag("viggo-tiny-lora", "1", "base_model", str(ROOT / ".cache/models/SmolLM2-135M-Instruct"))
+    try:
+        proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path), timeout=300)
+    finally:
+        run = store.get_run(store.get_model_version("viggo-tiny-lora", "1").run_id)
+        store.set_model_version_tag("viggo-tiny-lora", "1", "base_model", run.data.tags["base_model"])
+    assert proc.returncode == 2
+    assert "the adapter was trained on" in proc.stderr and "SmolLM2-135M-Instruct" in proc.stderr
