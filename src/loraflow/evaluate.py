@@ -48,10 +48,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_REQUIRED_KEYS = {"dataset_dir", "dataset", "sampling", "engine", "batch_size", "concurrency"}
+_OPTIONAL_KEYS = {"max_rows", "baseline", "guided_decoding", "accelerator_type", "resources_per_engine"}
+
+
 def load_config(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise UserError(f"Evaluation config {path} does not exist.")
-    return yaml.safe_load(Path(path).read_text())
+    config = yaml.safe_load(Path(path).read_text())
+    if not isinstance(config, dict):
+        raise UserError(f"Evaluation config {path} must hold a mapping of keys to values.")
+    unknown = set(config) - _REQUIRED_KEYS - _OPTIONAL_KEYS
+    missing = _REQUIRED_KEYS - set(config)
+    if unknown or missing:
+        raise UserError(
+            f"Evaluation config {path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
+            f"see configs/evaluate/default.yaml for the keys."
+        )
+    if not isinstance(config["engine"].get("max_lora_rank"), int):
+        raise UserError(f"Evaluation config {path}: engine.max_lora_rank must be an integer.")
+    return config
 
 
 def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
@@ -114,7 +130,7 @@ def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[s
     if adapter_config.get("r", 0) > max_rank:
         raise UserError(
             f"{ref.text}: the adapter has LoRA rank {adapter_config['r']} but the engine's "
-            f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in {config.get('_source', 'the config')}."
+            f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in the evaluation config."
         )
     trained_on = adapter_config.get("base_model_name_or_path")
     if trained_on and Path(trained_on).name != Path(ref.base_model).name:
