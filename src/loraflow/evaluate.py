@@ -199,7 +199,9 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
         for variant, engine_model in variants for i, row in enumerate(rows)
     ]
     start = time.monotonic()
-    out = processor(ray.data.from_items(items)).take_all()
+    # One block per batch, so that Ray Data's progress log moves every batch_size rows.
+    blocks = max(1, len(items) // config["batch_size"])
+    out = processor(ray.data.from_items(items, override_num_blocks=blocks)).take_all()
     seconds = time.monotonic() - start
     return sorted(out, key=lambda r: (r["variant"], r["index"])), seconds
 
