@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import ROOT, TINY_CONFIG, run_train
+from conftest import ROOT, TINY_CONFIG
 
 SMALL_EVAL = {"max_rows": 6, "sampling": {"temperature": 0.0, "max_tokens": 24}}
 

@@ -76,7 +76,7 @@ def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
     assert version.source == f"runs:/{run_id}/adapter"
     assert version.tags["base_model"] == run.data.tags["base_model"]
     assert version.tags["data_digest"] == run.data.tags["data_digest"]
-    downloaded = mlflow.artifacts.download_artifacts(f"models:/viggo-tiny-lora/1", dst_path=str(tmp_path / "v1"))
+    downloaded = mlflow.artifacts.download_artifacts("models:/viggo-tiny-lora/1", dst_path=str(tmp_path / "v1"))
     assert (Path(downloaded) / "adapter_model.safetensors").is_file()
 
 

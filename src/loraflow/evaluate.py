@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ import yaml
 from loraflow import datasets, model_refs, ray_cluster, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
+from loraflow.signals import sigterm_interrupts
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "evaluate" / "default.yaml"
 METRIC_TAG_PREFIX = "eval."  # version tags: eval.exact_match, eval.parse_validity, ...
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/STAGE or a run id")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation YAML")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    sigterm_interrupts()
     try:
         metrics = evaluate(args.model, args.config)
     except UserError as exc:

