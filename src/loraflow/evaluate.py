@@ -93,7 +93,7 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
                     "base_model": ref.base_model,
                     "train_run_id": ref.run_id,
                 })
-                mlflow.log_params(tracking.flatten({k: v for k, v in config.items()}))
+                mlflow.log_params(tracking.flatten(config))
                 predictions, seconds = _generate(rows, ref.base_model, adapter_dir, config)
                 metrics = _score_and_log(predictions, seconds, viggo)
             except KeyboardInterrupt:
@@ -143,7 +143,8 @@ def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[s
 
 
 def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict[str, Any]):
-    """Run the adapter (and the base model, for the baseline) over `rows` in one vLLM engine."""
+    """Run `rows` through the adapter, and through the base model (baseline) and the guided
+    adapter when configured, one Ray Data LLM pass each."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 

@@ -8,6 +8,7 @@ interrupt (Ctrl-C, SIGTERM) ends it KILLED.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -158,9 +159,8 @@ def _resolve_paths(lf_args: dict[str, Any]) -> dict[str, Any]:
         raise UserError("dataset is missing from the config; name datasets from dataset_info.json.")
     dataset_dir = args.get("dataset_dir", "data")
     args["dataset_dir"] = dataset_dir if datasets.is_remote(dataset_dir) else str(Path(dataset_dir).resolve())
-    for key in ("output_dir",):
-        if args.get(key):
-            args[key] = str(Path(args[key]).expanduser().resolve())
+    if args.get("output_dir"):
+        args["output_dir"] = str(Path(args["output_dir"]).expanduser().resolve())
     return args
 
 
@@ -200,8 +200,6 @@ def _claim_output_dir(output_dir: Path, run_id: str) -> None:
 
 
 def _combined_digest(files: list[datasets.DatasetFile]) -> str:
-    import hashlib
-
     return hashlib.sha256("".join(sorted(f.sha256 for f in files)).encode()).hexdigest()
 
 
