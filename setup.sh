@@ -38,7 +38,21 @@ make_env() {  # make_env NAME: create .venvs/NAME from requirements/NAME.in + NA
   echo "[$name] ready"
 }
 
+system_packages() {  # PostgreSQL for the tests of a tracking server on PostgreSQL (Debian's)
+  if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null; then
+    return
+  fi
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    echo "[system] installing postgresql (log: .cache/setup/system.log)"
+    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; } \
+      >.cache/setup/system.log 2>&1
+  else
+    echo "[system] PostgreSQL is missing: install Debian's postgresql package for the tracking-server tests"
+  fi
+}
+
 start=$SECONDS
+system_packages
 make_env train & train_pid=$!
 make_env infer & infer_pid=$!
 wait $train_pid

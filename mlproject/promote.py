@@ -1,6 +1,12 @@
-"""MLproject entry point `promote`: not implemented yet (issue 4)."""
+"""MLproject entry point `promote` (the logic lives in loraflow.promote)."""
 
 import sys
+from pathlib import Path
 
-print("error: the promote entry point is not implemented yet (tracked in issue 4).", file=sys.stderr)
-sys.exit(2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from loraflow.envs import enter  # noqa: E402
+
+enter("train")
+from loraflow.promote import main  # noqa: E402
+
+sys.exit(main())

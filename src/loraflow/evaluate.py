@@ -16,13 +16,12 @@ from typing import Any
 
 import yaml
 
-from loraflow import datasets, model_refs, ray_cluster, tracking
+from loraflow import datasets, model_refs, promotion_gates, ray_cluster, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.signals import sigterm_interrupts
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "evaluate" / "default.yaml"
-METRIC_TAG_PREFIX = "eval."  # version tags: eval.exact_match, eval.parse_validity, ...
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,8 +241,8 @@ def _tag_version(version, metrics: dict[str, float], eval_run_id: str) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    for key in ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "baseline_exact_match", "rows"):
+    for key in promotion_gates.KNOWN_METRICS:  # what promotion gates may check
         if key in metrics:
-            client.set_model_version_tag(version.name, version.version, METRIC_TAG_PREFIX + key,
+            client.set_model_version_tag(version.name, version.version, promotion_gates.METRIC_TAG_PREFIX + key,
                                          f"{metrics[key]:.6f}")
     client.set_model_version_tag(version.name, version.version, "eval.run_id", eval_run_id)

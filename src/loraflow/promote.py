@@ -1,0 +1,250 @@
+"""The `promote` and `rollback` entry points: move an adapter version through the registry stages
+(Staging, Production, Archived), behind evaluation gates, with an audit trail on the version.
+
+MLflow 3 deprecates stages in favour of aliases. Both are kept in step: a version in Staging or
+Production also carries the alias `staging` or `production`, so `models:/NAME/Production` and
+`models:/NAME@production` name the same version. Every change holds the registry lock
+(registry_lock.py), so concurrent promotions end with exactly one Production version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import warnings
+from datetime import datetime, timezone
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from loraflow import promotion_gates, registry_lock, tracking
+from loraflow.errors import UserError
+
+STAGES = ("Staging", "Production", "Archived")
+STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
+HISTORY_TAG = "loraflow.production_history"  # versions promoted to Production, oldest first
+HISTORY_LENGTH = 100
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlflow run . -e promote",
+        description="Move a registered adapter version to Staging, Production or Archived. Staging and "
+        "Production are gated on the version's evaluation metrics (configs/promote/default.yaml).",
+    )
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--version", required=True, help="version number to move")
+    parser.add_argument("--stage", default="Production", help="Staging, Production or Archived")
+    parser.add_argument("--reason", default="", help="why; recorded on the version (required with --force)")
+    parser.add_argument("--force", default="false", help="true: promote even if the gate fails (recorded)")
+    parser.add_argument("--config", default=str(promotion_gates.DEFAULT_CONFIG), help="gates YAML")
+    args = parser.parse_args(argv)
+    return _run(lambda: promote(args.name, args.version, args.stage, args.reason,
+                                _parse_bool("force", args.force), args.config))
+
+
+def rollback_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlflow run . -e rollback",
+        description="Return Production to the version that was in Production before the current one.",
+    )
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--reason", default="", help="why; recorded on the versions")
+    args = parser.parse_args(argv)
+    return _run(lambda: rollback(args.name, args.reason))
+
+
+def _run(action) -> int:
+    tracking.configure()
+    try:
+        print(action())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise SystemExit(f"error: {name} must be true or false, not {text!r}")
+    return value in ("true", "1", "yes")
+
+
+@contextlib.contextmanager
+def _stage_api():
+    """Stages are deprecated in MLflow 3 (FutureWarning on every call); the docs explain that
+    loraflow keeps aliases in step, so the warning is not repeated to users."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def promote(name: str, version: str, stage: str, reason: str, force: bool, config: str) -> str:
+    stage = _stage_named(stage)
+    gates = promotion_gates.load(config)
+    if force and not reason.strip():
+        raise UserError("force=true skips the promotion gate; give a reason (-P reason=...) to record.")
+    client = MlflowClient()
+    _model_version(client, name, version)  # fail before taking the lock
+    with registry_lock.locked(client, name):
+        candidate = _model_version(client, name, version)
+        production = _production(client, name)
+        if candidate.current_stage == stage:
+            _sync_alias(client, candidate, stage)
+            return f"{name} v{candidate.version} is already in {stage}; nothing to do."
+        report, gate = None, "none"
+        if stage in gates:
+            report = promotion_gates.check(gates[stage], stage, candidate, production)
+            if not report.passed and not force:
+                raise UserError(_refusal(name, candidate, report))
+            gate = "passed" if report.passed else "overridden"
+        _transition(client, candidate, stage)
+        _sync_alias(client, candidate, stage)
+        history = _history(client, name)
+        if stage == "Production":
+            history.append(int(candidate.version))
+        elif production is not None and production.version == candidate.version:
+            history = [v for v in history if v != int(candidate.version)]  # Production is now empty
+        _set_history(client, name, history)
+        _audit(client, candidate, stage, reason, gate, production)
+        lines = [f"{name} v{candidate.version}: {candidate.current_stage} -> {stage} (gate: {gate})"]
+        if stage == "Production" and production is not None:
+            _note(client, production, f"archived: v{candidate.version} was promoted to Production")
+            lines.append(f"{name} v{production.version}: Production -> Archived")
+        if report is not None and report.checks:
+            lines.append(report.table())
+        return "\n".join(lines)
+
+
+def rollback(name: str, reason: str) -> str:
+    client = MlflowClient()
+    _registered_model(client, name)
+    with registry_lock.locked(client, name):
+        production = _production(client, name)
+        history = _history(client, name)
+        while history and production is not None and history[-1] == int(production.version):
+            history.pop()
+        existing = {int(v.version) for v in client.search_model_versions(f"name='{name}'")}
+        history = [v for v in history if v in existing]
+        if not history:
+            current = f"v{production.version}" if production is not None else "none"
+            raise UserError(f"Nothing to roll back to: {name} has no earlier Production version "
+                            f"(Production now: {current}).")
+        target = _model_version(client, name, str(history[-1]))
+        _transition(client, target, "Production")
+        _sync_alias(client, target, "Production")
+        _set_history(client, name, history)
+        _audit(client, target, "Production", reason, "rollback", production)
+        lines = [f"{name} v{target.version}: {target.current_stage} -> Production (rollback)"]
+        if production is not None:
+            _note(client, production, f"rolled back: Production returned to v{target.version}"
+                  + (f" ({reason})" if reason else ""))
+            lines.append(f"{name} v{production.version}: Production -> Archived")
+        return "\n".join(lines)
+
+
+def _stage_named(text: str) -> str:
+    for stage in STAGES:
+        if text.strip().lower() == stage.lower():
+            return stage
+    raise UserError(f"Unknown stage {text!r}: use one of {', '.join(STAGES)}.")
+
+
+def _registered_model(client: MlflowClient, name: str):
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models() if not m.name.endswith(".lock"))
+        raise UserError(
+            f"There is no registered model {name!r} in {tracking.configure()}; registered models: "
+            f"{', '.join(names) or 'none'}. Train one with `mlflow run . -e train`."
+        ) from None
+
+
+def _model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    _registered_model(client, name)
+    if not str(version).strip().isdigit():
+        raise UserError(f"Version must be a number, not {version!r}.")
+    try:
+        return client.get_model_version(name, str(int(version)))
+    except MlflowException:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise UserError(f"{name} has no version {version}; it has versions "
+                        f"{', '.join(map(str, versions)) or 'none'}.") from None
+
+
+def _production(client: MlflowClient, name: str) -> ModelVersion | None:
+    with _stage_api():
+        versions = client.get_latest_versions(name, stages=["Production"])
+    return versions[0] if versions else None
+
+
+def _transition(client: MlflowClient, version: ModelVersion, stage: str) -> None:
+    """Move `version` to `stage`; entering Production archives the versions there. Done here rather
+    than with archive_existing_versions=True, which fails on PostgreSQL in MLflow 3.17
+    (mlflow/mlflow#24592: version compared as VARCHAR to an INTEGER column); the registry lock
+    makes the two steps one."""
+    with _stage_api():
+        if stage == "Production":
+            for other in client.search_model_versions(f"name='{version.name}'"):
+                if other.current_stage == "Production" and other.version != version.version:
+                    client.transition_model_version_stage(other.name, other.version, "Archived")
+        client.transition_model_version_stage(version.name, version.version, stage)
+
+
+def _sync_alias(client: MlflowClient, version: ModelVersion, stage: str) -> None:
+    """The version carries the alias of its new stage and no longer that of its old one."""
+    for other_stage, alias in STAGE_ALIASES.items():
+        if other_stage == stage:
+            client.set_registered_model_alias(version.name, alias, version.version)
+        elif alias in client.get_model_version(version.name, version.version).aliases:
+            client.delete_registered_model_alias(version.name, alias)
+
+
+def _history(client: MlflowClient, name: str) -> list[int]:
+    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+
+def _set_history(client: MlflowClient, name: str, history: list[int]) -> None:
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_LENGTH:]))
+
+
+def _audit(client: MlflowClient, version: ModelVersion, stage: str, reason: str, gate: str,
+           previous: ModelVersion | None) -> None:
+    """Who, when, why and on which evaluation, as tags (latest move) and a description line (all moves)."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    who = registry_lock.holder()
+    metrics = promotion_gates.version_metrics(version)
+    tags = {
+        "promotion.stage": stage,
+        "promotion.by": who,
+        "promotion.at": now,
+        "promotion.reason": reason,
+        "promotion.gate": gate,
+        "promotion.metrics": json.dumps(metrics, sort_keys=True),
+        "promotion.previous_production": f"v{previous.version}" if previous is not None else "",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+    _note(client, version, f"{version.current_stage} -> {stage} by {who}, gate {gate}"
+          + (f": {reason}" if reason else ""), now)
+
+
+def _note(client: MlflowClient, version: ModelVersion, text: str, when: str | None = None) -> None:
+    when = when or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    current = client.get_model_version(version.name, version.version).description or ""
+    client.update_model_version(version.name, version.version,
+                                description=f"{current}\n[{when}] {text}".strip())
+
+
+def _refusal(name: str, candidate: ModelVersion, report: promotion_gates.GateReport) -> str:
+    text = (f"{name} v{candidate.version} does not pass the {report.stage} gate "
+            f"({', '.join(sorted({c.metric for c in report.failures}))}):\n{report.table()}\n")
+    if not promotion_gates.version_metrics(candidate):
+        text += (f"v{candidate.version} has no evaluation yet: run "
+                 f"`mlflow run . -e evaluate -P model=models:/{name}/{candidate.version}` first. ")
+    return text + "To promote anyway, pass -P force=true with -P reason=... (both are recorded)."

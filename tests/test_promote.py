@@ -1,0 +1,304 @@
+"""The promote and rollback entry points against a real registry: a local SQLite store and an
+`mlflow server` backed by PostgreSQL (Debian's, started here on loopback).
+
+Versions are registered the way train registers them (a run with an `adapter` artifact); their
+evaluation metrics are written as the `eval.*` tags that the evaluate entry point writes, so that
+gates can be exercised without running vLLM for every case (test_evaluate_job covers that path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+import warnings
+
+import pytest
+from conftest import ROOT
+from servers import mlflow_server, postgres_server
+
+from loraflow import promote, registry
+from loraflow.registry_lock import locked
+
+GOOD = {"parse_validity": 1.0, "slot_f1": 0.4, "exact_match": 0.1, "rows": 50}
+
+
+@pytest.fixture(scope="session")
+def postgres_tracking_server(tmp_path_factory):
+    with postgres_server() as database, mlflow_server(database, str(tmp_path_factory.mktemp("artifacts"))) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path, monkeypatch) -> str:
+    """The tracking URI of a registry; each test uses its own model names in it."""
+    if request.param == "sqlite":
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    else:
+        uri = request.getfixturevalue("postgres_tracking_server")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture
+def model_name() -> str:
+    return f"viggo-test-{uuid.uuid4().hex[:8]}"
+
+
+def add_version(name: str, metrics: dict[str, float] | None, tmp_path) -> str:
+    """Register a version like train does; record `metrics` like evaluate does (None: not evaluated)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    adapter = tmp_path / f"adapter-{uuid.uuid4().hex[:6]}"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(adapter), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
+    version = registry.register_adapter(name, run.info.run_id, {"base_model": "tiny"}, "test adapter")
+    for key, value in (metrics or {}).items():
+        MlflowClient().set_model_version_tag(name, version.version, f"eval.{key}", str(value))
+    return str(version.version)
+
+
+def run_promote(capsys, name, version, stage="Production", *extra: str) -> tuple[int, str, str]:
+    code = promote.main(["--name", name, "--version", version, "--stage", stage, *extra])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def stages(name: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return {str(v.version): v.current_stage for v in MlflowClient().search_model_versions(f"name='{name}'")}
+
+
+def alias_target(name: str, alias: str) -> str | None:
+    from mlflow import MlflowClient
+
+    target = MlflowClient().get_registered_model(name).aliases.get(alias)
+    return None if target is None else str(target)
+
+
+def version_info(name: str, version: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version(name, version)
+
+
+def test_promotion_moves_stage_and_alias_and_archives_the_previous(store, model_name, tmp_path, capsys):
+    v1 = add_version(model_name, GOOD, tmp_path)
+    v2 = add_version(model_name, {**GOOD, "slot_f1": 0.5}, tmp_path)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # users see no MLflow deprecation noise
+        code, out, _ = run_promote(capsys, model_name, v1, "production", "--reason", "first release")
+    assert code == 0, out
+    assert f"v{v1}: None -> Production (gate: passed)" in out
+    assert "slot_f1" in out  # the gate table is shown on success too
+    assert stages(model_name) == {v1: "Production", v2: "None"}
+    assert alias_target(model_name, "production") == v1
+
+    code, out, _ = run_promote(capsys, model_name, v2, "Production", "--reason", "better slots")
+    assert code == 0
+    assert stages(model_name) == {v1: "Archived", v2: "Production"}
+    assert alias_target(model_name, "production") == v2
+
+    audit = version_info(model_name, v2)
+    assert audit.tags["promotion.reason"] == "better slots"
+    assert audit.tags["promotion.gate"] == "passed"
+    assert audit.tags["promotion.previous_production"] == f"v{v1}"
+    assert json.loads(audit.tags["promotion.metrics"])["slot_f1"] == 0.5
+    assert "@" in audit.tags["promotion.by"] and audit.tags["promotion.at"].startswith("20")
+    assert "None -> Production" in audit.description and "better slots" in audit.description
+    assert f"archived: v{v2} was promoted" in version_info(model_name, v1).description
+
+
+def test_gate_refusal_shows_the_comparison_and_changes_nothing(store, model_name, tmp_path, capsys):
+    v1 = add_version(model_name, GOOD, tmp_path)
+    worse = add_version(model_name, {**GOOD, "slot_f1": 0.3}, tmp_path)
+    assert run_promote(capsys, model_name, v1)[0] == 0
+
+    code, _, err = run_promote(capsys, model_name, worse, "Production", "--reason", "try")
+    assert code == 2
+    assert "does not pass the Production gate (slot_f1)" in err
+    assert f"v{worse} (candidate)" in err and f"v{v1} (production)" in err
+    assert "0.300" in err and "0.400" in err and "FAIL" in err
+    assert "force=true" in err
+    assert stages(model_name) == {v1: "Production", worse: "None"}
+    assert "promotion.gate" not in version_info(model_name, worse).tags
+
+    code, _, err = run_promote(capsys, model_name, worse, "Production", "--force", "true")
+    assert code == 2 and "give a reason" in err
+
+    code, out, _ = run_promote(capsys, model_name, worse, "Production", "--force", "true",
+                               "--reason", "hotfix approved by on-call")
+    assert code == 0 and "gate: overridden" in out
+    assert version_info(model_name, worse).tags["promotion.gate"] == "overridden"
+    assert alias_target(model_name, "production") == worse
+
+
+def test_unevaluated_version_is_refused_with_what_to_run(store, model_name, tmp_path, capsys):
+    version = add_version(model_name, None, tmp_path)
+    code, _, err = run_promote(capsys, model_name, version, "Staging")
+    assert code == 2
+    assert f"v{version} has no evaluation yet" in err and "-e evaluate" in err
+    assert stages(model_name) == {version: "None"}
+
+
+def test_promoting_the_current_version_again_is_a_no_op(store, model_name, tmp_path, capsys):
+    version = add_version(model_name, GOOD, tmp_path)
+    assert run_promote(capsys, model_name, version)[0] == 0
+    described = version_info(model_name, version).description
+
+    code, out, _ = run_promote(capsys, model_name, version)
+    assert code == 0 and "already in Production; nothing to do" in out
+    assert version_info(model_name, version).description == described
+
+
+def test_staging_then_production_then_archived_keep_aliases_in_step(store, model_name, tmp_path, capsys):
+    version = add_version(model_name, GOOD, tmp_path)
+    assert run_promote(capsys, model_name, version, "Staging")[0] == 0
+    assert alias_target(model_name, "staging") == version
+
+    assert run_promote(capsys, model_name, version, "Production")[0] == 0
+    assert alias_target(model_name, "staging") is None
+    assert alias_target(model_name, "production") == version
+
+    assert run_promote(capsys, model_name, version, "Archived", "--reason", "retired")[0] == 0
+    assert stages(model_name) == {version: "Archived"}
+    assert alias_target(model_name, "production") is None
+
+
+def test_rollback_walks_back_through_production_history(store, model_name, tmp_path, capsys):
+    versions = [add_version(model_name, {**GOOD, "slot_f1": 0.4 + i / 10}, tmp_path) for i in range(3)]
+    for version in versions:
+        assert run_promote(capsys, model_name, version)[0] == 0
+
+    assert promote.rollback_main(["--name", model_name, "--reason", "v3 answers badly"]) == 0
+    assert "(rollback)" in capsys.readouterr().out
+    assert alias_target(model_name, "production") == versions[1]
+    assert stages(model_name)[versions[2]] == "Archived"
+    rolled = version_info(model_name, versions[1])
+    assert rolled.tags["promotion.gate"] == "rollback"
+    assert rolled.tags["promotion.reason"] == "v3 answers badly"
+    assert "rolled back" in version_info(model_name, versions[2]).description
+
+    assert promote.rollback_main(["--name", model_name]) == 0
+    assert alias_target(model_name, "production") == versions[0]
+    assert promote.rollback_main(["--name", model_name]) == 2
+    assert "Nothing to roll back to" in capsys.readouterr().err
+    assert stages(model_name)[versions[0]] == "Production"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--name", "no-such-model", "--version", "1"], "There is no registered model 'no-such-model'"),
+        (["--version", "99"], "has no version 99; it has versions 1"),
+        (["--version", "one"], "Version must be a number, not 'one'"),
+        (["--version", "1", "--stage", "Prod"], "Unknown stage 'Prod': use one of Staging, Production, Archived"),
+        (["--version", "1", "--config", "configs/promote/missing.yaml"], "does not exist"),
+        (["--version", "1", "--force", "maybe"], "force must be true or false"),
+    ],
+)
+def test_bad_promotion_requests_are_refused_clearly(args, message, tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    add_version("viggo-bad", GOOD, tmp_path)
+    full = args if "--name" in args else ["--name", "viggo-bad", *args]
+    try:
+        code = promote.main(full)
+    except SystemExit as exc:
+        code = 2 if exc.code else 0
+        print(exc.code, file=sys.stderr)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert stages("viggo-bad") == {"1": "None"}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("stages: {Archived: {minimum: {exact_match: 1}}}", "only Staging, Production have gates"),
+        ("stages: {Production: {minimum: {accuracy: 0.5}}}", "unknown metric 'accuracy'"),
+        ("stages: {Production: {minimum: {exact_match: high}}}", "must be a number"),
+        ("gates: {}", "must hold one key, `stages`"),
+    ],
+)
+def test_bad_gate_configs_are_refused_clearly(content, message, tmp_path):
+    from loraflow import promotion_gates
+    from loraflow.errors import UserError
+
+    path = tmp_path / "gates.yaml"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        promotion_gates.load(path)
+
+
+def test_concurrent_promotions_end_with_exactly_one_production(store, model_name, tmp_path):
+    versions = [add_version(model_name, GOOD, tmp_path) for _ in range(5)]
+    # Each process starts at the same instant (a shared start file) and promotes its own version.
+    start = tmp_path / "go"
+    script = (
+        "import os, sys, time\n"
+        f"sys.argv = ['promote', '--name', {model_name!r}, '--version', sys.argv[1]]\n"
+        f"while not os.path.exists({str(start)!r}): time.sleep(0.001)\n"
+        "from loraflow.promote import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, v], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in versions]
+    import time
+
+    time.sleep(8)  # let every process import mlflow and wait at the start line
+    start.touch()
+    outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), outputs
+
+    in_production = [v for v, stage in stages(model_name).items() if stage == "Production"]
+    assert len(in_production) == 1, stages(model_name)
+    assert alias_target(model_name, "production") == in_production[0]
+    from mlflow import MlflowClient
+
+    assert not [m for m in MlflowClient().search_registered_models() if m.name == f"{model_name}.lock"]
+
+
+def test_lock_is_released_when_the_change_fails(store, model_name, tmp_path):
+    from mlflow import MlflowClient
+
+    add_version(model_name, GOOD, tmp_path)
+    client = MlflowClient()
+    with pytest.raises(RuntimeError), locked(client, model_name):
+        raise RuntimeError("boom")
+    with locked(client, model_name, wait_s=1):
+        pass
+
+
+def test_promote_and_rollback_through_mlflow_run(tracking_uri, tmp_path):
+    """The entry points as users start them: `mlflow run . -e promote` / `-e rollback`."""
+    v1 = add_version("viggo-smollm2-lora", GOOD, tmp_path)
+    v2 = add_version("viggo-smollm2-lora", GOOD, tmp_path)
+    mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+
+    def mlflow_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([mlflow_cli, "run", ".", "--env-manager", "local", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    for version in (v1, v2):
+        done = mlflow_run("-e", "promote", "-P", f"version={version}", "-P", "reason=release")
+        assert done.returncode == 0, done.stderr
+    assert "None -> Production" in done.stdout
+    assert "FutureWarning" not in done.stderr and "deprecated" not in done.stderr.lower()
+    done = mlflow_run("-e", "rollback", "-P", "reason=regression")
+    assert done.returncode == 0, done.stderr
+    assert alias_target("viggo-smollm2-lora", "production") == v1
