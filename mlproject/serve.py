@@ -1,6 +1,12 @@
-"""MLproject entry point `serve`: not implemented yet (issue 5)."""
+"""MLproject entry point `serve` (the logic lives in loraflow.serve)."""
 
 import sys
+from pathlib import Path
 
-print("error: the serve entry point is not implemented yet (tracked in issue 5).", file=sys.stderr)
-sys.exit(2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from loraflow.envs import enter  # noqa: E402
+
+enter("infer")
+from loraflow.serve import main  # noqa: E402
+
+sys.exit(main())

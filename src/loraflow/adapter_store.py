@@ -1,0 +1,110 @@
+"""The LoRA store Ray Serve LLM loads adapters from: an s3:// prefix with one folder per registered
+version, named `<registered model>-v<version>` and never rewritten (each replica caches an adapter
+by name and would keep serving stale weights from a rewritten folder).
+
+Ray 2.60 accepts only cloud paths for dynamic LoRA loading, so the embedded default runs an
+S3-compatible server (moto's, from PyPI) on loopback; a real bucket is used when configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from loraflow.errors import UserError
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ADAPTER_CONFIG = "adapter_config.json"  # written last: its presence marks a complete folder
+LOCAL_BUCKET = "loraflow-adapters"
+
+
+def adapter_id(version) -> str:
+    return f"{version.name}-v{version.version}"
+
+
+def is_valid_adapter_id(text: str) -> bool:
+    """A folder name, nothing more: no slashes, no `..`, no scheme."""
+    return bool(ADAPTER_ID.fullmatch(text)) and ".." not in text
+
+
+class LoraStore:
+    def __init__(self, uri: str):
+        if not uri.startswith("s3://"):
+            raise UserError(f"LoRA store {uri!r} must be an s3:// URI (Ray Serve LLM loads adapters from cloud storage).")
+        self.uri = uri.rstrip("/")
+        self.bucket, _, prefix = self.uri[len("s3://"):].partition("/")
+        self.prefix = f"{prefix}/" if prefix else ""
+
+    def _s3(self):
+        import boto3  # reads AWS_ENDPOINT_URL_S3 / credentials from the environment
+
+        return boto3.client("s3")
+
+    def has(self, adapter: str) -> bool:
+        listed = self._s3().list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}{adapter}/{ADAPTER_CONFIG}")
+        return listed.get("KeyCount", 0) > 0
+
+    def adapters(self) -> list[str]:
+        """Complete adapter folders in the store."""
+        found = []
+        for page in self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            for item in page.get("Contents", []):
+                parts = item["Key"][len(self.prefix):].split("/")
+                if len(parts) == 2 and parts[1] == ADAPTER_CONFIG:
+                    found.append(parts[0])
+        return sorted(found)
+
+    def publish(self, version) -> str:
+        """Copy a registered version's adapter into the store once; returns its adapter id."""
+        import mlflow
+
+        name = adapter_id(version)
+        if self.has(name):
+            return name
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp))
+            if not (local / ADAPTER_CONFIG).is_file():
+                raise UserError(f"{version.name} v{version.version} ({version.source}) has no {ADAPTER_CONFIG}: "
+                                "it is not a LoRA adapter folder.")
+            files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == ADAPTER_CONFIG)
+            s3 = self._s3()
+            for path in files:
+                s3.upload_file(str(path), self.bucket, f"{self.prefix}{name}/{path.relative_to(local).as_posix()}")
+        return name
+
+
+@contextlib.contextmanager
+def local_s3_server():
+    """Start moto's S3 server on 127.0.0.1, point this process (and the Ray workers it starts) at it,
+    and yield the URI of an empty store in it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the local S3 server (moto_server) did not start")
+            time.sleep(0.2)
+        # Credentials are required by the S3 protocol; moto accepts any. Ray's S3 reader needs a region.
+        os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "loraflow",
+                           "AWS_SECRET_ACCESS_KEY": "loraflow", "AWS_REGION": "us-east-1",
+                           "AWS_DEFAULT_REGION": "us-east-1"})
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=LOCAL_BUCKET)
+        yield f"s3://{LOCAL_BUCKET}/adapters"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,166 @@
+"""The `serve` entry point: the promoted adapter behind an OpenAI-compatible API, with Ray Serve LLM
+(`LLMConfig` + `build_openai_app` + `serve.run`, as in the seed tutorial).
+
+The registered version with the alias (default `production`) is copied into the LoRA store
+(adapter_store.py) and served as `<model_id>:<alias>`; serving_ingress.py follows later promotions
+without a restart. Ctrl-C or SIGTERM shuts Serve, Ray and the local S3 server down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraflow import adapter_store, ray_cluster, tracking
+from loraflow.envs import PROJECT_ROOT
+from loraflow.errors import UserError
+from loraflow.signals import sigterm_interrupts
+
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve" / "default.yaml"
+_KEYS = {"host", "port", "api_key_env", "lora_store", "poll_interval_s", "ray_num_cpus", "llm_config"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlflow run . -e serve",
+        description="Serve a registered LoRA adapter (the Production one by default) through Ray Serve LLM "
+        "with an OpenAI-compatible API; later promotions are picked up without restart.",
+    )
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--alias", default="production", help="alias to follow (the stable model name's suffix)")
+    parser.add_argument("--version", default="", help="serve this version instead, and do not follow the alias")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="serving YAML")
+    args = parser.parse_args(argv)
+    sigterm_interrupts()
+    try:
+        serve_forever(args.name, args.alias, args.version or None, args.config)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr)
+    return 0
+
+
+def load_config(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise UserError(f"Serving config {path} does not exist; see configs/serve/default.yaml.")
+    config = yaml.safe_load(Path(path).read_text())
+    if not isinstance(config, dict) or set(config) != _KEYS:
+        found = set(config) if isinstance(config, dict) else set()
+        raise UserError(f"Serving config {path}: missing keys {sorted(_KEYS - found)}, unknown keys "
+                        f"{sorted(found - _KEYS)}; see configs/serve/default.yaml.")
+    return config
+
+
+def served_version(name: str, alias: str, version: str | None):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise UserError(f"There is no registered model {name!r} in {tracking.configure()}; "
+                        "train one with `mlflow run . -e train`.") from None
+    try:
+        if version is not None:
+            return client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        what = f"version {version}" if version is not None else f"version with the alias {alias!r}"
+        raise UserError(f"{name} has no {what} yet: promote one first, e.g. "
+                        f"`mlflow run . -e promote -P name={name} -P version=N -P stage=Production`.") from None
+
+
+def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> dict[str, Any]:
+    """The LLMConfig fields: the file's, plus the base model and the LoRA store."""
+    fields = copy.deepcopy(config["llm_config"])
+    loading = fields.setdefault("model_loading_config", {})
+    if loading.get("model_source") not in (None, base_model):
+        raise UserError(f"The served version was trained on {base_model}, but the serving config's "
+                        f"model_source is {loading['model_source']}; set it to null or to {base_model}.")
+    loading["model_source"] = _local_path(base_model)
+    fields.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_store_uri
+    # Ray's LoRA downloader needs the region and endpoint in the replica's environment (ray issue 55502).
+    env = {k: os.environ[k] for k in ("AWS_REGION", "AWS_ENDPOINT_URL_S3") if k in os.environ}
+    runtime_env = fields.setdefault("runtime_env", {})
+    runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    return fields
+
+
+def _local_path(model: str) -> str:
+    """Relative model paths are the project's (as recorded by train); hub ids stay as they are."""
+    if model.startswith(".") and (PROJECT_ROOT / model).exists():
+        return str(PROJECT_ROOT / model)
+    if model.startswith((".", "/")) and not Path(model).exists():
+        raise UserError(f"Base model {model} is not on this machine; run ./setup.sh.")
+    return model
+
+
+def serve_forever(name: str, alias: str, version: str | None, config_path: str) -> None:
+    config = load_config(config_path)
+    tracking.configure()
+    first = served_version(name, alias, version)
+    base_model = first.tags.get("base_model")
+    if not base_model:
+        raise UserError(f"{name} v{first.version} has no base_model tag: it was not registered by loraflow's train.")
+    api_key = os.environ.get(config["api_key_env"] or "", "")
+    with contextlib.ExitStack() as stack:
+        store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())
+        store = adapter_store.LoraStore(store_uri)
+        adapter = store.publish(first)
+        fields = llm_config(config, base_model, store.uri)
+        ray_cluster.connect(num_cpus=config["ray_num_cpus"])  # after the S3 settings: Ray workers inherit them
+        from ray import serve
+
+        stack.callback(_shutdown)
+        serve.start(http_options={"host": config["host"], "port": config["port"]})
+        from ray.serve.llm import LLMConfig, build_openai_app
+
+        app = build_openai_app({
+            "llm_configs": [LLMConfig(**fields)],
+            "ingress_cls_config": {
+                "ingress_cls": "loraflow.serving_ingress:LoraflowIngress",
+                "ingress_extra_kwargs": {
+                    "registered_model": name, "alias": alias, "pinned_version": version,
+                    "lora_store_uri": store.uri, "base_model": base_model,
+                    "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
+                    "poll_interval_s": config["poll_interval_s"],
+                },
+            },
+            # Follow-the-registry state lives in each ingress replica; one keeps it simple on one machine.
+            "ingress_deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+        })
+        try:
+            serve.run(app, name="loraflow", route_prefix="/")
+        except RuntimeError as exc:  # a deployment that cannot start (engine settings, resources)
+            raise UserError(f"The serving application failed to start: {exc}") from None
+        model_id = fields["model_loading_config"]["model_id"]
+        print(json.dumps({
+            "serving": f"http://{config['host']}:{config['port']}/v1",
+            "model": f"{model_id}:{alias if version is None else adapter}",
+            "adapter": adapter, "registered_model": name, "version": str(first.version),
+            "api_key_required": bool(api_key),
+        }), flush=True)
+        while True:
+            time.sleep(3600)
+
+
+def _shutdown() -> None:
+    import ray
+    from ray import serve
+
+    with contextlib.suppress(Exception):
+        serve.shutdown()
+    ray.shutdown()

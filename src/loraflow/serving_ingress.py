@@ -1,0 +1,167 @@
+"""The OpenAI-compatible ingress that `serve` hands to ray.serve.llm's build_openai_app (through
+`ingress_cls_config`): Ray's OpenAiIngress plus what loraflow adds in front of the engine.
+
+- a stable model name `<model_id>:<alias>` (e.g. `:production`) that follows the registry: a watcher
+  thread polls the alias, publishes a newly promoted version's adapter into the LoRA store under its
+  own immutable id, warms it up, then routes the stable name to it. Requests already running keep
+  the adapter they started with, so a promotion fails no request;
+- every answer names the version that produced it: the response's `model` is
+  `<model_id>:<registered model>-v<version>` and the header `x-loraflow-adapter` repeats it;
+- an API key (when configured; only its SHA-256 reaches the replicas);
+- adapter ids are checked: a plain folder name that exists in the LoRA store, nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from typing import Any
+
+from fastapi import Request
+from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
+from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from starlette.responses import Response
+
+from loraflow import adapter_store
+
+logger = logging.getLogger("loraflow.serve")
+ADAPTER_HEADER = "x-loraflow-adapter"
+
+
+class LoraflowIngress(OpenAiIngress):
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
+                 pinned_version: str | None, lora_store_uri: str, api_key_sha256: str | None,
+                 base_model: str, poll_interval_s: float, **kwargs):
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
+        self._base_id = next(iter(model_cards))
+        self._registered_model = registered_model
+        self._alias = alias
+        self._base_model = base_model  # what the engine runs; versions trained on another are refused
+        self._store = adapter_store.LoraStore(lora_store_uri)
+        self._key_sha256 = api_key_sha256
+        self._known: tuple[float, set[str]] = (0.0, set())  # (when listed, adapter ids in the store)
+        self._registry = {"state": "starting", "version": None, "adapter": None, "error": None, "checked_at": None}
+        self._target: str | None = None  # the adapter id the stable name routes to
+        self._watch_once(pinned_version, warm_up=False)  # serve nothing until the first version is known
+        if pinned_version is None:
+            threading.Thread(target=self._watch, args=(poll_interval_s,), daemon=True).start()
+
+    # -- the registry watcher ------------------------------------------------------------------
+    def _watch(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            self._watch_once(None, warm_up=True)
+
+    def _watch_once(self, pinned_version: str | None, warm_up: bool) -> None:
+        from mlflow import MlflowClient
+
+        try:
+            client = MlflowClient()
+            if pinned_version is not None:
+                version = client.get_model_version(self._registered_model, pinned_version)
+            else:
+                version = client.get_model_version_by_alias(self._registered_model, self._alias)
+            adapter = adapter_store.adapter_id(version)
+            trained_on = version.tags.get("base_model")
+            if trained_on != self._base_model:
+                raise RuntimeError(f"{adapter} was trained on {trained_on}, this server runs {self._base_model}; "
+                                   "restart serve to change the base model")
+            if adapter != self._target:
+                self._store.publish(version)
+                if warm_up and self._target is not None:
+                    self._warm_up(adapter)
+                logger.info("%s:%s now routes to %s (was %s)", self._base_id, self._alias, adapter, self._target)
+                self._target = adapter
+            self._registry.update(state="ok", version=str(version.version), adapter=adapter, error=None)
+        except Exception as exc:  # noqa: BLE001 - keep serving the last good adapter, report why
+            self._registry.update(state="error", error=str(exc)[:500])
+            logger.warning("registry check failed, still serving %s: %s", self._target, exc)
+        self._registry["checked_at"] = time.time()
+
+    def _warm_up(self, adapter: str) -> None:
+        """Load the new adapter on a replica before the stable name moves to it: a broken adapter
+        fails here, and the stable name stays on the last good one."""
+        model = f"{self._base_id}:{adapter}"
+        body = CompletionRequest(model=model, prompt="hi", max_tokens=1)
+        for chunk in self._get_configured_serve_handle(model).completions.remote(body, None):
+            if type(chunk).__name__ == "ErrorResponse":
+                raise RuntimeError(f"adapter {adapter} failed to load: {chunk.error.message}")
+
+    # -- requests --------------------------------------------------------------------------------
+    def _authorize(self, request: Request | None) -> None:
+        if self._key_sha256 is None or request is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[len("Bearer "):] if given.startswith("Bearer ") else ""
+        if not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self._key_sha256):
+            raise OpenAIHTTPException(message="Missing or wrong API key: send `Authorization: Bearer <key>`.",
+                                      status_code=401, type="AuthenticationError")
+
+    def _route(self, model: str | None) -> str | None:
+        """The model id to send to the engine for what the client asked for."""
+        if model is None or model == self._base_id or not model.startswith(f"{self._base_id}:"):
+            return model  # base model, or a model that Ray's ingress will report as unknown
+        adapter = model[len(self._base_id) + 1:]
+        if adapter == self._alias:
+            if self._target is None:
+                raise OpenAIHTTPException(message=f"No version of {self._registered_model} has the alias "
+                                          f"{self._alias!r} yet.", status_code=503, type="ServiceUnavailable")
+            return f"{self._base_id}:{self._target}"
+        if not adapter_store.is_valid_adapter_id(adapter):
+            raise OpenAIHTTPException(message=f"Invalid adapter id {adapter!r}: use a name listed by /v1/models.",
+                                      status_code=400, type="InvalidModel")
+        if adapter not in self._store_adapters():
+            raise OpenAIHTTPException(message=f"Unknown adapter {adapter!r}: /v1/models lists what is served.",
+                                      status_code=404, type="InvalidModel")
+        return model
+
+    def _store_adapters(self) -> set[str]:
+        listed_at, adapters = self._known
+        if time.monotonic() - listed_at > 5:
+            adapters = set(self._store.adapters())
+            self._known = (time.monotonic(), adapters)
+        return adapters
+
+    async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
+        self._authorize(raw_request)
+        body.model = self._route(body.model)
+        if raw_request is not None:
+            raw_request.state.loraflow_model = body.model
+        async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+            yield response
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        return _label(await super().chat(body, request), request)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return _label(await super().completions(body, request), request)
+
+    async def models(self, request: Request) -> ModelList:
+        self._authorize(request)
+        listed = await super().models()
+        if self._target is not None:
+            target = await self.model(f"{self._base_id}:{self._target}")
+            if target is not None:
+                stable = target.model_copy(update={"id": f"{self._base_id}:{self._alias}"})
+                stable.metadata = {**stable.metadata, "loraflow": self.status()}
+                listed.data.append(stable)
+        return listed
+
+    async def model_data(self, model: str, request: Request) -> ModelCard:
+        self._authorize(request)
+        return await super().model_data(model)
+
+    def status(self) -> dict[str, Any]:
+        return {"registered_model": self._registered_model, "alias": self._alias, "serving": self._target,
+                "registry": dict(self._registry)}
+
+
+def _label(response: Response, request: Request) -> Response:
+    model = getattr(request.state, "loraflow_model", None)
+    if model:
+        response.headers[ADAPTER_HEADER] = model
+    return response

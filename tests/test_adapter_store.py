@@ -1,0 +1,71 @@
+"""The LoRA store on a configured S3 bucket (a real S3-compatible server: moto's, on loopback):
+publishing registered versions once, under immutable ids, and refusing what is not an adapter."""
+
+from __future__ import annotations
+
+import pytest
+from servers import s3_server
+
+from loraflow import adapter_store, registry
+from loraflow.errors import UserError
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    with s3_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="team-models")
+        yield "s3://team-models/loraflow/adapters"
+
+
+def _version(tmp_path, files: dict[str, str]):
+    import mlflow
+
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(folder), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
+    return registry.register_adapter("viggo-store-test", run.info.run_id, {}, "test")
+
+
+def test_publish_copies_a_version_once_under_its_own_id(tracking_uri, bucket, tmp_path):
+    import boto3
+
+    store = adapter_store.LoraStore(bucket)
+    version = _version(tmp_path, {"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": "weights"})
+    assert store.publish(version) == "viggo-store-test-v1"
+    assert store.adapters() == ["viggo-store-test-v1"]
+    key = "loraflow/adapters/viggo-store-test-v1/adapter_model.safetensors"
+    s3 = boto3.client("s3")
+    first = s3.head_object(Bucket="team-models", Key=key)["LastModified"]
+
+    assert store.publish(version) == "viggo-store-test-v1"  # already there: never rewritten
+    assert s3.head_object(Bucket="team-models", Key=key)["LastModified"] == first
+
+
+def test_a_version_without_adapter_config_is_refused_and_nothing_is_listed(tracking_uri, bucket, tmp_path):
+    store = adapter_store.LoraStore(bucket)
+    version = _version(tmp_path, {"model.bin": "not an adapter"})
+    with pytest.raises(UserError, match="has no adapter_config.json"):
+        store.publish(version)
+    assert store.adapters() == []
+
+
+def test_store_must_be_an_s3_uri():
+    with pytest.raises(UserError, match="must be an s3:// URI"):
+        adapter_store.LoraStore("/tmp/adapters")
+
+
+@pytest.mark.parametrize("text, valid", [
+    ("viggo-smollm2-lora-v3", True), ("a.b_c-1", True), ("../x", False), ("a/b", False),
+    ("..", False), ("s3://b/a", False), ("", False), ("-x", False), ("x" * 129, False),
+])
+def test_adapter_ids_are_plain_folder_names(text, valid):
+    assert adapter_store.is_valid_adapter_id(text) is valid
