@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from servers import http_server, s3_server
 
 from loraflow import datasets
 from loraflow.errors import UserError
-from servers import http_server, s3_server
 
 
 def test_bundled_viggo_splits_load():
@@ -36,7 +36,7 @@ def test_malformed_row_reports_file_and_line(viggo_copy):
 
 
 def test_missing_columns_are_named(viggo_copy):
-    rows = [json.loads(l) for l in (viggo_copy / "val.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (viggo_copy / "val.jsonl").read_text().splitlines()]
     del rows[4]["output"]
     (viggo_copy / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match=r"val.jsonl row 5: missing column\(s\) \['output'\]"):

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import ROOT, TINY_CONFIG
+from mlflow import MlflowClient
 
 SMALL_EVAL = {"max_rows": 6, "sampling": {"temperature": 0.0, "max_tokens": 24}}
 

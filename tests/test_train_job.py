@@ -12,9 +12,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import ROOT, TINY_CONFIG, registered_versions, run_train
+from mlflow import MlflowClient
 
 
 def _only_run(experiment="0"):

@@ -37,7 +37,8 @@ def is_valid_adapter_id(text: str) -> bool:
 class LoraStore:
     def __init__(self, uri: str):
         if not uri.startswith("s3://"):
-            raise UserError(f"LoRA store {uri!r} must be an s3:// URI (Ray Serve LLM loads adapters from cloud storage).")
+            raise UserError(f"LoRA store {uri!r} must be an s3:// URI "
+                            "(Ray Serve LLM loads adapters from cloud storage).")
         self.uri = uri.rstrip("/")
         self.bucket, _, prefix = self.uri[len("s3://"):].partition("/")
         self.prefix = f"{prefix}/" if prefix else ""

@@ -114,17 +114,19 @@ class LoraflowIngress(OpenAiIngress):
         if not adapter_store.is_valid_adapter_id(adapter):
             raise OpenAIHTTPException(message=f"Invalid adapter id {adapter!r}: use a name listed by /v1/models.",
                                       status_code=400, type="InvalidModel")
-        if adapter not in self._store_adapters():
+        if not self._in_store(adapter):
             raise OpenAIHTTPException(message=f"Unknown adapter {adapter!r}: /v1/models lists what is served.",
                                       status_code=404, type="InvalidModel")
         return model
 
-    def _store_adapters(self) -> set[str]:
+    def _in_store(self, adapter: str) -> bool:
+        """Whether the store holds this adapter. Folders are never removed, so a hit is cached for
+        good; a miss lists the store again, at most once a second."""
         listed_at, adapters = self._known
-        if time.monotonic() - listed_at > 5:
+        if adapter not in adapters and time.monotonic() - listed_at > 1:
             adapters = set(self._store.adapters())
             self._known = (time.monotonic(), adapters)
-        return adapters
+        return adapter in adapters
 
     async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
         self._authorize(raw_request)
