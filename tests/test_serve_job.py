@@ -114,6 +114,17 @@ def test_chat_answers_and_names_the_version(server):
     assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
 
 
+def test_an_adapter_can_be_asked_for_by_its_version_id(server):
+    _, port, _ = server
+    assert ask(port, model=f"{MODEL_ID}:{NAME}-v1").parse().model == f"{MODEL_ID}:{NAME}-v1"
+
+
+def test_health_endpoint(server):
+    _, port, _ = server
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthz", timeout=30) as response:
+        assert response.status == 200
+
+
 def test_streaming_chat(server):
     _, port, _ = server
     stream = client(port).chat.completions.create(
@@ -184,6 +195,7 @@ def test_promotion_while_requests_are_in_flight_fails_none(server, registry):
     # Requests started before the switch may finish after it; none may start on v1 after v2 answers
     # plus the 3 that were in flight.
     assert f"{MODEL_ID}:{NAME}-v1" not in served[first_v2 + 3:]
+    print(f"{len(served)} requests, {len(failures)} failed, v2 from request {first_v2 + 1}")
 
 
 def test_sigterm_shuts_down_cleanly(server):
