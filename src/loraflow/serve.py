@@ -79,8 +79,9 @@ def served_version(name: str, alias: str, version: str | None):
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         what = f"version {version}" if version is not None else f"version with the alias {alias!r}"
+        stage = "Staging" if alias == "staging" else "Production"
         raise UserError(f"{name} has no {what} yet: promote one first, e.g. "
-                        f"`mlflow run . -e promote -P name={name} -P version=N -P stage=Production`.") from None
+                        f"`mlflow run . -e promote -P name={name} -P version=N -P stage={stage}`.") from None
 
 
 def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> dict[str, Any]:
