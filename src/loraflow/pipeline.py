@@ -1,0 +1,86 @@
+"""The `pipeline` entry point: train -> evaluate -> promote (only when the gate passes), then say
+where to look. Each step is the same code as its own entry point; evaluation runs in the infer
+environment, as a child process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from loraflow import promote, ray_training, tracking, train, train_config
+from loraflow.envs import PROJECT_ROOT
+from loraflow.errors import UserError
+from loraflow.signals import sigterm_interrupts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlflow run . -e pipeline",
+        description="Train a LoRA adapter, evaluate the new version, and promote it if it passes the gate.",
+    )
+    parser.add_argument("--train-config", default=str(train.DEFAULT_CONFIG), help="training YAML")
+    parser.add_argument("--overrides", default="", help="YAML mapping of training config keys to replace")
+    parser.add_argument("--eval-config", default="configs/evaluate/default.yaml", help="evaluation YAML")
+    parser.add_argument("--promote-config", default="configs/promote/default.yaml", help="gates YAML")
+    parser.add_argument("--promote-stage", default="Production", help="stage to promote to: Staging or Production")
+    args = parser.parse_args(argv)
+    sigterm_interrupts()
+    try:
+        summary = run(args.train_config, args.overrides, args.eval_config, args.promote_config, args.promote_stage)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ray_training.TrainingFailed as exc:
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["evaluated"] else 1
+
+
+def run(train_config_path: str, overrides: str, eval_config: str, promote_config: str, stage: str) -> dict:
+    uri = tracking.configure()
+    version = train.train(train_config_path, train_config.parse_overrides(overrides))
+    print(f"[pipeline] trained and registered {version.name} v{version.version}", flush=True)
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # a run of its own, nested
+    model = f"models:/{version.name}/{version.version}"
+    evaluated = subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "evaluate.py"), "--model", model,
+                                "--config", eval_config], env=env, cwd=PROJECT_ROOT).returncode == 0
+    summary = {"registered_model": version.name, "version": str(version.version), "train_run_id": version.run_id,
+               "evaluated": evaluated, "promoted_to": None}
+    if evaluated:
+        from mlflow import MlflowClient
+
+        summary["eval_run_id"] = MlflowClient().get_model_version(version.name, version.version).tags["eval.run_id"]
+        try:
+            print(promote.promote(version.name, str(version.version), stage, "pipeline: gate passed", False,
+                                  promote_config), flush=True)
+            summary["promoted_to"] = stage
+        except UserError as refused:  # the gate said no: the version stays registered, unpromoted
+            print(f"[pipeline] not promoted: {refused}", flush=True)
+    summary.update(_where_to_look(uri, version, summary.get("eval_run_id")))
+    return summary
+
+
+def _where_to_look(uri: str, version, eval_run_id: str | None) -> dict:
+    """Links into the MLflow UI: the tracking server's own, or the one `mlflow ui` serves locally."""
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient().get_run(version.run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    links = {
+        "ui": base,
+        "train_run": f"{base}/#/experiments/{experiment}/runs/{version.run_id}",
+        "model_version": f"{base}/#/models/{version.name}/versions/{version.version}",
+    }
+    if eval_run_id:
+        links["eval_run"] = f"{base}/#/experiments/{experiment}/runs/{eval_run_id}"
+    if not uri.startswith("http"):
+        links["start_ui"] = f"mlflow ui --backend-store-uri {uri}"
+    return links

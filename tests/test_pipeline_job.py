@@ -1,0 +1,39 @@
+"""`mlflow run . -e pipeline`: the tiny model trained, evaluated (real vLLM through Ray Data LLM)
+and promoted in one command, which then says where to look."""
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+from conftest import ROOT, TINY_CONFIG
+from mlflow import MlflowClient
+
+
+def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
+    eval_config = yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())
+    eval_config.update(max_rows=4, baseline=False, guided_decoding=False,
+                       sampling={"temperature": 0.0, "max_tokens": 16})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_config))
+    # The tiny model has random weights: a gate it can pass, to exercise the promotion step.
+    (tmp_path / "gates.yaml").write_text("stages: {Production: {minimum: {rows: 4}}}")
+
+    mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.run(
+        [mlflow_cli, "run", ".", "-e", "pipeline", "--env-manager", "local",
+         "-P", f"train_config={TINY_CONFIG}", "-P", f"overrides={{output_dir: {tmp_path / 'out'}}}",
+         "-P", f"eval_config={tmp_path / 'eval.yaml'}", "-P", f"promote_config={tmp_path / 'gates.yaml'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{"):])
+    assert summary["version"] == "1" and summary["evaluated"] and summary["promoted_to"] == "Production"
+    assert summary["start_ui"] == f"mlflow ui --backend-store-uri {tracking_uri}"
+    assert summary["model_version"].endswith("/#/models/viggo-tiny-lora/versions/1")
+
+    client = MlflowClient()
+    version = client.get_model_version("viggo-tiny-lora", "1")
+    assert version.current_stage == "Production" and version.tags["promotion.gate"] == "passed"
+    assert version.tags["eval.run_id"] == summary["eval_run_id"]
+    eval_run = client.get_run(summary["eval_run_id"])
+    assert eval_run.data.tags["mlflow.parentRunId"] == summary["train_run_id"]
