@@ -38,16 +38,18 @@ make_env() {  # make_env NAME: create .venvs/NAME from requirements/NAME.in + NA
   echo "[$name] ready"
 }
 
-system_packages() {  # PostgreSQL for the tests of a tracking server on PostgreSQL (Debian's)
-  if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null; then
-    return
-  fi
+system_packages() {  # Debian's PostgreSQL (tracking-server tests) and Chromium (MLflow UI tests)
+  local missing=()
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  [[ ${#missing[@]} == 0 ]] && return
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    echo "[system] installing postgresql (log: .cache/setup/system.log)"
-    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; } \
+    echo "[system] installing ${missing[*]} (log: .cache/setup/system.log)"
+    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; } \
       >.cache/setup/system.log 2>&1
   else
-    echo "[system] PostgreSQL is missing: install Debian's postgresql package for the tracking-server tests"
+    echo "[system] missing Debian packages for the tests: ${missing[*]} (install them, e.g. with apt-get)"
   fi
 }
 

@@ -1,5 +1,6 @@
 """`mlflow run . -e pipeline`: the tiny model trained, evaluated (real vLLM through Ray Data LLM)
-and promoted in one command, which then says where to look."""
+and promoted in one command, which then says where to look; then the MLflow UI checked in a real
+browser (headless Chromium): the runs, their comparison and the registered version's stage."""
 
 import json
 import os
@@ -7,8 +8,10 @@ import subprocess
 import sys
 
 import yaml
+from browser import chromium, page_text
 from conftest import ROOT, TINY_CONFIG
 from mlflow import MlflowClient
+from servers import mlflow_server
 
 
 def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
@@ -37,3 +40,16 @@ def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
     assert version.tags["eval.run_id"] == summary["eval_run_id"]
     eval_run = client.get_run(summary["eval_run_id"])
     assert eval_run.data.tags["mlflow.parentRunId"] == summary["train_run_id"]
+
+    with mlflow_server(tracking_uri, str(tmp_path / "artifacts")) as url, chromium() as browser:
+        train_run = client.get_run(summary["train_run_id"])
+        experiment = train_run.info.experiment_id
+        train_name, eval_name = train_run.info.run_name, eval_run.info.run_name
+        page_text(browser, f"{url}/#/experiments/{experiment}?workflowType=machine_learning",
+                  [train_name, "Run Name"], "mlflow-runs.png")
+        runs = json.dumps([summary["train_run_id"], summary["eval_run_id"]])
+        page_text(browser, f"{url}/#/compare-runs?runs={runs}&experiments={json.dumps([experiment])}",
+                  [train_name, eval_name, "Run details", "exact_match"], "mlflow-compare.png")
+        page_text(browser, summary["model_version"].replace("http://127.0.0.1:5000", url),
+                  ["Production", "@ production", train_name, "gate passed"], "mlflow-model-version.png")
+        page_text(browser, f"{url}/#/models/viggo-tiny-lora", ["Version 1", "@ production"], "mlflow-model.png")

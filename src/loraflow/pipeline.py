@@ -76,6 +76,8 @@ def _where_to_look(uri: str, version, eval_run_id: str | None) -> dict:
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     links = {
         "ui": base,
+        # The runs table; MLflow 3's UI opens experiments on its GenAI view otherwise.
+        "experiment": f"{base}/#/experiments/{experiment}?workflowType=machine_learning",
         "train_run": f"{base}/#/experiments/{experiment}/runs/{version.run_id}",
         "model_version": f"{base}/#/models/{version.name}/versions/{version.version}",
     }
