@@ -18,10 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from loraflow import registry
 from loraflow.errors import UserError
 
+ADAPTER_CONFIG = registry.ADAPTER_CONFIG  # uploaded last: its presence marks a complete folder
+
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-ADAPTER_CONFIG = "adapter_config.json"  # written last: its presence marks a complete folder
 LOCAL_BUCKET = "loraflow-adapters"
 
 
@@ -64,16 +66,11 @@ class LoraStore:
 
     def publish(self, version) -> str:
         """Copy a registered version's adapter into the store once; returns its adapter id."""
-        import mlflow
-
         name = adapter_id(version)
         if self.has(name):
             return name
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp))
-            if not (local / ADAPTER_CONFIG).is_file():
-                raise UserError(f"{version.name} v{version.version} ({version.source}) has no {ADAPTER_CONFIG}: "
-                                "it is not a LoRA adapter folder.")
+            local = registry.download_adapter(version.source, tmp, f"{version.name} v{version.version}")
             files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == ADAPTER_CONFIG)
             s3 = self._s3()
             for path in files:

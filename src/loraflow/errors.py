@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input: the message names the problem and what to do about it."""
+
+
+class JobFailed(Exception):
+    """A job that ran and failed (not the input's fault): entry points print `<what> failed: ...`."""
+
+    what = "the job"

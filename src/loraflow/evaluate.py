@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from loraflow import datasets, model_refs, promotion_gates, ray_cluster, tracking
+from loraflow import datasets, model_refs, promotion_gates, ray_cluster, registry, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
-from loraflow.signals import sigterm_interrupts
+from loraflow.signals import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "evaluate" / "default.yaml"
 
@@ -34,17 +33,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/STAGE or a run id")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation YAML")
     args = parser.parse_args(argv)
-    sigterm_interrupts()
-    try:
+
+    def job() -> None:
         metrics = evaluate(args.model, args.config)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the evaluation run is marked KILLED", file=sys.stderr)
-        return 130
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
-    return 0
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+
+    return run_job(job, "interrupted: the evaluation run is marked KILLED")
 
 
 _REQUIRED_KEYS = {"dataset_dir", "dataset", "sampling", "engine", "batch_size", "concurrency"}
@@ -80,7 +74,7 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
     rows = _test_rows(config)
     workdir = Path(tempfile.mkdtemp(prefix="loraflow-eval-"))
     try:
-        adapter_dir = _download_adapter(ref, workdir)
+        adapter_dir = registry.download_adapter(ref.artifact_uri, str(workdir / "adapter"), ref.text)
         _check_adapter(adapter_dir, ref, config)
         with mlflow.start_run() as run:  # resumes the run `mlflow run` created, if any
             try:
@@ -113,16 +107,6 @@ def _test_rows(config: dict[str, Any]) -> list[dict]:
     return split.rows[: config.get("max_rows") or None]
 
 
-def _download_adapter(ref: model_refs.AdapterRef, workdir: Path) -> Path:
-    import mlflow
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.artifact_uri,
-                                                     dst_path=str(workdir / "adapter")))
-    if not (local / "adapter_config.json").is_file():
-        raise UserError(f"{ref.text}: the artifacts at {ref.artifact_uri} hold no adapter_config.json.")
-    return local
-
-
 def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[str, Any]) -> None:
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     max_rank = config["engine"]["max_lora_rank"]
@@ -137,8 +121,7 @@ def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[s
             f"{ref.text}: the adapter was trained on {trained_on!r}, not on the base model "
             f"{ref.base_model!r} recorded for it; evaluate it against its own base model."
         )
-    if not Path(ref.base_model).exists() and ref.base_model.startswith(("/", ".")):
-        raise UserError(f"Base model {ref.base_model} is not on this machine; run ./setup.sh.")
+    model_refs.base_model_source(ref.base_model)  # fails early when a local base model is missing
 
 
 def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict[str, Any]):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import ADAPTER_ARTIFACT_PATH
 
@@ -66,6 +68,16 @@ def _model_version(client: MlflowClient, text: str) -> ModelVersion:
             raise UserError(f"Registered model {name!r} has no version in stage {selector}.")
         return versions[0]
     raise UserError(f"Model reference {text!r}: {selector!r} is neither a version number nor a stage.")
+
+
+def base_model_source(model: str) -> str:
+    """A recorded base model as something an engine can load: relative paths are the project's
+    (as shipped), hub ids stay as they are; a local model that is missing is an error."""
+    if model.startswith(".") and (PROJECT_ROOT / model).exists():
+        return str(PROJECT_ROOT / model)
+    if model.startswith((".", "/")) and not Path(model).exists():
+        raise UserError(f"Base model {model} is not on this machine; run ./setup.sh.")
+    return model
 
 
 def _base_model(tags: dict[str, str], text: str) -> str:

@@ -10,10 +10,10 @@ import os
 import subprocess
 import sys
 
-from loraflow import promote, ray_training, tracking, train, train_config
+from loraflow import promote, tracking, train, train_config
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
-from loraflow.signals import sigterm_interrupts
+from loraflow.signals import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,20 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--promote-config", default="configs/promote/default.yaml", help="gates YAML")
     parser.add_argument("--promote-stage", default="Production", help="stage to promote to: Staging or Production")
     args = parser.parse_args(argv)
-    sigterm_interrupts()
-    try:
+
+    def job() -> int:
         summary = run(args.train_config, args.overrides, args.eval_config, args.promote_config, args.promote_stage)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ray_training.TrainingFailed as exc:
-        print(f"error: training failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["evaluated"] else 1
+        print(json.dumps(summary, indent=2))
+        return 0 if summary["evaluated"] else 1
+
+    return run_job(job, "interrupted")
 
 
 def run(train_config_path: str, overrides: str, eval_config: str, promote_config: str, stage: str) -> dict:

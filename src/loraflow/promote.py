@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import warnings
 from datetime import datetime, timezone
 
@@ -22,6 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from loraflow import promotion_gates, registry_lock, tracking
 from loraflow.errors import UserError
+from loraflow.signals import run_job
 
 STAGES = ("Staging", "Production", "Archived")
 STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
@@ -58,13 +58,11 @@ def rollback_main(argv: list[str] | None = None) -> int:
 
 
 def _run(action) -> int:
-    tracking.configure()
-    try:
+    def job() -> None:
+        tracking.configure()
         print(action())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_job(job, "interrupted: the registry lock is released")
 
 
 def _parse_bool(name: str, text: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers.integrations import MLflowCallback
 
-from loraflow.errors import UserError
+from loraflow.errors import JobFailed, UserError
 from loraflow.train_config import RaySettings
 
 FINAL_MARKER = "loraflow_final.json"  # present only in the checkpoint that holds the finished adapter
@@ -57,8 +57,8 @@ def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: di
     return out
 
 
-class TrainingFailed(RuntimeError):
-    pass
+class TrainingFailed(JobFailed):
+    what = "training"
 
 
 def _root_message(exc: BaseException) -> str:

@@ -14,17 +14,16 @@ import copy
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from loraflow import adapter_store, ray_cluster, tracking
+from loraflow import adapter_store, model_refs, ray_cluster, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
-from loraflow.signals import sigterm_interrupts
+from loraflow.signals import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve" / "default.yaml"
 _KEYS = {"host", "port", "api_key_env", "lora_store", "poll_interval_s", "ray_num_cpus", "llm_config"}
@@ -41,15 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="", help="serve this version instead, and do not follow the alias")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="serving YAML")
     args = parser.parse_args(argv)
-    sigterm_interrupts()
-    try:
-        serve_forever(args.name, args.alias, args.version or None, args.config)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr)
-    return 0
+    # Ctrl-C / SIGTERM is how a server is meant to stop: exit 0 once everything is shut down.
+    return run_job(lambda: serve_forever(args.name, args.alias, args.version or None, args.config),
+                   "shutting down", interrupted_code=0)
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -91,22 +84,13 @@ def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> 
     if loading.get("model_source") not in (None, base_model):
         raise UserError(f"The served version was trained on {base_model}, but the serving config's "
                         f"model_source is {loading['model_source']}; set it to null or to {base_model}.")
-    loading["model_source"] = _local_path(base_model)
+    loading["model_source"] = model_refs.base_model_source(base_model)
     fields.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_store_uri
     # Ray's LoRA downloader needs the region and endpoint in the replica's environment (ray issue 55502).
     env = {k: os.environ[k] for k in ("AWS_REGION", "AWS_ENDPOINT_URL_S3") if k in os.environ}
     runtime_env = fields.setdefault("runtime_env", {})
     runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
     return fields
-
-
-def _local_path(model: str) -> str:
-    """Relative model paths are the project's (as recorded by train); hub ids stay as they are."""
-    if model.startswith(".") and (PROJECT_ROOT / model).exists():
-        return str(PROJECT_ROOT / model)
-    if model.startswith((".", "/")) and not Path(model).exists():
-        raise UserError(f"Base model {model} is not on this machine; run ./setup.sh.")
-    return model
 
 
 def serve_forever(name: str, alias: str, version: str | None, config_path: str) -> None:

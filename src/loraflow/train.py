@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from loraflow import datasets, ray_cluster, ray_training, tracking, train_config
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import ADAPTER_ARTIFACT_PATH, register_adapter
-from loraflow.signals import sigterm_interrupts
+from loraflow.signals import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "train" / "default.yaml"
 OUTPUTS_DIR = PROJECT_ROOT / "outputs"
@@ -44,20 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         "--overrides", default="", help="YAML mapping of config keys to replace, e.g. '{max_samples: 50}'"
     )
     args = parser.parse_args(argv)
-    sigterm_interrupts()
-    try:
+
+    def job() -> None:
         version = train(args.config, train_config.parse_overrides(args.overrides))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ray_training.TrainingFailed as exc:
-        print(f"error: training failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the run is marked KILLED and nothing was registered", file=sys.stderr)
-        return 130
-    print(f"registered {version.name} version {version.version} (run {version.run_id})")
-    return 0
+        print(f"registered {version.name} version {version.version} (run {version.run_id})")
+
+    return run_job(job, "interrupted: the run is marked KILLED and nothing was registered")
 
 
 def train(config_path: str, overrides: dict[str, Any] | None = None):
