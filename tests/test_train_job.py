@@ -32,6 +32,9 @@ def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # quiet by default: the driver's progress bar, not the Ray workers' own log lines
+    assert "training: 100%" in proc.stderr and "loss=" in proc.stderr
+    assert "RayTrainWorker" not in proc.stderr and "LlamaConfig" not in proc.stderr
     client = MlflowClient()
     run = _only_run(client.get_experiment_by_name("viggo").experiment_id)
     run_id = run.info.run_id
@@ -150,10 +153,16 @@ def test_output_dir_of_another_run_is_refused(tracking_uri, tmp_path):
     assert registered_versions() == []
 
 
-def test_failure_inside_llamafactory_marks_run_failed(tracking_uri, tmp_path):
-    proc = run_train("--config", _write_config(tmp_path, template="no_such_template"))
+@pytest.mark.parametrize("verbose", ["false", "true"])
+def test_failure_inside_llamafactory_marks_run_failed(tracking_uri, tmp_path, verbose):
+    proc = run_train("--config", _write_config(tmp_path, template="no_such_template"), "--verbose", verbose)
     assert proc.returncode == 1
     assert "training failed" in proc.stderr and "no_such_template" in proc.stderr
+    # quiet mode points at the workers' logs; verbose mode streamed them
+    if verbose == "true":
+        assert "RayTrainWorker" in proc.stderr
+    else:
+        assert "RayTrainWorker" not in proc.stderr and "verbose=true" in proc.stderr
     run = _only_run()
     assert run.info.status == "FAILED"
     assert registered_versions() == []

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from loraflow import datasets, model_refs, promotion_gates, ray_cluster, registry, tracking
+from loraflow import console, datasets, model_refs, promotion_gates, ray_cluster, registry, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.signals import run_job
@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True,
                         help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/STAGE or a run id")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation YAML")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     def job() -> None:
         metrics = evaluate(args.model, args.config)
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
 
-    return run_job(job, "interrupted: the evaluation run is marked KILLED")
+    return run_job(job, "interrupted: the evaluation run is marked KILLED", verbose=args.verbose)
 
 
 _REQUIRED_KEYS = {"dataset_dir", "dataset", "sampling", "engine", "batch_size", "concurrency"}
@@ -134,6 +135,8 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
     # tasks and actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
     # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
     ray_cluster.connect(num_cpus=4)
+    # Quiet mode shows loraflow's own bar of finished rows instead of Ray Data's per-stage ones.
+    ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
     light = {"num_cpus": 0.25}
     engine_kwargs = {"enable_lora": True, "max_loras": 1, **config["engine"]}
     bundle = config.get("resources_per_engine")
@@ -183,10 +186,13 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
     for variant, engine_model in variants:
         items = [{**row, "index": i, "variant": variant, "engine_model": engine_model}
                  for i, row in enumerate(rows)]
-        # One block per batch, so that Ray Data's progress log moves every batch_size rows.
+        # One block per batch, so that rows stream out (and the bar moves) every batch_size rows.
         blocks = max(1, len(items) // config["batch_size"])
         start = time.monotonic()
-        predictions += processor(ray.data.from_items(items, override_num_blocks=blocks)).take_all()
+        with console.progress_bar(len(items), f"evaluating ({variant})", unit="row") as bar:
+            for row in processor(ray.data.from_items(items, override_num_blocks=blocks)).iter_rows():
+                predictions.append(row)
+                bar.update()
         seconds[variant] = time.monotonic() - start
     return sorted(predictions, key=lambda r: (r["variant"], r["index"])), seconds
 

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from loraflow import promote, tracking, train, train_config
+from loraflow import console, promote, tracking, train, train_config
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.signals import run_job
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-config", default="configs/evaluate/default.yaml", help="evaluation YAML")
     parser.add_argument("--promote-config", default="configs/promote/default.yaml", help="gates YAML")
     parser.add_argument("--promote-stage", default="Production", help="stage to promote to: Staging or Production")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     def job() -> int:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0 if summary["evaluated"] else 1
 
-    return run_job(job, "interrupted")
+    return run_job(job, "interrupted", verbose=args.verbose)
 
 
 def run(train_config_path: str, overrides: str, eval_config: str, promote_config: str, stage: str) -> dict:

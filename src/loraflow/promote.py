@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from loraflow import promotion_gates, registry_lock, tracking
+from loraflow import console, promotion_gates, registry_lock, tracking
 from loraflow.errors import UserError
 from loraflow.signals import run_job
 
@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reason", default="", help="why; recorded on the version (required with --force)")
     parser.add_argument("--force", default="false", help="true: promote even if the gate fails (recorded)")
     parser.add_argument("--config", default=str(promotion_gates.DEFAULT_CONFIG), help="gates YAML")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     return _run(lambda: promote(args.name, args.version, args.stage, args.reason,
-                                _parse_bool("force", args.force), args.config))
+                                _parse_bool("force", args.force), args.config), args.verbose)
 
 
 def rollback_main(argv: list[str] | None = None) -> int:
@@ -53,16 +54,17 @@ def rollback_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", required=True, help="registered model name")
     parser.add_argument("--reason", default="", help="why; recorded on the versions")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    return _run(lambda: rollback(args.name, args.reason))
+    return _run(lambda: rollback(args.name, args.reason), args.verbose)
 
 
-def _run(action) -> int:
+def _run(action, verbose: str) -> int:
     def job() -> None:
         tracking.configure()
         print(action())
 
-    return run_job(job, "interrupted: the registry lock is released")
+    return run_job(job, "interrupted: the registry lock is released", verbose=verbose)
 
 
 def _parse_bool(name: str, text: str) -> bool:

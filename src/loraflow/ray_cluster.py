@@ -10,6 +10,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+from loraflow import console
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 
@@ -28,13 +29,24 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     # ray.init replaces the SIGTERM handler with one that aborts the process; the entry points
     # need theirs, to end their MLflow run KILLED.
     sigterm_handler = signal.getsignal(signal.SIGTERM)
+    # Quiet mode keeps the workers' output in Ray's log files instead of streaming it here.
+    output = {"log_to_driver": console.verbose(),
+              "logging_level": logging.WARNING if console.verbose() else logging.ERROR}
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **output)
     else:
-        ray.init(
-            num_cpus=num_cpus, _temp_dir=str(_local_temp_dir()), logging_level=logging.WARNING
-        )
+        ray.init(num_cpus=num_cpus, _temp_dir=str(_local_temp_dir()), **output)
+    console.quiet_loggers()
     signal.signal(signal.SIGTERM, sigterm_handler)
+
+
+def worker_logs_hint() -> str:
+    """Where to look when a Ray worker failed and quiet mode kept its output off the console."""
+    if console.verbose():
+        return ""
+    where = (f"{_local_temp_dir()}/session_latest/logs" if not os.environ.get("RAY_ADDRESS")
+             else "/tmp/ray/session_latest/logs on the cluster's nodes")
+    return f" (the Ray workers' logs are in {where}; rerun with -P verbose=true to stream them)"
 
 
 def _local_temp_dir() -> Path:

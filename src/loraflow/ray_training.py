@@ -9,14 +9,18 @@ driver as the last reported checkpoint, which also works when workers live on ot
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
+from loraflow import console, ray_cluster
 from loraflow.errors import JobFailed, UserError
 from loraflow.train_config import RaySettings
 
@@ -28,9 +32,10 @@ def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: di
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    board = None if console.verbose() else _progress_board()  # verbose: the trainer's own bars stream
     trainer = TorchTrainer(
         train_loop_per_worker=_train_worker,
-        train_loop_config={"lf_args": lf_args, "env": worker_env},
+        train_loop_config={"lf_args": lf_args, "env": worker_env, "progress": board},
         scaling_config=ScalingConfig(
             num_workers=ray.ray_num_workers,
             use_gpu=ray.uses_gpu,
@@ -45,9 +50,10 @@ def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: di
         ),
     )
     try:
-        result = trainer.fit()
+        with _progress_shown(board):
+            result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's exception; show the user its message
-        raise TrainingFailed(_root_message(exc)) from exc
+        raise TrainingFailed(_root_message(exc) + ray_cluster.worker_logs_hint()) from exc
     if result.checkpoint is None:
         raise TrainingFailed("training finished without reporting the trained adapter")
     out = Path(tempfile.mkdtemp(prefix="loraflow-adapter-"))
@@ -88,7 +94,10 @@ def _train_worker(config: dict[str, Any]) -> None:
         resume.to_directory(str(local))
         args["resume_from_checkpoint"] = str(local / RayTrainReportCallback.CHECKPOINT_NAME)
 
-    run_exp(args, callbacks=[RayTrainReportCallback(), _RunKeepingMLflowCallback()])
+    callbacks = [RayTrainReportCallback(), _RunKeepingMLflowCallback()]
+    if config["progress"] is not None:
+        callbacks.append(_ProgressCallback(config["progress"]))
+    run_exp(args, callbacks=callbacks)
     import mlflow
 
     if mlflow.active_run():  # rank 0 logged into the driver's run; hand it back to the driver
@@ -111,6 +120,80 @@ class _RunKeepingMLflowCallback(MLflowCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         pass
+
+
+class _ProgressCallback(TrainerCallback):
+    """Rank 0 posts its step and loss to the driver's progress board."""
+
+    def __init__(self, board):
+        self.board = board
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.board.update.remote(step=state.global_step, total=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            self.board.update.remote(loss=logs["loss"])
+
+
+def _progress_board():
+    """A tiny actor that workers on any node can post training progress to."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self):
+            self.state = {"step": 0, "total": None, "loss": None}
+
+        def update(self, **values):
+            self.state.update(values)
+
+        def get(self):
+            return self.state
+
+    return ProgressBoard.remote()
+
+
+@contextlib.contextmanager
+def _progress_shown(board):
+    """Draws the board as a progress bar on the driver while training runs."""
+    if board is None:
+        yield
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=_draw_progress, args=(board, stop), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def _draw_progress(board, stop: threading.Event) -> None:
+    import ray
+
+    bar = console.progress_bar(None, "training", unit="step")
+    shown = None
+    try:
+        while True:
+            stopping = stop.wait(1.0)
+            state = ray.get(board.get.remote())
+            if state == shown and not console.live():
+                continue  # in a log file, a line per change rather than per second
+            shown = dict(state)
+            bar.total = state["total"] or bar.total
+            bar.n = state["step"]
+            if state["loss"] is not None:
+                bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+            bar.refresh()
+            if stopping:
+                return
+    except Exception:  # the bar is a convenience; Ray shutting down must not break training
+        return
+    finally:
+        bar.close()
 
 
 def _copy_outputs(output_dir: Path, dest: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from loraflow import adapter_store, model_refs, ray_cluster, tracking
+from loraflow import adapter_store, console, model_refs, ray_cluster, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.signals import run_job
@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", default="production", help="alias to follow (the stable model name's suffix)")
     parser.add_argument("--version", default="", help="serve this version instead, and do not follow the alias")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="serving YAML")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     # Ctrl-C / SIGTERM is how a server is meant to stop: exit 0 once everything is shut down.
     return run_job(lambda: serve_forever(args.name, args.alias, args.version or None, args.config),
-                   "shutting down", interrupted_code=0)
+                   "shutting down", interrupted_code=0, verbose=args.verbose)
 
 
 def load_config(path: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from loraflow import console
 from loraflow.errors import JobFailed, UserError
 
 
@@ -14,8 +15,10 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_job(job: Callable[[], int | None], interrupted: str, interrupted_code: int = 130) -> int:
+def run_job(job: Callable[[], int | None], interrupted: str, interrupted_code: int = 130,
+            verbose: str = "false") -> int:
     """Run an entry point's job; returns the exit code (the job's own, 0 by default)."""
+    console.setup(verbose)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return job() or 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from loraflow import datasets, ray_cluster, ray_training, tracking, train_config
+from loraflow import console, datasets, ray_cluster, ray_training, tracking, train_config
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import ADAPTER_ARTIFACT_PATH, register_adapter
@@ -42,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overrides", default="", help="YAML mapping of config keys to replace, e.g. '{max_samples: 50}'"
     )
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     def job() -> None:
         version = train(args.config, train_config.parse_overrides(args.overrides))
         print(f"registered {version.name} version {version.version} (run {version.run_id})")
 
-    return run_job(job, "interrupted: the run is marked KILLED and nothing was registered")
+    return run_job(job, "interrupted: the run is marked KILLED and nothing was registered", verbose=args.verbose)
 
 
 def train(config_path: str, overrides: dict[str, Any] | None = None):
