@@ -1,5 +1,5 @@
 """Real servers on loopback for tests: a static HTTP server, moto's S3-compatible server,
-Debian's PostgreSQL and an MLflow tracking server."""
+Debian's PostgreSQL, an MLflow tracking server and a two-node Ray cluster."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import contextlib
 import functools
 import glob
 import http.server
+import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -132,3 +134,63 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict 
         except subprocess.TimeoutExpired:
             proc.kill()
         os.unlink(log.name)
+
+
+@contextlib.contextmanager
+def ray_cluster(node_env: dict[str, str], cpus_per_node: int = 2):
+    """`ray start --head` plus a second node with its own CPUs, both on 127.0.0.1, each a process
+    group of its own so that teardown stops exactly this cluster (`ray stop` would stop every Ray
+    on the machine). `node_env` is what the nodes' environment adds (credentials, as a cluster's
+    nodes would have). Yields (address for RAY_ADDRESS, dashboard URL for the state API, the
+    folder that holds the nodes' logs)."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    temp = Path(tempfile.mkdtemp(prefix="lf-ray-", dir="/tmp"))  # short: Unix socket paths are limited
+    port, dashboard = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))},
+           "RAY_AUTH_MODE": "token", **node_env}  # Ray's default token auth, which nodes joining must name
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node), "--num-gpus", "0",
+              "--disable-usage-stats"]
+    nodes = []
+
+    def start(*args: str, log: str) -> None:
+        nodes.append(subprocess.Popen([ray, "start", *common, *args], env=env, start_new_session=True,
+                                      stdout=open(temp / log, "w"), stderr=subprocess.STDOUT))
+
+    try:
+        start("--head", "--port", str(port), "--temp-dir", str(temp), "--dashboard-host", "127.0.0.1",
+              "--dashboard-port", str(dashboard), log="head.log")
+        _wait_for_port(dashboard, nodes[0], "the Ray head node", timeout=90)
+        start("--address", f"127.0.0.1:{port}", log="worker.log")
+        _wait_for_nodes(f"http://127.0.0.1:{dashboard}", 2, nodes)
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp
+    finally:
+        for node in reversed(nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in reversed(nodes):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=10)  # a node drains for up to 30 s; a test cluster need not
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_dashboard(dashboard: str, path: str):
+    """GET a Ray dashboard API path with the cluster's token (`ray start --head` writes it)."""
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(f"{dashboard}{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
+def _wait_for_nodes(dashboard: str, count: int, procs: list[subprocess.Popen], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a Ray node exited while starting")
+        with contextlib.suppress(OSError, ValueError):
+            summary = ray_dashboard(dashboard, "/nodes?view=summary")["data"]["summary"]
+            if sum(1 for n in summary if n["raylet"]["state"] == "ALIVE") >= count:
+                return
+        time.sleep(1)
+    raise RuntimeError(f"the Ray cluster did not reach {count} nodes")

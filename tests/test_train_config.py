@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_CONFIG
 
 from loraflow import train_config
 from loraflow.errors import UserError
@@ -76,3 +77,14 @@ def test_overrides_are_a_yaml_mapping():
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         train_config.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("key", ["hf_hub_token", "ms_hub_token", "om_hub_token"])
+def test_hub_tokens_are_refused_in_configs(tmp_path, key):
+    """A token in the config would be logged to MLflow as a parameter: refuse it, name the variable."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(TINY_CONFIG.read_text()), key: "hf_secret_value"}))
+    with pytest.raises(UserError) as err:
+        train_config.load(path)
+    assert key in str(err.value) and "HF_TOKEN" in str(err.value)
+    assert "hf_secret_value" not in str(err.value)

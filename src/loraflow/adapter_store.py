@@ -67,15 +67,27 @@ class LoraStore:
     def publish(self, version) -> str:
         """Copy a registered version's adapter into the store once; returns its adapter id."""
         name = adapter_id(version)
+        if not self.has(name):
+            with tempfile.TemporaryDirectory() as tmp:
+                self.upload(name, registry.download_adapter(version.source, tmp, f"{version.name} v{version.version}"))
+        return name
+
+    def upload(self, name: str, local: Path) -> str:
+        """Copy a local adapter folder into the store as `name`, unless a complete one is there."""
         if self.has(name):
             return name
-        with tempfile.TemporaryDirectory() as tmp:
-            local = registry.download_adapter(version.source, tmp, f"{version.name} v{version.version}")
-            files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == ADAPTER_CONFIG)
-            s3 = self._s3()
-            for path in files:
-                s3.upload_file(str(path), self.bucket, f"{self.prefix}{name}/{path.relative_to(local).as_posix()}")
+        files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == ADAPTER_CONFIG)
+        s3 = self._s3()
+        for path in files:
+            s3.upload_file(str(path), self.bucket, f"{self.prefix}{name}/{path.relative_to(local).as_posix()}")
         return name
+
+
+def s3_settings() -> dict[str, str]:
+    """The S3 endpoint and region from this environment, for Ray workers' runtime_env (Ray's LoRA
+    downloader needs them there, ray issue 55502). Credentials are not copied: runtime_env is shown
+    by Ray's dashboard and state API, so nodes get theirs from their own environment or role."""
+    return {k: os.environ[k] for k in ("AWS_REGION", "AWS_ENDPOINT_URL_S3") if k in os.environ}
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from loraflow import console, datasets, model_refs, promotion_gates, ray_cluster, registry, tracking
+from loraflow import adapter_store, console, datasets, model_refs, promotion_gates, ray_cluster, registry, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.signals import run_job
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _REQUIRED_KEYS = {"dataset_dir", "dataset", "sampling", "engine", "batch_size", "concurrency"}
-_OPTIONAL_KEYS = {"max_rows", "baseline", "guided_decoding", "accelerator_type", "resources_per_engine"}
+_OPTIONAL_KEYS = {"max_rows", "baseline", "guided_decoding", "accelerator_type", "resources_per_engine", "lora_store"}
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -77,6 +77,11 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
     try:
         adapter_dir = registry.download_adapter(ref.artifact_uri, str(workdir / "adapter"), ref.text)
         _check_adapter(adapter_dir, ref, config)
+        # Ray Data LLM runs pre/post-processing, chat template, tokenize and detokenize as separate
+        # tasks and actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
+        # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
+        ray_cluster.connect(num_cpus=4)
+        engine_adapter = _adapter_for_engines(ref, adapter_dir, config.get("lora_store"))
         with mlflow.start_run() as run:  # resumes the run `mlflow run` created, if any
             try:
                 mlflow.set_tags({
@@ -88,7 +93,7 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
                     "train_run_id": ref.run_id,
                 })
                 mlflow.log_params(tracking.flatten(config))
-                predictions, seconds = _generate(rows, ref.base_model, adapter_dir, config)
+                predictions, seconds = _generate(rows, ref.base_model, engine_adapter, config)
                 metrics = _score_and_log(predictions, seconds, viggo)
             except KeyboardInterrupt:
                 mlflow.end_run("KILLED")
@@ -125,16 +130,13 @@ def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[s
     model_refs.base_model_source(ref.base_model)  # fails early when a local base model is missing
 
 
-def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict[str, Any]):
+def _generate(rows: list[dict], base_model: str, engine_adapter: tuple[str, str | None], config: dict[str, Any]):
     """Run `rows` through the adapter, and through the base model (baseline) and the guided
     adapter when configured, one Ray Data LLM pass each."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    # Ray Data LLM runs pre/post-processing, chat template, tokenize and detokenize as separate
-    # tasks and actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
-    # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
-    ray_cluster.connect(num_cpus=4)
+    adapter, lora_store = engine_adapter
     # Quiet mode shows loraflow's own bar of finished rows instead of Ray Data's per-stage ones.
     ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
     light = {"num_cpus": 0.25}
@@ -143,7 +145,8 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
     processor_config = vLLMEngineProcessorConfig(
         model_source=base_model,
         engine_kwargs=engine_kwargs,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **adapter_store.s3_settings()}},
+        dynamic_lora_loading_path=lora_store,
         batch_size=config["batch_size"],
         concurrency=config["concurrency"],
         accelerator_type=config.get("accelerator_type"),
@@ -175,11 +178,11 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
         preprocess_map_kwargs=light,
         postprocess_map_kwargs=light,
     )
-    variants = [("adapter", str(adapter_dir))]
+    variants = [("adapter", adapter)]
     if config.get("baseline"):
         variants.append(("baseline", base_model))
     if config.get("guided_decoding"):
-        variants.append(("guided", str(adapter_dir)))
+        variants.append(("guided", adapter))
     # One pass per variant: vLLM 0.32's CPU LoRA kernels applied the adapter to rows without
     # one when both kinds shared a batch (measured: baseline outputs identical to the adapter's).
     predictions, seconds = [], {}
@@ -195,6 +198,18 @@ def _generate(rows: list[dict], base_model: str, adapter_dir: Path, config: dict
                 bar.update()
         seconds[variant] = time.monotonic() - start
     return sorted(predictions, key=lambda r: (r["variant"], r["index"])), seconds
+
+
+def _adapter_for_engines(ref, adapter_dir: Path, lora_store: str | None) -> tuple[str, str | None]:
+    """What the engines load the adapter from: the local folder on one machine; on a cluster the
+    engines may run on other nodes, so it goes through the S3 LoRA store (`lora_store`)."""
+    if lora_store:
+        return adapter_store.LoraStore(lora_store).upload(ref.label, adapter_dir), lora_store.rstrip("/")
+    if ray_cluster.alive_nodes() > 1:
+        raise UserError("This Ray cluster has several nodes, and the vLLM engines may run on one that cannot "
+                        f"see {adapter_dir}: set lora_store: s3://bucket/prefix in the evaluation config "
+                        "(the same store serve uses).")
+    return str(adapter_dir), None
 
 
 def _score_and_log(predictions: list[dict], seconds: dict[str, float], viggo) -> dict[str, float]:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     output = {"log_to_driver": console.verbose(),
               "logging_level": logging.WARNING if console.verbose() else logging.ERROR}
     if address:
-        ray.init(address=address, **output)
+        # A cluster's nodes hold both project environments (see containerfile); this job's
+        # workers run in the driver's, whichever one started the node.
+        ray.init(address=address, runtime_env={"py_executable": sys.executable}, **output)
     else:
         ray.init(num_cpus=num_cpus, _temp_dir=str(_local_temp_dir()), **output)
     console.quiet_loggers()
@@ -54,6 +57,12 @@ def _local_temp_dir() -> Path:
     if len(str(inside)) <= _MAX_TEMP_DIR_LEN:
         return inside
     return Path(tempfile.gettempdir()) / f"loraflow-ray-{os.getuid()}"
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def bundles_that_fit(node: dict[str, float], bundle: dict[str, float]) -> int:

@@ -87,16 +87,14 @@ def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> 
                         f"model_source is {loading['model_source']}; set it to null or to {base_model}.")
     loading["model_source"] = model_refs.base_model_source(base_model)
     fields.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_store_uri
-    # Ray's LoRA downloader needs the region and endpoint in the replica's environment (ray issue 55502).
-    env = {k: os.environ[k] for k in ("AWS_REGION", "AWS_ENDPOINT_URL_S3") if k in os.environ}
     runtime_env = fields.setdefault("runtime_env", {})
-    runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    runtime_env["env_vars"] = {**adapter_store.s3_settings(), **runtime_env.get("env_vars", {})}
     return fields
 
 
 def serve_forever(name: str, alias: str, version: str | None, config_path: str) -> None:
     config = load_config(config_path)
-    tracking.configure()
+    tracking_uri = tracking.configure()
     first = served_version(name, alias, version)
     base_model = first.tags.get("base_model")
     if not base_model:
@@ -111,7 +109,9 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         from ray import serve
 
         stack.callback(_shutdown)
-        serve.start(http_options={"host": config["host"], "port": config["port"]})
+        # One HTTP proxy, on the head node: the API's address is the one in the config, whatever
+        # the number of nodes (put a load balancer in front for more).
+        serve.start(proxy_location="HeadOnly", http_options={"host": config["host"], "port": config["port"]})
         from ray.serve.llm import LLMConfig, build_openai_app
 
         app = build_openai_app({
@@ -122,11 +122,14 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                     "registered_model": name, "alias": alias, "pinned_version": version,
                     "lora_store_uri": store.uri, "base_model": base_model,
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
-                    "poll_interval_s": config["poll_interval_s"],
+                    "poll_interval_s": config["poll_interval_s"], "tracking_uri": tracking_uri,
                 },
             },
             # Follow-the-registry state lives in each ingress replica; one keeps it simple on one machine.
-            "ingress_deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+            "ingress_deployment_config": {
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"runtime_env": {"env_vars": adapter_store.s3_settings()}},
+            },
         })
         try:
             serve.run(app, name="loraflow", route_prefix="/")

@@ -35,8 +35,11 @@ ADAPTER_HEADER = "x-loraflow-adapter"
 class LoraflowIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
                  pinned_version: str | None, lora_store_uri: str, api_key_sha256: str | None,
-                 base_model: str, poll_interval_s: float, **kwargs):
+                 base_model: str, poll_interval_s: float, tracking_uri: str, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)  # a cluster's nodes need not have MLFLOW_TRACKING_URI
         self._base_id = next(iter(model_cards))
         self._registered_model = registered_model
         self._alias = alias

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 from typing import Any
+from urllib.parse import urlsplit
 
 from loraflow.envs import PROJECT_ROOT
+from loraflow.errors import UserError
 
 
 def default_tracking_uri() -> str:
@@ -20,6 +22,11 @@ def configure() -> str:
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if urlsplit(uri).password:
+        # The URI travels to Ray workers and into messages; a password in it would leak there.
+        raise UserError("MLFLOW_TRACKING_URI contains a password. Leave it out of the URI and give it "
+                        "through the environment instead: MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                        "for a tracking server, PGPASSWORD or ~/.pgpass for PostgreSQL.")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     return uri

@@ -80,12 +80,21 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return overrides
 
 
+# LLaMA-Factory's hub token arguments: refused, so that no token is ever logged as a parameter.
+_SECRET_KEYS = ("hf_hub_token", "ms_hub_token", "om_hub_token")
+
+
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     ray_raw = {k: raw[k] for k in raw if k in _RAY_KEYS}
     own_raw = {k: raw[k] for k in raw if k in _LORAFLOW_KEYS}
     lf_raw = {k: v for k, v in raw.items() if k not in _RAY_KEYS and k not in _LORAFLOW_KEYS}
 
-    problems: list[str] = []
+    problems: list[str] = [
+        f"{key} in {source}: tokens do not belong in a config (it is logged to MLflow as parameters); "
+        "leave it out and set the token in the environment instead (HF_TOKEN for the Hugging Face Hub)."
+        for key in raw if key in _SECRET_KEYS
+    ]
+    lf_raw = {k: v for k, v in lf_raw.items() if k not in _SECRET_KEYS}
     lf_args = _check_against(lf_raw, _llamafactory_fields(), problems, source)
     ray_hints = typing.get_type_hints(RaySettings)
     ray_args = _check_against(ray_raw, ray_hints, problems, source)
