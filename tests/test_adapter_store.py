@@ -23,13 +23,21 @@ def bucket(monkeypatch):
         yield "s3://team-models/loraflow/adapters"
 
 
-def _version(tmp_path, files: dict[str, str]):
+def _weights() -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({"lora_A": np.zeros((8, 16), dtype=np.float32)})
+
+
+def _version(tmp_path, files: dict[str, str | bytes]):
     import mlflow
 
     folder = tmp_path / "adapter"
     folder.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text)
+    for name, content in files.items():
+        path = folder / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(folder), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
     return registry.register_adapter("viggo-store-test", run.info.run_id, {}, "test")
@@ -39,7 +47,7 @@ def test_publish_copies_a_version_once_under_its_own_id(tracking_uri, bucket, tm
     import boto3
 
     store = adapter_store.LoraStore(bucket)
-    version = _version(tmp_path, {"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": "weights"})
+    version = _version(tmp_path, {"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": _weights()})
     assert store.publish(version) == "viggo-store-test-v1"
     assert store.adapters() == ["viggo-store-test-v1"]
     key = "loraflow/adapters/viggo-store-test-v1/adapter_model.safetensors"
@@ -55,6 +63,21 @@ def test_a_version_without_adapter_config_is_refused_and_nothing_is_listed(track
     version = _version(tmp_path, {"model.bin": "not an adapter"})
     with pytest.raises(UserError, match="has no adapter_config.json"):
         store.publish(version)
+    assert store.adapters() == []
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": b"\x10\x00\x00\x00garbage"},
+     "adapter_model.safetensors is damaged"),
+    ({"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": b""}, "adapter_model.safetensors is damaged"),
+    ({"adapter_config.json": '{"r": 8', "adapter_model.safetensors": "later"}, "adapter_config.json is not valid JSON"),
+    ({"adapter_config.json": '{"r": 8}'}, "has no adapter_model.safetensors"),
+], ids=["corrupted-weights", "empty-weights", "broken-config", "no-weights"])
+def test_a_damaged_adapter_is_refused_and_nothing_is_listed(tracking_uri, bucket, tmp_path, files, message):
+    store = adapter_store.LoraStore(bucket)
+    with pytest.raises(UserError, match=message) as refused:
+        store.publish(_version(tmp_path, files))
+    assert "viggo-store-test v1" in str(refused.value) and "train a new version" in str(refused.value)
     assert store.adapters() == []
 
 

@@ -244,6 +244,21 @@ def test_bad_gate_configs_are_refused_clearly(content, message, tmp_path):
         promotion_gates.load(path)
 
 
+def test_a_version_whose_artifacts_were_deleted_is_refused(store, model_name, tmp_path, capsys):
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    version = add_version(model_name, GOOD, tmp_path)
+    run = MlflowClient().get_run(version_info(model_name, version).run_id)
+    get_artifact_repository(run.info.artifact_uri).delete_artifacts(registry.ADAPTER_ARTIFACT_PATH)
+    code, _, err = run_promote(capsys, model_name, version)
+    assert code == 2
+    assert f"{model_name} v{version}'s adapter artifacts are missing" in err and "train a new version" in err
+    assert stages(model_name) == {version: "None"} and alias_target(model_name, "production") is None
+    code, _, _ = run_promote(capsys, model_name, version, "Archived")  # retiring it still works
+    assert code == 0
+
+
 def test_concurrent_promotions_end_with_exactly_one_production(store, model_name, tmp_path):
     versions = [add_version(model_name, GOOD, tmp_path) for _ in range(5)]
     # Each process starts at the same instant (a shared start file) and promotes its own version.

@@ -4,6 +4,7 @@ by serve itself), queried with the real openai client over loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from conftest import ROOT, TINY_CONFIG
 from mlflow import MlflowClient
-from servers import free_port
+from servers import free_port, mlflow_server
 
 from loraflow import promote
 
@@ -37,11 +38,16 @@ def _use_store(uri: str) -> MlflowClient:
     return MlflowClient()
 
 
+TRACKING_SERVER = contextlib.ExitStack()  # closed by the test that takes the registry away
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """viggo-tiny-lora v1 (trained by the train entry point, in Production) and v2 (the same adapter
-    registered again: a distinct version with its own adapter id), both evaluated."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    """An `mlflow server` (so that it can be taken away while serving) holding viggo-tiny-lora v1
+    (trained by the train entry point, in Production) and v2 (the same adapter registered again:
+    a distinct version with its own adapter id), both evaluated."""
+    store = tmp_path_factory.mktemp("store")
+    uri = TRACKING_SERVER.enter_context(mlflow_server(f"sqlite:///{store / 'mlflow.db'}", str(store / "artifacts")))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     proc = subprocess.run([sys.executable, str(ROOT / "mlproject/train.py"), "--config", str(TINY_CONFIG)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -55,6 +61,7 @@ def registry(tmp_path_factory):
             client.set_model_version_tag(NAME, version, f"eval.{key}", str(value))
     assert promote.main(["--name", NAME, "--version", "1"]) == 0
     yield uri
+    TRACKING_SERVER.close()
     if previous is not None:
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
@@ -91,10 +98,10 @@ def client(port: int, key: str = API_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def ask(port: int, model: str = f"{MODEL_ID}:production", **kwargs):
+def ask(port: int, model: str = f"{MODEL_ID}:production", max_tokens: int = 8, **kwargs):
     return client(port).chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "Blizzard North made Diablo II."}],
-        max_tokens=8, temperature=0.0, **kwargs)
+        max_tokens=max_tokens, temperature=0.0, **kwargs)
 
 
 def test_models_lists_base_adapter_and_stable_name(server):
@@ -162,49 +169,15 @@ def test_bad_adapter_ids_are_refused(server, adapter, status):
     assert "adapter" in caught.value.message.lower()
 
 
-def test_promotion_while_requests_are_in_flight_fails_none(server, registry):
-    """A bounded request loop runs while v2 is promoted: every request succeeds, the stable name
-    moves from v1 to v2 without restart and never back."""
+def test_oversized_prompt_is_refused_with_the_limit(server):
+    """A prompt longer than the engine's max_model_len (1024 tokens) gets a 400 naming the limit."""
     _, port, _ = server
-    served, failures = [], []
-    stop = threading.Event()
-
-    def loop() -> None:
-        deadline = time.monotonic() + 300
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                served.append(ask(port).parse().model)
-            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
-                failures.append(repr(exc))
-
-    workers = [threading.Thread(target=loop) for _ in range(3)]
-    for worker in workers:
-        worker.start()
-    time.sleep(3)
-    _use_store(registry)
-    assert promote.main(["--name", NAME, "--version", "2", "--reason", "serve test"]) == 0
-    deadline = time.monotonic() + 240
-    while served.count(f"{MODEL_ID}:{NAME}-v2") < 10 and time.monotonic() < deadline and not failures:
-        time.sleep(0.5)
-    stop.set()
-    for worker in workers:
-        worker.join()
-    assert failures == []
-    assert f"{MODEL_ID}:{NAME}-v1" in served and served.count(f"{MODEL_ID}:{NAME}-v2") >= 10
-    first_v2 = served.index(f"{MODEL_ID}:{NAME}-v2")
-    # Requests started before the switch may finish after it; none may start on v1 after v2 answers
-    # plus the 3 that were in flight.
-    assert f"{MODEL_ID}:{NAME}-v1" not in served[first_v2 + 3:]
-    print(f"{len(served)} requests, {len(failures)} failed, v2 from request {first_v2 + 1}")
-
-
-def test_sigterm_shuts_down_cleanly(server):
-    proc, port, log = server
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
-    assert "shutting down" in log.read_text(errors="replace")
-    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
-        pass
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(port).chat.completions.create(
+            model=f"{MODEL_ID}:production", max_tokens=8,
+            messages=[{"role": "user", "content": "Diablo II was made by Blizzard North. " * 400}])
+    assert "1024" in refused.value.message
+    assert ask(port).parse().model == f"{MODEL_ID}:{NAME}-v1"  # and the server carries on
 
 
 @pytest.mark.parametrize(
@@ -219,3 +192,133 @@ def test_nothing_to_serve_is_a_clear_error(registry, args, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def _load(port: int, requests: int, clients: int, on_done=None) -> tuple[list[str], list[str]]:
+    """Send `requests` short chat requests from `clients` threads; returns (models served, failures)."""
+    served, failures = [], []
+    lock = threading.Lock()
+    left = iter(range(requests))
+
+    def loop() -> None:
+        while True:
+            with lock:
+                if next(left, None) is None:
+                    return
+            try:
+                model = ask(port, max_tokens=1).parse().model
+                with lock:
+                    served.append(model)
+                    if on_done:
+                        on_done(len(served))
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                with lock:
+                    failures.append(repr(exc))
+
+    workers = [threading.Thread(target=loop) for _ in range(clients)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return served, failures
+
+
+def test_1000_requests_across_a_promotion_fail_none(server, registry):
+    """1,000 requests from 4 clients while v2 is promoted (by the promote entry point, after the
+    100th answer): every request succeeds, the stable name moves from v1 to v2 without restart
+    and never back."""
+    _, port, _ = server
+    promotion: list[subprocess.Popen] = []
+
+    def promote_at_100(done: int) -> None:
+        if done == 100:
+            promotion.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "mlproject/promote.py"), "--name", NAME, "--version", "2",
+                 "--reason", "serve test"], cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": registry},
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+    started = time.monotonic()
+    served, failures = _load(port, 1000, 4, promote_at_100)
+    [promoter] = promotion
+    assert promoter.wait(timeout=120) == 0, promoter.communicate()[0]
+    assert failures == [] and len(served) == 1000
+    assert served.count(f"{MODEL_ID}:{NAME}-v2") >= 10, "the promotion was never picked up"
+    first_v2 = served.index(f"{MODEL_ID}:{NAME}-v2")
+    # Requests started before the switch may finish after it (4 in flight); none may start on v1
+    # after that.
+    assert f"{MODEL_ID}:{NAME}-v1" not in served[first_v2 + 4:]
+    print(f"1000 requests in {time.monotonic() - started:.0f} s, 0 failed, v2 from request {first_v2 + 1}")
+
+
+def _engine_replica_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ServeReplica:loraflow:LLMServer" in line]
+
+
+def test_killed_engine_replica_is_replaced_and_requests_fail_cleanly(server):
+    """SIGKILL the vLLM replica under load: requests during the gap fail with an error answer
+    within the client's timeout (none hangs), Ray Serve starts a new replica, then all succeed."""
+    _, port, _ = server
+    [pid] = _engine_replica_pids()
+    outcomes: list[tuple[float, float, bool]] = []  # (start, seconds, succeeded)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                ask(port, max_tokens=1)
+                outcomes.append((start, time.monotonic() - start, True))
+            except Exception:  # noqa: BLE001 - a failed request is what is being measured
+                outcomes.append((start, time.monotonic() - start, False))
+                time.sleep(0.5)
+
+    workers = [threading.Thread(target=loop) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    time.sleep(3)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    deadline = killed_at + 300
+    while time.monotonic() < deadline:  # recovered: 20 successes in a row after the kill
+        recent = [ok for start, _, ok in outcomes if start > killed_at][-20:]
+        if len(recent) == 20 and all(recent):
+            break
+        time.sleep(1)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    after = [(start, seconds, ok) for start, seconds, ok in outcomes if start > killed_at]
+    assert after[-20:] and all(ok for _, _, ok in after[-20:]), "no recovery within 5 minutes"
+    assert max(seconds for _, seconds, _ in outcomes) < 120  # the client's timeout: nothing hung
+    assert _engine_replica_pids() not in ([], [pid])  # a new replica process
+    failed = sum(1 for _, _, ok in after if not ok)
+    recovered = max(start for start, _, ok in after if not ok) - killed_at if failed else 0.0
+    print(f"{len(outcomes)} requests, {failed} failed after the kill, all succeed again {recovered:.0f} s after it")
+
+
+def test_registry_unreachable_keeps_serving_and_reports_it(server):
+    """The tracking server goes away: the last good adapter keeps answering, and /v1/models says
+    that the registry cannot be reached."""
+    _, port, _ = server
+    TRACKING_SERVER.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listed = {m.id: m for m in client(port).models.list().data}
+        status = listed[f"{MODEL_ID}:production"].model_extra["metadata"]["loraflow"]
+        if status["registry"]["state"] == "error":
+            break
+        time.sleep(1)
+    assert status["registry"]["state"] == "error" and status["registry"]["error"], status
+    assert status["serving"] == f"{NAME}-v2"
+    served, failures = _load(port, 20, 2)
+    assert failures == [] and set(served) == {f"{MODEL_ID}:{NAME}-v2"}
+
+
+def test_sigterm_shuts_down_cleanly(server):
+    proc, port, log = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
+    assert "shutting down" in log.read_text(errors="replace")
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        pass

@@ -88,3 +88,13 @@ def test_hub_tokens_are_refused_in_configs(tmp_path, key):
         train_config.load(path)
     assert key in str(err.value) and "HF_TOKEN" in str(err.value)
     assert "hf_secret_value" not in str(err.value)
+
+
+def test_tracking_uri_with_a_password_is_refused(monkeypatch):
+    """The tracking URI travels to Ray workers and into messages: a password must not be in it."""
+    from loraflow import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://loraflow:s3cret-pw@db.example:5432/mlflow")
+    with pytest.raises(UserError) as err:
+        tracking.configure()
+    assert "PGPASSWORD" in str(err.value) and "s3cret-pw" not in str(err.value)

@@ -190,3 +190,78 @@ def test_interrupt_marks_run_killed_and_registers_nothing(tracking_uri, tmp_path
     assert "marked KILLED" in stderr
     assert _only_run().info.status == "KILLED"
     assert registered_versions() == []
+
+
+LONGER = "{max_samples: 96, save_steps: 4, eval_steps: 12}"  # 24 steps, a checkpoint every 4
+
+
+def _start_train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "mlproject" / "train.py"), "--config", str(TINY_CONFIG),
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+
+
+def _wait_for_step(proc: subprocess.Popen, step: int) -> str:
+    """Wait until the (only) training run has logged the loss of `step`; returns its run id."""
+    client = MlflowClient()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        runs = client.search_runs(["0"])
+        if runs and max((m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")), default=0) >= step:
+            return runs[0].info.run_id
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    pytest.fail(f"training never reached step {step}")
+
+
+def _loss_steps(run_id: str, after_ms: int = 0) -> list[int]:
+    history = MlflowClient().get_metric_history(run_id, "loss")
+    return sorted(m.step for m in history if m.timestamp > after_ms)
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tracking_uri, tmp_path):
+    """SIGKILL the Ray Train worker mid-run: Ray Train restarts it (ray_max_failures: 1), it
+    continues from the last checkpoint, and the run stays one run with every step, one version."""
+    proc = _start_train("--overrides", LONGER)
+    run_id = _wait_for_step(proc, 6)
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    [pid] = [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
+    killed_at_ms = int(time.time() * 1000)
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+
+    run = _only_run()
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    steps = _loss_steps(run_id)
+    assert set(steps) == set(range(1, 25))  # continuous: no step missing
+    resumed = _loss_steps(run_id, after_ms=killed_at_ms)
+    assert resumed and resumed[0] > 1 and resumed[-1] == 24  # from a checkpoint, not from the start
+    [version] = registered_versions()
+    assert version.run_id == run_id
+    before = [m.step for m in MlflowClient().get_metric_history(run_id, "loss") if m.timestamp <= killed_at_ms]
+    print(f"worker killed after step {max(before)}, resumed from the checkpoint at step {resumed[0] - 1}")
+
+
+def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, tmp_path):
+    """The driver is stopped (SIGTERM): the run ends KILLED, nothing is registered. `--resume RUN`
+    continues from its last checkpoint into a new run tagged with the first one's id."""
+    proc = _start_train("--overrides", LONGER)
+    first = _wait_for_step(proc, 10)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130 and MlflowClient().get_run(first).info.status == "KILLED"
+    assert registered_versions() == []
+
+    done = run_train("--resume", first, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [version] = registered_versions()
+    second = MlflowClient().get_run(version.run_id)
+    assert second.info.run_id != first and second.info.status == "FINISHED"
+    assert second.data.tags["loraflow.resumed_from"] == first
+    assert second.info.run_name.endswith("-resumed")
+    steps = _loss_steps(second.info.run_id)
+    assert steps[0] > 1 and steps[-1] == 24  # continued from a checkpoint of the first run
+
+    again = run_train("--resume", second.info.run_id)  # a finished training is not resumed
+    assert again.returncode == 2 and "there is nothing to continue" in again.stderr

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from loraflow import console, promotion_gates, registry_lock, tracking
+from loraflow import console, promotion_gates, registry, registry_lock, tracking
 from loraflow.errors import UserError
 from loraflow.signals import run_job
 
@@ -96,6 +96,8 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
         if candidate.current_stage == stage:
             _sync_alias(client, candidate, stage)
             return f"{name} v{candidate.version} is already in {stage}; nothing to do."
+        if stage != "Archived":
+            registry.check_adapter_present(candidate)
         report, gate = None, "none"
         if stage in gates:
             report = promotion_gates.check(gates[stage], stage, candidate, production)
@@ -135,6 +137,7 @@ def rollback(name: str, reason: str) -> str:
             raise UserError(f"Nothing to roll back to: {name} has no earlier Production version "
                             f"(Production now: {current}).")
         target = _model_version(client, name, str(history[-1]))
+        registry.check_adapter_present(target)
         _transition(client, target, "Production")
         _sync_alias(client, target, "Production")
         _set_history(client, name, history)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -40,4 +41,41 @@ def download_adapter(artifact_uri: str, dst_path: str, label: str) -> Path:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst_path))
     if not (local / ADAPTER_CONFIG).is_file():
         raise UserError(f"{label} ({artifact_uri}) has no {ADAPTER_CONFIG}: it is not a LoRA adapter folder.")
+    _check_adapter_files(local, label)
     return local
+
+
+def _check_adapter_files(folder: Path, label: str) -> None:
+    """A damaged adapter is refused here, with its name, rather than deep inside a vLLM engine."""
+    fix = "restore the artifacts or train a new version"
+    try:
+        json.loads((folder / ADAPTER_CONFIG).read_text())
+    except ValueError as exc:
+        raise UserError(f"{label}: {ADAPTER_CONFIG} is not valid JSON ({exc}); {fix}.") from None
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            return
+        raise UserError(f"{label} has no adapter_model.safetensors (no LoRA weights); {fix}.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="numpy") as tensors:
+            list(tensors.keys())
+    except Exception as exc:  # noqa: BLE001 - the library raises several kinds for a damaged file
+        raise UserError(f"{label}: adapter_model.safetensors is damaged ({exc}); {fix}.") from None
+
+
+def check_adapter_present(version: ModelVersion) -> None:
+    """Refuse a version whose adapter artifacts are gone (deleted run or artifact store
+    cleanup): it could be promoted, but never evaluated or served."""
+    label = f"{version.name} v{version.version}"
+    try:
+        names = {Path(item.path).name for item in mlflow.artifacts.list_artifacts(artifact_uri=version.source)}
+    except Exception as exc:  # noqa: BLE001 - every failure to list means the same to the user
+        names, why = set(), f": {str(exc).splitlines()[0][:200]}"
+    else:
+        why = ""
+    if ADAPTER_CONFIG not in names:
+        raise UserError(f"{label}'s adapter artifacts are missing from {version.source}{why}. It cannot be "
+                        "promoted, because it could not be served: restore the artifacts, or train a new version.")

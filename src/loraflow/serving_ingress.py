@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -40,6 +41,10 @@ class LoraflowIngress(OpenAiIngress):
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)  # a cluster's nodes need not have MLFLOW_TRACKING_URI
+        # The watcher asks again every poll interval: one quick try each time, rather than MLflow's
+        # minutes of retries, so that an unreachable registry shows as such within seconds.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self._base_id = next(iter(model_cards))
         self._registered_model = registered_model
         self._alias = alias
@@ -136,8 +141,15 @@ class LoraflowIngress(OpenAiIngress):
         body.model = self._route(body.model)
         if raw_request is not None:
             raw_request.state.loraflow_model = body.model
-        async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
-            yield response
+        for attempt in (1, 2):
+            lost_race = False
+            async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+                if attempt == 1 and _lost_lora_load_race(response):
+                    lost_race = True  # nothing was sent yet: ask again, the adapter is loaded now
+                    break
+                yield response
+            if not lost_race:
+                return
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         return _label(await super().chat(body, request), request)
@@ -163,6 +175,14 @@ class LoraflowIngress(OpenAiIngress):
     def status(self) -> dict[str, Any]:
         return {"registered_model": self._registered_model, "alias": self._alias, "serving": self._target,
                 "registry": dict(self._registry)}
+
+
+def _lost_lora_load_race(response) -> bool:
+    """Ray Serve LLM 2.60 can start loading an adapter twice when its first requests on a replica
+    arrive together; vLLM refuses the second load ("has already been loaded"), and that request
+    would fail with a 500 although the adapter is ready (1-3 requests in 1,000 in the serve tests)."""
+    message = str(getattr(getattr(response, "error", None), "message", ""))
+    return type(response).__name__ == "ErrorResponse" and "has already been loaded" in message
 
 
 def _label(response: Response, request: Request) -> Response:

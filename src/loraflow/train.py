@@ -25,6 +25,7 @@ from loraflow.signals import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "train" / "default.yaml"
 OUTPUTS_DIR = PROJECT_ROOT / "outputs"
+_CONFIG_ARTIFACT = "config/train_config.yaml"  # the resolved config, as the run used it
 RUN_MARKER = "loraflow_run_id"  # written into output_dir: which run owns the files there
 _TRAINING_FILES = (  # LLaMA-Factory's logs and results; everything else it writes is the adapter
     "trainer_log.jsonl", "all_results.json", "train_results.json", "eval_results.json",
@@ -42,20 +43,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overrides", default="", help="YAML mapping of config keys to replace, e.g. '{max_samples: 50}'"
     )
+    parser.add_argument(
+        "--resume", default="", help="run id of a training that was killed or failed: continue from its last "
+        "checkpoint, with its config, into a new run linked to it (--config and --overrides are then ignored)")
     console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     def job() -> None:
-        version = train(args.config, train_config.parse_overrides(args.overrides))
+        version = train(args.config, train_config.parse_overrides(args.overrides), resume=args.resume or None)
         print(f"registered {version.name} version {version.version} (run {version.run_id})")
 
     return run_job(job, "interrupted: the run is marked KILLED and nothing was registered", verbose=args.verbose)
 
 
-def train(config_path: str, overrides: dict[str, Any] | None = None):
+def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str | None = None):
     import mlflow
 
-    cfg = train_config.load(config_path, overrides)
+    if resume:
+        tracking.configure()
+        cfg, config_path = _config_of_run(resume), f"runs:/{resume}/{_CONFIG_ARTIFACT}"
+    else:
+        cfg = train_config.load(config_path, overrides)
     lf_args = _resolve_paths(cfg.llamafactory)
     if "://" not in cfg.ray.ray_storage_path:
         cfg.ray.ray_storage_path = str(Path(cfg.ray.ray_storage_path).expanduser().resolve())
@@ -64,18 +72,42 @@ def train(config_path: str, overrides: dict[str, Any] | None = None):
 
     with mlflow.start_run() as run:  # resumes the run `mlflow run` created (MLFLOW_RUN_ID)
         try:
-            return _train_in_run(run, cfg, lf_args, data, config_path)
+            if resume:
+                mlflow.set_tag("loraflow.resumed_from", resume)
+            return _train_in_run(run, cfg, lf_args, data, config_path, ray_owner=resume or run.info.run_id)
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")
             raise
 
 
-def _train_in_run(run, cfg, lf_args, data, config_path):
+def _config_of_run(run_id: str) -> train_config.TrainConfig:
+    """The config a killed or failed training ran with, to continue it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{_CONFIG_ARTIFACT}")
+    except MlflowException:
+        raise UserError(f"resume={run_id}: there is no training run with that id and a logged config in "
+                        f"{tracking.configure()}.") from None
+    if run.info.status == "FINISHED":
+        registered = run.data.tags.get("registered_version", "see its run")
+        raise UserError(f"resume={run_id}: that training finished ({registered}); there is nothing to "
+                        "continue. Start a new training instead.")
+    raw = yaml.safe_load(text)
+    raw.pop("output_dir", None)  # the new run gets its own
+    raw["run_name"] = f"{run.info.run_name}-resumed"
+    raw["registered_model_name"] = run.data.tags["registered_model_name"]
+    return train_config.from_dict(raw, source=f"the config of run {run_id}")
+
+
+def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
     import llamafactory
     import mlflow
 
     run_id = run.info.run_id
-    lf_args = _finish_args(lf_args, run_id, run_name=f"train-{Path(config_path).stem}")
+    lf_args = _finish_args(lf_args, run_id, run_name=lf_args.get("run_name") or f"train-{Path(config_path).stem}")
     output_dir = Path(lf_args["output_dir"])
     _claim_output_dir(output_dir, run_id)
 
@@ -93,7 +125,7 @@ def _train_in_run(run, cfg, lf_args, data, config_path):
     mlflow.log_params(tracking.flatten(lf_args))
     mlflow.log_params(tracking.flatten(vars(cfg.ray), prefix="ray."))
     _log_lineage(data, lf_args)
-    mlflow.log_text(yaml.safe_dump({**lf_args, **vars(cfg.ray)}, sort_keys=False), "config/train_config.yaml")
+    mlflow.log_text(yaml.safe_dump({**lf_args, **vars(cfg.ray)}, sort_keys=False), _CONFIG_ARTIFACT)
 
     ray_cluster.connect()
     ray_cluster.check_feasible(
@@ -104,7 +136,9 @@ def _train_in_run(run, cfg, lf_args, data, config_path):
         "MLFLOW_RUN_ID": run_id,
         "MLFLOW_MAX_LOG_PARAMS": "0",  # the config is logged above, under the user's own key names
     }
-    ray_name = f"{cfg.ray.ray_run_name}-{run_id[:8]}"  # unique: Ray Train resumes runs by name
+    # Ray Train continues a run of the same name from its last checkpoint: unique per training,
+    # and the original's name when resuming one.
+    ray_name = f"{cfg.ray.ray_run_name}-{ray_owner[:8]}"
     finished = ray_training.run(lf_args, cfg.ray, ray_name, worker_env)
     try:
         results = _log_outputs(finished)
