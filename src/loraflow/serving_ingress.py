@@ -141,15 +141,15 @@ class LoraflowIngress(OpenAiIngress):
         body.model = self._route(body.model)
         if raw_request is not None:
             raw_request.state.loraflow_model = body.model
-        for attempt in (1, 2):
-            lost_race = False
+        try:
             async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
-                if attempt == 1 and _lost_lora_load_race(response):
-                    lost_race = True  # nothing was sent yet: ask again, the adapter is loaded now
-                    break
                 yield response
-            if not lost_race:
-                return
+        except Exception as exc:  # noqa: BLE001 - only the one known race is retried, the rest re-raised
+            if not _lost_lora_load_race(exc):
+                raise
+            # The load that failed happened before anything was answered; the adapter is loaded now.
+            async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+                yield response
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         return _label(await super().chat(body, request), request)
@@ -177,12 +177,12 @@ class LoraflowIngress(OpenAiIngress):
                 "registry": dict(self._registry)}
 
 
-def _lost_lora_load_race(response) -> bool:
-    """Ray Serve LLM 2.60 can start loading an adapter twice when its first requests on a replica
-    arrive together; vLLM refuses the second load ("has already been loaded"), and that request
-    would fail with a 500 although the adapter is ready (1-3 requests in 1,000 in the serve tests)."""
-    message = str(getattr(getattr(response, "error", None), "message", ""))
-    return type(response).__name__ == "ErrorResponse" and "has already been loaded" in message
+def _lost_lora_load_race(exc: Exception) -> bool:
+    """Ray Serve LLM 2.60's `resolve_lora` checks whether an adapter is loaded, then awaits the
+    load, with no lock: when the first requests for an adapter reach a replica together, each
+    starts a load and vLLM refuses all but one ("has already been loaded"), failing those requests
+    with a 500 although the adapter is ready (3 requests in 1,000 in the serve tests)."""
+    return "has already been loaded" in str(exc)
 
 
 def _label(response: Response, request: Request) -> Response:
