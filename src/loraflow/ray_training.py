@@ -180,7 +180,7 @@ def _draw_progress(board, stop: threading.Event) -> None:
         while True:
             stopping = stop.wait(1.0)
             state = ray.get(board.get.remote())
-            if state == shown and not console.live():
+            if state == shown and not console.live() and not stopping:
                 continue  # in a log file, a line per change rather than per second
             shown = dict(state)
             bar.total = state["total"] or bar.total
