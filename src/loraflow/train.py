@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str | None = None):
     import mlflow
 
+    tracking.configure()
     if resume:
-        tracking.configure()
         cfg, config_path = _config_of_run(resume), f"runs:/{resume}/{_CONFIG_ARTIFACT}"
     else:
         cfg = train_config.load(config_path, overrides)
@@ -68,7 +68,6 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
     if "://" not in cfg.ray.ray_storage_path:
         cfg.ray.ray_storage_path = str(Path(cfg.ray.ray_storage_path).expanduser().resolve())
     data = _check_data(lf_args)
-    tracking.configure()
 
     with mlflow.start_run() as run:  # resumes the run `mlflow run` created (MLFLOW_RUN_ID)
         try:
@@ -90,7 +89,7 @@ def _config_of_run(run_id: str) -> train_config.TrainConfig:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/{_CONFIG_ARTIFACT}")
     except MlflowException:
         raise UserError(f"resume={run_id}: there is no training run with that id and a logged config in "
-                        f"{tracking.configure()}.") from None
+                        f"{mlflow.get_tracking_uri()}.") from None
     if run.info.status == "FINISHED":
         registered = run.data.tags.get("registered_version", "see its run")
         raise UserError(f"resume={run_id}: that training finished ({registered}); there is nothing to "
