@@ -1,0 +1,311 @@
+"""What loraflow's wrapping costs on top of the engines it drives, measured side by side in one run.
+
+On the small model of the embedded default, on this machine's CPUs:
+- train:    `mlflow run . -e train` vs bare `llamafactory-cli train` on the same LLaMA-Factory
+            arguments (wall clock of each command, start to exit);
+- evaluate: `mlflow run . -e evaluate` (Ray Data LLM) vs a bare vLLM `LLM.chat` over the same rows,
+            the same adapter and the same sampling (rows per second of wall clock, engine start in);
+- serve:    `mlflow run . -e serve` (Ray Serve LLM) vs a bare vLLM OpenAI server of the same model
+            and adapter: latency p50/p99 and throughput at 1, 8 and 32 concurrent clients.
+The two sides of each part run one after the other, alternating order on repeats, and nothing
+else should run meanwhile. Run it in the train environment after ./setup.sh:
+
+    .venvs/train/bin/python benchmarks/cpu_overhead.py --out cpu_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+VENVS = ROOT / ".venvs"
+BASE_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
+TRAIN_CONFIG = ROOT / "configs" / "train" / "default.yaml"
+TRAIN_OVERRIDES = {"max_samples": 48}  # 12 optimizer steps: a bit over 100 s of training here
+EVAL_ROWS = 64
+CLIENTS = (1, 8, 32)
+REQUESTS_PER_LEVEL = {1: 24, 8: 64, 32: 128}
+MAX_TOKENS = 32
+
+
+def run_timed(command: list[str], env: dict, log) -> float:
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:6])} ... failed (exit {done.returncode}); see the log")
+    return time.monotonic() - started
+
+
+def alternate(repeats: int, first, second) -> None:
+    """Runs the two sides `repeats` times, swapping which goes first, so drift hits both alike."""
+    for i in range(repeats):
+        for side in ((first, second) if i % 2 == 0 else (second, first)):
+            side()
+
+
+def bench_train(work: Path, env: dict, log, repeats: int) -> dict:
+    from loraflow import train_config
+
+    cfg = train_config.load(TRAIN_CONFIG, TRAIN_OVERRIDES)
+    bare_args = dict(cfg.llamafactory)
+    bare_args.update(model_name_or_path=str(BASE_MODEL), dataset_dir=str(ROOT / "data" / "viggo"),
+                     output_dir=str(work / "bare-train"), overwrite_output_dir=True, report_to="none")
+    bare_yaml = work / "bare-train.yaml"
+    bare_yaml.write_text(yaml.safe_dump(bare_args))
+    project = [str(VENVS / "train/bin/mlflow"), "run", ".", "-e", "train", "--env-manager", "local",
+               "-P", f"config={TRAIN_CONFIG}", "-P", f"overrides={json.dumps(TRAIN_OVERRIDES)}"]
+    bare = [str(VENVS / "train/bin/llamafactory-cli"), "train", str(bare_yaml)]
+    times = {"project": [], "bare": []}
+    alternate(repeats, lambda: times["project"].append(run_timed(project, env, log)),
+              lambda: times["bare"].append(run_timed(bare, env, log)))
+    return _ratio(times, higher_is_better=False)
+
+
+def bench_evaluate(work: Path, env: dict, log, repeats: int, version: str) -> dict:
+    from loraflow import evaluate as project_evaluate
+
+    config = project_evaluate.load_config(str(ROOT / "configs" / "evaluate" / "default.yaml"))
+    config.update(max_rows=EVAL_ROWS, baseline=False, guided_decoding=False)  # one pass: the adapter
+    config_path = work / "eval.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    adapter = _download_adapter(version, work / "adapter")
+    project = [str(VENVS / "train/bin/mlflow"), "run", ".", "-e", "evaluate", "--env-manager", "local",
+               "-P", f"model=models:/{_model_name()}/{version}", "-P", f"config={config_path}"]
+    bare = [str(VENVS / "infer/bin/python"), __file__, "--bare-evaluate", str(adapter), "--config", str(config_path)]
+    times = {"project": [], "bare": []}
+    alternate(repeats, lambda: times["project"].append(run_timed(project, env, log)),
+              lambda: times["bare"].append(run_timed(bare, env, log)))
+    rates = {side: [EVAL_ROWS / s for s in seconds] for side, seconds in times.items()}
+    return {**_ratio(rates, higher_is_better=True), "rows": EVAL_ROWS, "seconds": times}
+
+
+def bare_evaluate(adapter: str, config_path: str) -> None:
+    """The same rows, engine settings and sampling as the project's evaluate, straight into vLLM."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    config = yaml.safe_load(Path(config_path).read_text())
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # what the project's engines get
+    lines = (ROOT / config["dataset_dir"] / "test.jsonl").read_text().splitlines()[: config["max_rows"]]
+    rows = [json.loads(line) for line in lines]
+    llm = LLM(model=str(BASE_MODEL), enable_lora=True, max_loras=1, **config["engine"])
+    outputs = llm.chat([[{"role": "user", "content": f"{r['instruction']}\n{r['input']}"}] for r in rows],
+                       SamplingParams(**config["sampling"]), lora_request=LoRARequest("adapter", 1, adapter))
+    assert len(outputs) == len(rows)
+
+
+def bench_serve(work: Path, env: dict, log, version: str) -> dict:
+    serve_config = yaml.safe_load((ROOT / "configs" / "serve" / "default.yaml").read_text())
+    engine = serve_config["llm_config"]["engine_kwargs"]
+    adapter = _download_adapter(version, work / "adapter")
+    project_port, bare_port = _free_port(), _free_port()
+    serve_config["port"] = project_port
+    config_path = work / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(serve_config))
+    servers = {
+        "project": [str(VENVS / "train/bin/mlflow"), "run", ".", "-e", "serve", "--env-manager", "local",
+                    "-P", f"name={_model_name()}", "-P", f"version={version}", "-P", f"config={config_path}"],
+        "bare": [str(VENVS / "infer/bin/python"), "-m", "vllm.entrypoints.openai.api_server",
+                 "--host", "127.0.0.1", "--port", str(bare_port), "--model", str(BASE_MODEL),
+                 "--enable-lora", "--lora-modules", f"adapter={adapter}", "--dtype", engine["dtype"],
+                 "--max-model-len", str(engine["max_model_len"]), "--max-lora-rank", str(engine["max_lora_rank"]),
+                 "--max-loras", str(engine["max_loras"]), "--enforce-eager",
+                 "--gpu-memory-utilization", str(engine["gpu_memory_utilization"])],
+    }
+    ports = {"project": project_port, "bare": bare_port}
+    prompts = [f"{r['instruction']}\n{r['input']}" for r in _test_rows(max(REQUESTS_PER_LEVEL.values()))]
+    results = {}
+    for side, command in servers.items():
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            model = _wait_for_adapter(ports[side], server)
+            results[side] = {c: _load(ports[side], model, prompts, c, REQUESTS_PER_LEVEL[c]) for c in CLIENTS}
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # gone already if it failed to start
+                os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=120)
+    return {
+        str(c): {
+            "project": results["project"][c], "bare": results["bare"][c],
+            "p50_ratio": results["project"][c]["p50_s"] / results["bare"][c]["p50_s"],
+            "p99_ratio": results["project"][c]["p99_s"] / results["bare"][c]["p99_s"],
+            "throughput_ratio": results["project"][c]["requests_per_s"] / results["bare"][c]["requests_per_s"],
+        }
+        for c in CLIENTS
+    }
+
+
+def _wait_for_adapter(port: int, server: subprocess.Popen) -> str:
+    """The served adapter's model id, once the server answers (Ray Serve takes a minute or two)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"server on port {port} exited ({server.returncode}); see the log")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as answer:
+                ids = [m["id"] for m in json.load(answer)["data"]]
+            adapter = [i for i in ids if i == "adapter" or i.endswith(":production") or "-v" in i]
+            if adapter:
+                return adapter[0]
+        except OSError:
+            pass
+        time.sleep(2)
+    raise SystemExit(f"server on port {port} did not come up in 10 minutes; see the log")
+
+
+def _load(port: int, model: str, prompts: list[str], clients: int, requests: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300)
+    latencies: list[float] = []
+    tokens = 0
+
+    async def ask(prompt: str) -> None:
+        nonlocal tokens
+        started = time.monotonic()
+        answer = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS, temperature=0)
+        latencies.append(time.monotonic() - started)
+        tokens += answer.usage.completion_tokens
+
+    async def one_client(mine: list[str]) -> None:
+        for prompt in mine:
+            await ask(prompt)
+
+    async def main() -> float:
+        await ask(prompts[0])  # warm-up: first request loads the adapter
+        latencies.clear()
+        started = time.monotonic()
+        await asyncio.gather(*(one_client(prompts[i:requests:clients]) for i in range(clients)))
+        return time.monotonic() - started
+
+    seconds = asyncio.run(main())
+    tokens_total = tokens
+    ordered = sorted(latencies)
+    return {
+        "requests": len(latencies), "seconds": seconds,
+        "p50_s": statistics.median(ordered), "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "requests_per_s": len(latencies) / seconds, "completion_tokens_per_s": tokens_total / seconds,
+    }
+
+
+def _ratio(values: dict[str, list[float]], higher_is_better: bool) -> dict:
+    project, bare = statistics.median(values["project"]), statistics.median(values["bare"])
+    return {"project": values["project"], "bare": values["bare"], "ratio": project / bare,
+            "better_when": "higher" if higher_is_better else "lower"}
+
+
+def _model_name() -> str:
+    from loraflow import train_config
+
+    return train_config.load(TRAIN_CONFIG, TRAIN_OVERRIDES).registered_model_name
+
+
+def _latest_version() -> str:
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name='{_model_name()}'")
+    return str(max(int(v.version) for v in versions))
+
+
+def _download_adapter(version: str, dest: Path) -> Path:
+    from mlflow import MlflowClient
+
+    from loraflow import registry
+
+    source = MlflowClient().get_model_version(_model_name(), version).source
+    if dest not in _downloaded:
+        _downloaded[dest] = registry.download_adapter(source, str(dest), f"{_model_name()} v{version}")
+    return _downloaded[dest]
+
+
+_downloaded: dict[Path, Path] = {}
+
+
+def _test_rows(count: int) -> list[dict]:
+    lines = (ROOT / "data" / "viggo" / "test.jsonl").read_text().splitlines()[:count]
+    return [json.loads(line) for line in lines]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def print_table(report: dict) -> None:
+    if "train" in report:
+        t = report["train"]
+        print(f"train: project {statistics.median(t['project']):.1f} s, bare {statistics.median(t['bare']):.1f} s, "
+              f"ratio {t['ratio']:.3f}x (target <= 1.05)")
+    if "evaluate" in report:
+        e = report["evaluate"]
+        print(f"evaluate ({e['rows']} rows): project {statistics.median(e['project']):.3f} rows/s, bare "
+              f"{statistics.median(e['bare']):.3f} rows/s, ratio {e['ratio']:.3f}x (target >= 0.9)")
+    if "serve" in report:
+        print("| clients | p50 project/bare s | p50 ratio | p99 project/bare s | p99 ratio | req/s project/bare "
+              "| ratio |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for c, s in report["serve"].items():
+            p, b = s["project"], s["bare"]
+            print(f"| {c} | {p['p50_s']:.2f} / {b['p50_s']:.2f} | {s['p50_ratio']:.2f} | {p['p99_s']:.2f} / "
+                  f"{b['p99_s']:.2f} | {s['p99_ratio']:.2f} | {p['requests_per_s']:.2f} / {b['requests_per_s']:.2f} "
+                  f"| {s['throughput_ratio']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="train,evaluate,serve")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side of train and evaluate")
+    parser.add_argument("--version", help="registered version to evaluate and serve (default: the one trained here)")
+    parser.add_argument("--out", type=Path, default=Path("cpu_overhead.json"))
+    parser.add_argument("--log", type=Path, default=Path("cpu_overhead.log"))
+    parser.add_argument("--bare-evaluate", metavar="ADAPTER", help=argparse.SUPPRESS)  # internal
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.bare_evaluate:
+        bare_evaluate(opts.bare_evaluate, opts.config)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
+    env = {k: v for k, v in os.environ.items() if k not in ("LORAFLOW_API_KEY", "LORAFLOW_VERBOSE")}
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    parts = opts.parts.split(",")
+    report = {"machine": f"{os.cpu_count()} CPUs", "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+    with open(opts.log, "a") as log:
+        if "train" in parts:
+            report["train"] = bench_train(work, env, log, opts.repeats)
+            opts.out.write_text(json.dumps(report, indent=1))
+        version = opts.version or _latest_version()
+        if "evaluate" in parts:
+            report["evaluate"] = bench_evaluate(work, env, log, opts.repeats, version)
+            opts.out.write_text(json.dumps(report, indent=1))
+        if "serve" in parts:
+            report["serve"] = bench_serve(work, env, log, version)
+            opts.out.write_text(json.dumps(report, indent=1))
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()
