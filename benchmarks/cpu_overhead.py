@@ -195,7 +195,9 @@ def _load(port: int, model: str, prompts: list[str], clients: int, requests: int
         latencies.clear()
         started = time.monotonic()
         await asyncio.gather(*(one_client(prompts[i:requests:clients]) for i in range(clients)))
-        return time.monotonic() - started
+        seconds = time.monotonic() - started
+        await client.close()  # inside the loop: closing it after asyncio.run ends raises
+        return seconds
 
     seconds = asyncio.run(main())
     tokens_total = tokens
