@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -101,10 +102,11 @@ def bare_evaluate(adapter: str, config_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    from loraflow import evaluate as project_evaluate
+
     config = yaml.safe_load(Path(config_path).read_text())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # what the project's engines get
-    lines = (ROOT / config["dataset_dir"] / "test.jsonl").read_text().splitlines()[: config["max_rows"]]
-    rows = [json.loads(line) for line in lines]
+    rows = project_evaluate._test_rows(config)  # the project's own choice of rows, so they are the same
     llm = LLM(model=str(BASE_MODEL), enable_lora=True, max_loras=1, **config["engine"])
     outputs = llm.chat([[{"role": "user", "content": f"{r['instruction']}\n{r['input']}"}] for r in rows],
                        SamplingParams(**config["sampling"]), lora_request=LoRARequest("adapter", 1, adapter))
@@ -215,6 +217,7 @@ def _ratio(values: dict[str, list[float]], higher_is_better: bool) -> dict:
             "better_when": "higher" if higher_is_better else "lower"}
 
 
+@functools.cache
 def _model_name() -> str:
     from loraflow import train_config
 
@@ -233,8 +236,8 @@ def _download_adapter(version: str, dest: Path) -> Path:
 
     from loraflow import registry
 
-    source = MlflowClient().get_model_version(_model_name(), version).source
     if dest not in _downloaded:
+        source = MlflowClient().get_model_version(_model_name(), version).source
         _downloaded[dest] = registry.download_adapter(source, str(dest), f"{_model_name()} v{version}")
     return _downloaded[dest]
 
