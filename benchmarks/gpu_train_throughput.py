@@ -43,6 +43,8 @@ SEED = {
     "enable_liger_kernel": False,
     "packing": False,
     "neat_packing": False,
+    "torch_compile": False,
+    "ray_worker_env": {},
 }
 VARIANTS = {  # name: (parent, changes)
     "seed": (None, SEED),
@@ -52,11 +54,23 @@ VARIANTS = {  # name: (parent, changes)
     # One packed row of cutoff_len (2,048) tokens holds about as many ViGGO samples as batch8's
     # step, so the optimizer takes about as many steps of about as many samples.
     "packing": ("liger", {"neat_packing": True, "per_device_train_batch_size": 1}),
-    "group_by_length": ("no_recompute", {"group_by_length": True}),
     "batch16": ("no_recompute", {"per_device_train_batch_size": 16}),
     "compile": ("no_recompute", {"torch_compile": True}),
     # Packed rows all have cutoff_len tokens: one shape, so torch.compile should compile once.
     "packing_compile": ("compile", {"neat_packing": True, "per_device_train_batch_size": 1}),
+    # Accelerate's switches for the compile that the Trainer asks it for: one compiled decoder layer
+    # reused by all 28 (compiles in a fraction of the time), and shapes marked dynamic from the
+    # start (no recompile per padded batch length).
+    "compile_regional": ("compile", {"ray_worker_env": {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}}),
+    "compile_regional_dynamic": ("compile_regional", {"ray_worker_env": {
+        "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1", "ACCELERATE_DYNAMO_USE_DYNAMIC": "1"}}),
+    # Packing without neat_packing: rows of cutoff_len tokens under the plain causal mask, so SDPA
+    # keeps its fused causal kernel and no step computes padding (samples in a row see each other).
+    "plain_packing_compile_regional": ("compile_regional", {"packing": True, "per_device_train_batch_size": 1}),
+    "plain_packing": ("no_recompute", {"packing": True, "per_device_train_batch_size": 1}),
+    "plain_packing_compile_regional_liger": ("plain_packing_compile_regional", {"enable_liger_kernel": True}),
+    "plain_packing_compile_regional_autotune": ("plain_packing_compile_regional",
+                                                {"torch_compile_mode": "max-autotune-no-cudagraphs"}),
 }
 
 
@@ -113,6 +127,14 @@ def matmul_params(config: dict) -> int:
     return layers * per_layer + h * config["vocab_size"]
 
 
+def real_tokens(dataset) -> int:
+    """Tokens of the samples themselves. Packed rows are padded to cutoff_len, and plain packing
+    marks that padding as attended (mask 1), but its positions are all 0 after the last sample."""
+    if "position_ids" not in dataset.column_names:
+        return sum(sum(1 for m in mask if m) for mask in dataset["attention_mask"])
+    return sum(max(i for i, p in enumerate(positions) if p) + 1 for positions in dataset["position_ids"])
+
+
 def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> None:
     import torch
     from llamafactory.train.tuner import run_exp
@@ -121,6 +143,8 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
     from loraflow import train_config
 
     cfg = train_config.load(SHIPPED_CONFIG, variant_settings(name))
+    os.environ.update(cfg.ray.ray_worker_env)  # as ray_training gives it to each worker (accelerate
+    # reads its compile switches when the Trainer builds its Accelerator)
     args = dict(cfg.llamafactory)
     args.pop("eval_dataset", None)
     args.update(
@@ -138,8 +162,7 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-            # Real tokens only: packed rows are padded to cutoff_len, and the mask marks the padding.
-            self.tokens = sum(sum(1 for m in mask if m) for mask in train_dataloader.dataset["attention_mask"])
+            self.tokens = real_tokens(train_dataloader.dataset)
             self.rows = len(train_dataloader.dataset)
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -152,6 +175,8 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
                     self.end = time.perf_counter()
 
         def on_train_end(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # under torchrun, rank 0 reports for all
+                return
             window = (state.max_steps - WARMUP_STEPS) / state.max_steps  # share of the epoch timed
             seconds = self.end - self.start
             losses = [e["loss"] for e in state.log_history if "loss" in e]

@@ -25,9 +25,12 @@ def test_seed_gpu_config_matches_the_tutorial():
     assert lf["model_name_or_path"].endswith("Qwen2.5-7B-Instruct")
     assert (lf["lora_rank"], lf["lora_target"], lf["template"]) == (8, "all", "qwen")
     assert (lf["cutoff_len"], lf["max_samples"], lf["learning_rate"]) == (2048, 1000, 1e-4)
-    # Tuned on one H100 (docs/benchmarks.md): the seed's 8 samples per step per worker in one batch.
-    assert (lf["per_device_train_batch_size"], lf["gradient_accumulation_steps"]) == (8, 1)
+    # Tuned on one H100 (docs/benchmarks.md): packed rows (about the seed's 8 samples per step per
+    # worker), no recomputation, regional torch.compile.
+    assert (lf["per_device_train_batch_size"], lf["gradient_accumulation_steps"]) == (1, 1)
+    assert lf["packing"] is True and lf["torch_compile"] is True
     assert lf["disable_gradient_checkpointing"] is True
+    assert cfg.ray.ray_worker_env == {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}
     assert (lf["num_train_epochs"], lf["lr_scheduler_type"], lf["warmup_ratio"]) == (5.0, "cosine", 0.1)
     assert lf["bf16"] is True and lf["eval_dataset"] == "viggo-val"
     assert cfg.ray.ray_num_workers == 4 and cfg.ray.resources_per_worker["GPU"] == 1
@@ -66,6 +69,13 @@ def test_yaml_exponent_strings_become_numbers(tmp_path):
 def test_bad_resources_per_worker(tmp_path):
     with pytest.raises(UserError, match="resources_per_worker"):
         train_config.load(_write(tmp_path, resources_per_worker={"CPU": -1}))
+
+
+def test_worker_env_values_must_be_strings(tmp_path):
+    with pytest.raises(UserError, match=r"ray_worker_env must map variable names to strings.*OMP_NUM_THREADS"):
+        train_config.load(_write(tmp_path, ray_worker_env={"OMP_NUM_THREADS": 4}))
+    cfg = train_config.load(_write(tmp_path, ray_worker_env={"OMP_NUM_THREADS": "4"}))
+    assert cfg.ray.ray_worker_env == {"OMP_NUM_THREADS": "4"}
 
 
 def test_overrides_are_a_yaml_mapping():

@@ -33,6 +33,8 @@ class RaySettings:
     resources_per_worker: dict = field(default_factory=lambda: {"CPU": 1})
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     ray_max_failures: int = 0
+    # Environment variables of every training worker, e.g. switches read by accelerate or NCCL.
+    ray_worker_env: dict = field(default_factory=dict)
 
     @property
     def uses_gpu(self) -> bool:
@@ -117,6 +119,10 @@ def _check_ray_settings(ray: RaySettings, source: str) -> None:
         raise UserError(f"{source}: ray_num_workers must be at least 1, got {ray.ray_num_workers}.")
     if ray.ray_max_failures < -1:
         raise UserError(f"{source}: ray_max_failures must be -1 (retry forever) or >= 0.")
+    bad_env = {k: v for k, v in ray.ray_worker_env.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad_env:
+        raise UserError(f"{source}: ray_worker_env must map variable names to strings (quote numbers, "
+                        f"e.g. {{NCCL_DEBUG: \"INFO\", OMP_NUM_THREADS: \"4\"}}); got {bad_env!r}.")
     bad = {k: v for k, v in ray.resources_per_worker.items() if not _is_number(v) or v < 0}
     if bad or not ray.resources_per_worker:
         raise UserError(
