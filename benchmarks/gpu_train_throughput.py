@@ -71,6 +71,11 @@ VARIANTS = {  # name: (parent, changes)
     "plain_packing_compile_regional_liger": ("plain_packing_compile_regional", {"enable_liger_kernel": True}),
     "plain_packing_compile_regional_autotune": ("plain_packing_compile_regional",
                                                 {"torch_compile_mode": "max-autotune-no-cudagraphs"}),
+    # On top of the shipped config.
+    "pure_bf16": ("shipped", {"pure_bf16": True}),  # no autocast; LoRA weights in bf16 too
+    "fused_adamw": ("shipped", {"optim": "adamw_torch_fused"}),
+    "cudagraphs": ("shipped", {"torch_compile_mode": "reduce-overhead"}),
+    "two_rows": ("shipped", {"per_device_train_batch_size": 2}),  # about 14 samples a step
 }
 
 
