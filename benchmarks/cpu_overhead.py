@@ -136,7 +136,7 @@ def bare_evaluate(adapter: str, config_path: str) -> None:
     assert len(outputs) == len(rows)
 
 
-def bench_serve(work: Path, env: dict, log, version: str, save) -> dict:
+def bench_serve(work: Path, env: dict, log, version: str, save, order: list[str]) -> dict:
     """Ratios per client count; `save(partial)` is called after every level, since the whole part
     takes about 25 minutes on 2 cores."""
     serve_config = yaml.safe_load((ROOT / "configs" / "serve" / "default.yaml").read_text())
@@ -159,7 +159,8 @@ def bench_serve(work: Path, env: dict, log, version: str, save) -> dict:
     ports = {"project": project_port, "bare": bare_port}
     prompts = [f"{r['instruction']}\n{r['input']}" for r in _test_rows(max(REQUESTS_PER_LEVEL.values()))]
     results: dict[str, dict] = {}
-    for side, command in servers.items():
+    for side in order:
+        command = servers[side]
         started = time.monotonic()
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
@@ -174,6 +175,7 @@ def bench_serve(work: Path, env: dict, log, version: str, save) -> dict:
                 os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=120)
     return {
+        "order": order,
         "startup_s": {side: results[side]["startup_s"] for side in servers},
         **{str(c): {
             "project": results["project"][c], "bare": results["bare"][c],
@@ -304,7 +306,7 @@ def print_table(report: dict) -> None:
               "| ratio |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for c, s in report["serve"].items():
-            if c == "startup_s":
+            if c in ("startup_s", "order"):
                 continue
             p, b = s["project"], s["bare"]
             print(f"| {c} | {p['p50_s']:.2f} / {b['p50_s']:.2f} | {s['p50_ratio']:.2f} | {p['p99_s']:.2f} / "
@@ -316,6 +318,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="train,evaluate,serve")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side of train and evaluate")
+    parser.add_argument("--serve-order", default="project,bare", help="which server is measured first")
     parser.add_argument("--train-samples", type=int, default=TRAIN_OVERRIDES["max_samples"],
                         help="max_samples of the training compared (4 per step, about 8 s a step here)")
     parser.add_argument("--version", help="registered version to evaluate and serve (default: the one trained here)")
@@ -347,7 +350,7 @@ def main() -> None:
             def save(partial: dict) -> None:
                 opts.out.write_text(json.dumps({**report, "serve": partial}, indent=1, default=str))
 
-            report["serve"] = bench_serve(work, env, log, version, save)
+            report["serve"] = bench_serve(work, env, log, version, save, opts.serve_order.split(","))
             opts.out.write_text(json.dumps(report, indent=1))
     print_table(report)
 
