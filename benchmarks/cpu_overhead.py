@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 VENVS = ROOT / ".venvs"
 BASE_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 TRAIN_CONFIG = ROOT / "configs" / "train" / "default.yaml"
-TRAIN_OVERRIDES = {"max_samples": 48}  # 12 optimizer steps: a bit over 100 s of training here (--train-samples)
+TRAIN_SAMPLES = 48  # 12 optimizer steps: a bit over 100 s of training here (--train-samples)
 EVAL_ROWS = 64
 CLIENTS = (1, 8, 32)
 REQUESTS_PER_LEVEL = {1: 24, 8: 64, 32: 128}
@@ -61,17 +61,18 @@ def alternate(repeats: int, first, second) -> None:
             side()
 
 
-def bench_train(work: Path, env: dict, log, repeats: int) -> dict:
+def bench_train(work: Path, env: dict, log, repeats: int, samples: int) -> dict:
     from loraflow import train_config
 
-    cfg = train_config.load(TRAIN_CONFIG, TRAIN_OVERRIDES)
+    overrides = {"max_samples": samples}
+    cfg = train_config.load(TRAIN_CONFIG, overrides)
     bare_args = dict(cfg.llamafactory)
     bare_args.update(model_name_or_path=str(BASE_MODEL), dataset_dir=str(ROOT / "data" / "viggo"),
                      output_dir=str(work / "bare-train"), overwrite_output_dir=True, report_to="none")
     bare_yaml = work / "bare-train.yaml"
     bare_yaml.write_text(yaml.safe_dump(bare_args))
     project = [str(VENVS / "train/bin/mlflow"), "run", ".", "-e", "train", "--env-manager", "local",
-               "-P", f"config={TRAIN_CONFIG}", "-P", f"overrides={json.dumps(TRAIN_OVERRIDES)}"]
+               "-P", f"config={TRAIN_CONFIG}", "-P", f"overrides={json.dumps(overrides)}"]
     bare = [str(VENVS / "train/bin/llamafactory-cli"), "train", str(bare_yaml)]
     times = {"project": [], "bare": []}
     # LLaMA-Factory's own train_runtime on each side: wall clock minus it is what each side spends
@@ -88,7 +89,7 @@ def bench_train(work: Path, env: dict, log, repeats: int) -> dict:
 
     alternate(repeats, run_project, run_bare)
     around = {side: [t - e for t, e in zip(times[side], engine[side])] for side in times}
-    return {**_ratio(times, higher_is_better=False), "overrides": dict(TRAIN_OVERRIDES), "train_runtime": engine,
+    return {**_ratio(times, higher_is_better=False), "overrides": overrides, "train_runtime": engine,
             "around_training_s": around}
 
 
@@ -253,7 +254,7 @@ def _ratio(values: dict[str, list[float]], higher_is_better: bool) -> dict:
 def _model_name() -> str:
     from loraflow import train_config
 
-    return train_config.load(TRAIN_CONFIG, TRAIN_OVERRIDES).registered_model_name
+    return train_config.load(TRAIN_CONFIG).registered_model_name
 
 
 def _latest_version() -> str:
@@ -319,7 +320,7 @@ def main() -> None:
     parser.add_argument("--parts", default="train,evaluate,serve")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side of train and evaluate")
     parser.add_argument("--serve-order", default="project,bare", help="which server is measured first")
-    parser.add_argument("--train-samples", type=int, default=TRAIN_OVERRIDES["max_samples"],
+    parser.add_argument("--train-samples", type=int, default=TRAIN_SAMPLES,
                         help="max_samples of the training compared (4 per step, about 8 s a step here)")
     parser.add_argument("--version", help="registered version to evaluate and serve (default: the one trained here)")
     parser.add_argument("--out", type=Path, default=Path("cpu_overhead.json"))
@@ -327,7 +328,6 @@ def main() -> None:
     parser.add_argument("--bare-evaluate", metavar="ADAPTER", help=argparse.SUPPRESS)  # internal
     parser.add_argument("--config", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    TRAIN_OVERRIDES["max_samples"] = opts.train_samples
     if opts.bare_evaluate:
         bare_evaluate(opts.bare_evaluate, opts.config)
         return
@@ -340,7 +340,7 @@ def main() -> None:
     report = {"machine": f"{os.cpu_count()} CPUs", "tracking_uri": env["MLFLOW_TRACKING_URI"]}
     with open(opts.log, "a") as log:
         if "train" in parts:
-            report["train"] = bench_train(work, env, log, opts.repeats)
+            report["train"] = bench_train(work, env, log, opts.repeats, opts.train_samples)
             opts.out.write_text(json.dumps(report, indent=1))
         version = opts.version or _latest_version()
         if "evaluate" in parts:

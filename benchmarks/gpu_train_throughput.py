@@ -148,8 +148,8 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
     from loraflow import train_config
 
     cfg = train_config.load(SHIPPED_CONFIG, variant_settings(name))
-    os.environ.update(cfg.ray.ray_worker_env)  # as ray_training gives it to each worker (accelerate
-    # reads its compile switches when the Trainer builds its Accelerator)
+    # As ray_training gives it to each worker: accelerate reads its compile switches from there.
+    os.environ.update(cfg.ray.ray_worker_env)
     args = dict(cfg.llamafactory)
     args.pop("eval_dataset", None)
     args.update(
