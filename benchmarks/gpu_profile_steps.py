@@ -8,14 +8,12 @@ time. Comparing the sum of kernel time with the step time shows how long the GPU
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_train_throughput as bench  # noqa: E402  (sets up the path to loraflow too)
+import gpu_train_throughput as bench  # noqa: E402
 
 FIRST, LAST = 10, 13  # profile the steps after FIRST up to LAST: past warm-up and compiling
 
@@ -30,15 +28,7 @@ def main() -> None:
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
 
-    from loraflow import train_config
-
-    cfg = train_config.load(bench.SHIPPED_CONFIG, bench.variant_settings(opts.variant))
-    os.environ.update(cfg.ray.ray_worker_env)
-    args = dict(cfg.llamafactory)
-    args.pop("eval_dataset", None)
-    args.update(model_name_or_path=str(opts.model), dataset_dir=str(bench.ROOT / "data" / "viggo"),
-                output_dir=tempfile.mkdtemp(prefix="profile-"), max_samples=200, num_train_epochs=1.0,
-                eval_strategy="no", save_strategy="no", report_to="none", plot_loss=False)
+    args = bench.training_args(opts.variant, opts.model, samples=200)
 
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):

@@ -157,15 +157,13 @@ def real_tokens(dataset) -> int:
     return sum(max(i for i, p in enumerate(positions) if p) + 1 for positions in dataset["position_ids"])
 
 
-def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> None:
-    import torch
-    from llamafactory.train.tuner import run_exp
-    from transformers import TrainerCallback
-
+def training_args(name: str, model_dir: Path, samples: int) -> dict:
+    """The variant's LLaMA-Factory arguments for one epoch on `samples`, evaluation, checkpoints
+    and tracking off; sets the environment the way ray_training gives it to each worker
+    (accelerate reads its compile switches from there)."""
     from loraflow import train_config
 
     cfg = train_config.load(SHIPPED_CONFIG, variant_settings(name))
-    # As ray_training gives it to each worker: accelerate reads its compile switches from there.
     os.environ.update(cfg.ray.ray_worker_env)
     args = dict(cfg.llamafactory)
     args.pop("eval_dataset", None)
@@ -179,8 +177,16 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
         save_strategy="no",
         report_to="none",
         plot_loss=False,
-        logging_steps=5,
     )
+    return args
+
+
+def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> None:
+    import torch
+    from llamafactory.train.tuner import run_exp
+    from transformers import TrainerCallback
+
+    args = {**training_args(name, model_dir, samples), "logging_steps": 5}
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
