@@ -40,7 +40,6 @@ VENVS = ROOT / ".venvs"
 BASE_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 TRAIN_CONFIG = ROOT / "configs" / "train" / "default.yaml"
 TRAIN_SAMPLES = 48  # 12 optimizer steps: a bit over 100 s of training here (--train-samples)
-EVAL_ROWS = 64
 CLIENTS = (1, 8, 32)
 REQUESTS_PER_LEVEL = {1: 24, 8: 64, 32: 128}
 MAX_TOKENS = 32
@@ -103,11 +102,12 @@ def _last_train_runtime() -> float:
     return run.data.metrics["train_runtime"]
 
 
-def bench_evaluate(work: Path, env: dict, log, repeats: int, version: str) -> dict:
+def bench_evaluate(work: Path, env: dict, log, repeats: int, version: str, rows: int | None) -> dict:
     from loraflow import evaluate as project_evaluate
 
     config = project_evaluate.load_config(str(ROOT / "configs" / "evaluate" / "default.yaml"))
-    config.update(max_rows=EVAL_ROWS, baseline=False, guided_decoding=False)  # one pass: the adapter
+    rows = rows or config["max_rows"]  # the default evaluation's rows unless told otherwise
+    config.update(max_rows=rows, baseline=False, guided_decoding=False)  # one pass: the adapter
     config_path = work / "eval.yaml"
     config_path.write_text(yaml.safe_dump(config))
     adapter = _download_adapter(version, work / "adapter")
@@ -117,8 +117,8 @@ def bench_evaluate(work: Path, env: dict, log, repeats: int, version: str) -> di
     times = {"project": [], "bare": []}
     alternate(repeats, lambda: times["project"].append(run_timed(project, env, log)),
               lambda: times["bare"].append(run_timed(bare, env, log)))
-    rates = {side: [EVAL_ROWS / s for s in seconds] for side, seconds in times.items()}
-    return {**_ratio(rates, higher_is_better=True), "rows": EVAL_ROWS, "seconds": times}
+    rates = {side: [rows / s for s in seconds] for side, seconds in times.items()}
+    return {**_ratio(rates, higher_is_better=True), "rows": rows, "seconds": times}
 
 
 def bare_evaluate(adapter: str, config_path: str) -> None:
@@ -322,6 +322,8 @@ def main() -> None:
     parser.add_argument("--serve-order", default="project,bare", help="which server is measured first")
     parser.add_argument("--train-samples", type=int, default=TRAIN_SAMPLES,
                         help="max_samples of the training compared (4 per step, about 8 s a step here)")
+    parser.add_argument("--eval-rows", type=int,
+                        help="test rows evaluated (default: max_rows of configs/evaluate/default.yaml)")
     parser.add_argument("--version", help="registered version to evaluate and serve (default: the one trained here)")
     parser.add_argument("--out", type=Path, default=Path("cpu_overhead.json"))
     parser.add_argument("--log", type=Path, default=Path("cpu_overhead.log"))
@@ -344,7 +346,7 @@ def main() -> None:
             opts.out.write_text(json.dumps(report, indent=1))
         version = opts.version or _latest_version()
         if "evaluate" in parts:
-            report["evaluate"] = bench_evaluate(work, env, log, opts.repeats, version)
+            report["evaluate"] = bench_evaluate(work, env, log, opts.repeats, version, opts.eval_rows)
             opts.out.write_text(json.dumps(report, indent=1))
         if "serve" in parts:
             def save(partial: dict) -> None:

@@ -153,8 +153,10 @@ def _generate(rows: list[dict], base_model: str, engine_adapter: tuple[str, str 
         # The default asks for a GPU per engine, which never comes on a CPU-only cluster.
         placement_group_config={"bundles": [bundle], "strategy": "PACK"} if bundle else None,
         chat_template_stage=light,
-        tokenize_stage=light,
-        detokenize_stage=light,
+        # vLLM tokenizes prompts and detokenizes outputs itself; separate stages would only add
+        # two more actor processes competing with the engine for the CPUs.
+        tokenize_stage=False,
+        detokenize_stage=False,
     )
     from evaluation import viggo
 
