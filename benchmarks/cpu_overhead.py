@@ -60,16 +60,20 @@ def alternate(repeats: int, first, second) -> None:
             side()
 
 
-def bench_train(work: Path, env: dict, log, repeats: int, samples: int) -> dict:
+def bare_train_args(samples: int, output_dir: str) -> dict:
+    """LLaMA-Factory's arguments for the default config with `samples` rows, run without the project."""
     from loraflow import train_config
 
+    args = dict(train_config.load(TRAIN_CONFIG, {"max_samples": samples}).llamafactory)
+    args.update(model_name_or_path=str(BASE_MODEL), dataset_dir=str(ROOT / "data" / "viggo"),
+                output_dir=output_dir, overwrite_output_dir=True, report_to="none")
+    return args
+
+
+def bench_train(work: Path, env: dict, log, repeats: int, samples: int) -> dict:
     overrides = {"max_samples": samples}
-    cfg = train_config.load(TRAIN_CONFIG, overrides)
-    bare_args = dict(cfg.llamafactory)
-    bare_args.update(model_name_or_path=str(BASE_MODEL), dataset_dir=str(ROOT / "data" / "viggo"),
-                     output_dir=str(work / "bare-train"), overwrite_output_dir=True, report_to="none")
     bare_yaml = work / "bare-train.yaml"
-    bare_yaml.write_text(yaml.safe_dump(bare_args))
+    bare_yaml.write_text(yaml.safe_dump(bare_train_args(samples, str(work / "bare-train"))))
     project = [str(VENVS / "train/bin/mlflow"), "run", ".", "-e", "train", "--env-manager", "local",
                "-P", f"config={TRAIN_CONFIG}", "-P", f"overrides={json.dumps(overrides)}"]
     bare = [str(VENVS / "train/bin/llamafactory-cli"), "train", str(bare_yaml)]

@@ -30,20 +30,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_overhead  # noqa: E402
 
 SETTINGS = ("bare", "process_group", "thread", "thread_tick", "ray_driver", "ray_task", "ray_train")
 
 
 def training_args(samples: int, output_dir: str) -> dict:
-    from loraflow import train_config
-
-    cfg = train_config.load(ROOT / "configs" / "train" / "default.yaml", {"max_samples": samples})
-    args = dict(cfg.llamafactory)
-    args.update(model_name_or_path=str(ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"),
-                dataset_dir=str(ROOT / "data" / "viggo"), output_dir=output_dir, overwrite_output_dir=True,
-                report_to="none", save_steps=10**6)
-    return args
+    # cpu_overhead's bare side, without checkpoints: only the steps are timed.
+    return {**cpu_overhead.bare_train_args(samples, output_dir), "save_steps": 10**6}
 
 
 def preemptions() -> int:

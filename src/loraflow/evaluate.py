@@ -77,8 +77,8 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
     try:
         adapter_dir = registry.download_adapter(ref.artifact_uri, str(workdir / "adapter"), ref.text)
         _check_adapter(adapter_dir, ref, config)
-        # Ray Data LLM runs pre/post-processing, chat template, tokenize and detokenize as separate
-        # tasks and actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
+        # Ray Data LLM runs pre/post-processing and the chat template as separate tasks and
+        # actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
         # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
         ray_cluster.connect(num_cpus=4)
         engine_adapter = _adapter_for_engines(ref, adapter_dir, config.get("lora_store"))
