@@ -214,33 +214,40 @@ def _wait_for_step(proc: subprocess.Popen, step: int) -> str:
     pytest.fail(f"training never reached step {step}")
 
 
-def _loss_steps(run_id: str, after_ms: int = 0) -> list[int]:
+def _loss_steps(run_id: str, after_ms: int = 0, until_ms: int | None = None) -> list[int]:
+    """Every logged step of the loss, in order, repeats included."""
     history = MlflowClient().get_metric_history(run_id, "loss")
-    return sorted(m.step for m in history if m.timestamp > after_ms)
+    return sorted(m.step for m in history if m.timestamp > after_ms and (until_ms is None or m.timestamp <= until_ms))
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tracking_uri, tmp_path):
     """SIGKILL the Ray Train worker mid-run: Ray Train restarts it (ray_max_failures: 1), it
-    continues from the last checkpoint, and the run stays one run with every step, one version."""
+    continues from the last committed checkpoint, and the run stays one run with every step, one
+    version. A checkpoint is committed before the next step runs, so once step 6 is logged the
+    checkpoint of step 4 is known to survive the kill."""
     proc = _start_train("--overrides", LONGER)
     run_id = _wait_for_step(proc, 6)
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     [pid] = [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
-    killed_at_ms = int(time.time() * 1000)
     os.kill(pid, signal.SIGKILL)
+    killed_at_ms = int(time.time() * 1000)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
 
     run = _only_run()
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
-    steps = _loss_steps(run_id)
-    assert set(steps) == set(range(1, 25))  # continuous: no step missing
-    resumed = _loss_steps(run_id, after_ms=killed_at_ms)
-    assert resumed and resumed[0] > 1 and resumed[-1] == 24  # from a checkpoint, not from the start
+    before = _loss_steps(run_id, until_ms=killed_at_ms)
+    after = _loss_steps(run_id, after_ms=killed_at_ms)
+    last = before[-1]
+    assert before == list(range(1, last + 1))  # nothing logged twice before the kill
+    # The worker continued from a checkpoint (every 4 steps): the last one committed before the
+    # kill, which is the one at or below the last logged step (at it only if it was committed).
+    resumed_from = int(run.data.tags["loraflow.resumed_from_step"])
+    assert resumed_from % 4 == 0 and (last - 1) // 4 * 4 <= resumed_from <= last
+    assert after == list(range(resumed_from + 1, 25))  # each step after the checkpoint once, to the end
     [version] = registered_versions()
     assert version.run_id == run_id
-    before = [m.step for m in MlflowClient().get_metric_history(run_id, "loss") if m.timestamp <= killed_at_ms]
-    print(f"worker killed after step {max(before)}, resumed from the checkpoint at step {resumed[0] - 1}")
+    print(f"worker killed after step {last}, resumed from the checkpoint at step {resumed_from}")
 
 
 def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, tmp_path):
@@ -260,8 +267,11 @@ def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, tmp_
     assert second.info.run_id != first and second.info.status == "FINISHED"
     assert second.data.tags["loraflow.resumed_from"] == first
     assert second.info.run_name.endswith("-resumed")
-    steps = _loss_steps(second.info.run_id)
-    assert steps[0] > 1 and steps[-1] == 24  # continued from a checkpoint of the first run
+    # continued from the first run's last committed checkpoint (step 10 was logged, so the one
+    # at step 8 at least), each later step once
+    resumed_from = int(second.data.tags["loraflow.resumed_from_step"])
+    assert resumed_from % 4 == 0 and resumed_from >= 8
+    assert _loss_steps(second.info.run_id) == list(range(resumed_from + 1, 25))
 
     again = run_train("--resume", second.info.run_id)  # a finished training is not resumed
     assert again.returncode == 2 and "there is nothing to continue" in again.stderr

@@ -10,6 +10,7 @@ driver as the last reported checkpoint, which also works when workers live on ot
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
@@ -25,6 +27,7 @@ from loraflow.errors import JobFailed, UserError
 from loraflow.train_config import RaySettings
 
 FINAL_MARKER = "loraflow_final.json"  # present only in the checkpoint that holds the finished adapter
+RESUMED_FROM_STEP_TAG = "loraflow.resumed_from_step"  # set when a restarted worker continues a run
 
 
 def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: dict[str, str]) -> Path:
@@ -81,7 +84,6 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from llamafactory.train.tuner import run_exp
     from ray.train import Checkpoint
-    from ray.train.huggingface.transformers import RayTrainReportCallback
 
     from loraflow.datasets import materialize
 
@@ -89,12 +91,13 @@ def _train_worker(config: dict[str, Any]) -> None:
     args = dict(config["lf_args"])
     args["dataset_dir"] = str(materialize(args["dataset_dir"]))
     resume = ray.train.get_checkpoint()
-    if resume is not None:  # a restarted worker continues from the last persisted checkpoint
+    if resume is not None:  # a restarted worker continues from the last committed checkpoint
         local = Path(tempfile.mkdtemp(prefix="loraflow-resume-"))
         resume.to_directory(str(local))
-        args["resume_from_checkpoint"] = str(local / RayTrainReportCallback.CHECKPOINT_NAME)
+        args["resume_from_checkpoint"] = str(local / _CommittedReportCallback.CHECKPOINT_NAME)
+        _record_resumed_step(Path(args["resume_from_checkpoint"]))
 
-    callbacks = [RayTrainReportCallback(), _RunKeepingMLflowCallback()]
+    callbacks = [_CommittedReportCallback(), _RunKeepingMLflowCallback()]
     if config["progress"] is not None:
         callbacks.append(_ProgressCallback(config["progress"]))
     run_exp(args, callbacks=callbacks)
@@ -111,6 +114,30 @@ def _train_worker(config: dict[str, Any]) -> None:
         _copy_outputs(Path(args["output_dir"]), Path(staging))
         (Path(staging) / FINAL_MARKER).write_text('{"finished": true}\n')
         ray.train.report({"finished": 1}, checkpoint=Checkpoint.from_directory(staging))
+
+
+class _CommittedReportCallback(RayTrainReportCallback):
+    """Ray Train's report callback, then a wait until the controller has committed the
+    checkpoint. A report only queues the checkpoint; the controller takes it on its next poll
+    (every 2 s), so a worker killed in between restarted from an older checkpoint, or from
+    step 0. Waiting here makes every later step's log a promise that this checkpoint counts."""
+
+    def on_save(self, args, state, control, **kwargs):
+        super().on_save(args, state, control, **kwargs)
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def _record_resumed_step(checkpoint: Path) -> None:
+    """Tag the run with the step a restarted worker continues from (rank 0 only)."""
+    import ray.train
+    from mlflow import MlflowClient
+
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], RESUMED_FROM_STEP_TAG, str(state["global_step"]))
 
 
 class _RunKeepingMLflowCallback(MLflowCallback):
