@@ -2,6 +2,8 @@
 
 The same short LLaMA-Factory training (the default config, --samples rows, no checkpoints) runs
 in each setting below, each in a fresh process, one after the other:
+  peft_loop      no Trainer: a plain PEFT loop (forward, backward, AdamW) under the config's
+                 autocast, over the batches LLaMA-Factory's own data pipeline and collator make
   bare           run_exp in a plain process's main thread (what `llamafactory-cli train` does)
   process_group  + a gloo process group of world size 1, as Ray Train sets up (DDP mode)
   thread         run_exp in a second thread, as Ray Train runs the training function
@@ -9,8 +11,11 @@ in each setting below, each in a fresh process, one after the other:
   ray_driver     a local Ray instance started, training in the driver
   ray_task       training inside a plain Ray task of 2 CPUs
   ray_train      training inside a Ray Train TorchTrainer worker (what `mlflow run . -e train` does)
-For each: the mean step time after the first two steps, and how often the training process was
-preempted in the loop (involuntary context switches per second over all its threads). Run it in
+  train_job      `mlflow run . -e train` itself on the default config (checkpoints, MLflow logging
+                 and all), its step times read from the loss's timestamps in a fresh MLflow store
+For each: the mean step time after the first two steps, the padded tokens a step, and how often
+the training process was preempted in the loop (involuntary context switches per second over
+all its threads; not known for train_job). Run it in
 the train environment after ./setup.sh, with nothing else running:
 
     .venvs/train/bin/python benchmarks/train_step_overhead.py --out steps.json
@@ -33,12 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_overhead  # noqa: E402
 
-SETTINGS = ("bare", "process_group", "thread", "thread_tick", "ray_driver", "ray_task", "ray_train")
+SETTINGS = ("peft_loop", "bare", "process_group", "thread", "thread_tick", "ray_driver", "ray_task", "ray_train",
+            "train_job")
 
 
 def training_args(samples: int, output_dir: str) -> dict:
-    # cpu_overhead's bare side, without checkpoints: only the steps are timed.
-    return {**cpu_overhead.bare_train_args(samples, output_dir), "save_steps": 10**6}
+    # cpu_overhead's bare side, without checkpoints: only the steps are timed; padded tokens counted.
+    return {**cpu_overhead.bare_train_args(samples, output_dir), "save_steps": 10**6,
+            "include_num_input_tokens_seen": "all"}
 
 
 def preemptions() -> int:
@@ -67,15 +74,80 @@ def train(config: dict) -> None:
             self.last = now
 
         def on_train_end(self, args, state, control, **kwargs):
-            seconds = time.perf_counter() - self.began
-            ray_processes = sum(1 for pid in os.listdir("/proc") if pid.isdigit() and _is_ray_worker(pid))
-            Path(config["result"]).write_text(json.dumps({
-                "step_s": self.steps, "mean_step_s_after_2": statistics.mean(self.steps[2:]),
-                "preemptions_per_s": (preemptions() - self.switches) / seconds,
-                "ray_worker_processes": ray_processes, "parallel_mode": str(args.parallel_mode),
-            }))
+            write_result(config["result"], self.steps, state.num_input_tokens_seen, self.began, self.switches,
+                         parallel_mode=str(args.parallel_mode))
 
     run_exp(config["args"], callbacks=[StepClock()])
+
+
+def write_result(path: str, steps: list[float], tokens: int, began: float, switches: int, **extra) -> None:
+    seconds = time.perf_counter() - began
+    ray_processes = sum(1 for pid in os.listdir("/proc") if pid.isdigit() and _is_ray_worker(pid))
+    Path(path).write_text(json.dumps({
+        "step_s": steps, "mean_step_s_after_2": statistics.mean(steps[2:]), "tokens_per_step": tokens / len(steps),
+        "preemptions_per_s": (preemptions() - switches) / seconds, "ray_worker_processes": ray_processes, **extra,
+    }))
+
+
+def peft_loop(config: dict) -> None:
+    """The floor a Trainer step is held against: LLaMA-Factory builds the model (with its LoRA
+    adapter), the tokenized dataset and the collator exactly as for training; then a plain loop."""
+    import torch
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.extras.constants import IGNORE_INDEX
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_model, load_tokenizer
+
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(config["args"])
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    dataset = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    model = load_model(tokenizer_module["tokenizer"], model_args, finetuning_args, is_trainable=True)
+    collator = SFTDataCollatorWith4DAttentionMask(
+        template=template, model=model, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX,
+        compute_dtype=model_args.compute_dtype, **tokenizer_module)
+    loader = torch.utils.data.DataLoader(
+        dataset["train_dataset"], batch_size=training_args.per_device_train_batch_size, shuffle=True,
+        collate_fn=collator, generator=torch.Generator().manual_seed(training_args.seed))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training_args.learning_rate)
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    model.train()
+    steps, tokens, switches = [], 0, preemptions()
+    began = last = time.perf_counter()
+    for batch in loader:
+        with torch.autocast("cpu", dtype=dtype, enabled=training_args.bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += batch["input_ids"].numel()
+        now = time.perf_counter()
+        steps.append(now - last)
+        last = now
+    write_result(config["result"], steps, tokens, began, switches, parallel_mode="none")
+
+
+def train_job(samples: int, result: str) -> None:
+    """`mlflow run . -e train` on the default config; step times from the loss's timestamps."""
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as store:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
+        overrides = json.dumps({"max_samples": samples, "include_num_input_tokens_seen": "all",
+                                "output_dir": f"{store}/out"})
+        subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", ".", "-e", "train", "--env-manager",
+                        "local", "-P", f"overrides={overrides}"], cwd=ROOT, env=env, check=True)
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        [run] = client.search_runs(["0"])
+        history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+        seen = max(client.get_metric_history(run.info.run_id, "num_input_tokens_seen"), key=lambda m: m.step)
+    steps = [0.0] * history[0].step  # the steps before the first logged loss are not timed
+    for before, after in zip(history, history[1:]):
+        steps += [(after.timestamp - before.timestamp) / 1000 / (after.step - before.step)] * (after.step - before.step)
+    Path(result).write_text(json.dumps({
+        "step_s": steps, "mean_step_s_after_2": statistics.mean(steps[2:]), "tokens_per_step": seen.value / seen.step,
+        "preemptions_per_s": None, "ray_worker_processes": None, "parallel_mode": "ray_train",
+    }))
 
 
 def _is_ray_worker(pid: str) -> bool:
@@ -86,7 +158,9 @@ def _is_ray_worker(pid: str) -> bool:
 
 
 def run_setting(setting: str, config: dict) -> None:
-    if setting == "bare":
+    if setting == "peft_loop":
+        peft_loop(config)
+    elif setting == "bare":
         train(config)
     elif setting == "process_group":
         import torch.distributed as dist
@@ -107,14 +181,14 @@ def run_setting(setting: str, config: dict) -> None:
     elif setting == "ray_task":
         import ray
 
-        ray.init()
+        ray.init(_system_config={"worker_niceness": 0})
         ray.get(ray.remote(num_cpus=2)(train).remote(config))
     elif setting == "ray_train":
         import ray
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        ray.init()
+        ray.init(_system_config={"worker_niceness": 0})  # as loraflow.ray_cluster starts it
         TorchTrainer(train, train_loop_config=config,
                      scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
                      run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-train-"))).fit()
@@ -130,6 +204,9 @@ def main() -> None:
     parser.add_argument("--setting", help=argparse.SUPPRESS)  # internal: run one setting here
     parser.add_argument("--result", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.setting == "train_job":
+        train_job(opts.samples, opts.result)
+        return
     if opts.setting:
         run_setting(opts.setting, {"args": training_args(opts.samples, tempfile.mkdtemp()), "result": opts.result})
         return
@@ -145,15 +222,21 @@ def main() -> None:
                                check=True)
                 report["runs"][setting].append(json.loads(result.read_text()))
                 opts.out.write_text(json.dumps(report, indent=1))
-    base = statistics.median(r["mean_step_s_after_2"] for r in report["runs"].get("bare", [])) \
-        if "bare" in report["runs"] else None
-    print("| setting | mean step s | x bare | preemptions/s | Ray worker processes |")
-    print("| --- | --- | --- | --- | --- |")
+    base_name = "peft_loop" if "peft_loop" in report["runs"] else "bare"
+    base = statistics.median(r["mean_step_s_after_2"] for r in report["runs"].get(base_name, [])) \
+        if base_name in report["runs"] else None
+    report["ratios"] = {}
+    print(f"| setting | mean step s | x {base_name} | padded tokens a step | preemptions/s | Ray worker processes |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for setting, runs in report["runs"].items():
         step = statistics.median(r["mean_step_s_after_2"] for r in runs)
+        if base:
+            report["ratios"][f"{setting}/{base_name}"] = round(step / base, 3)
         ratio = f"{step / base:.3f}" if base else ""
-        print(f"| {setting} | {step:.2f} | {ratio} | {statistics.median(r['preemptions_per_s'] for r in runs):.0f} "
-              f"| {runs[-1]['ray_worker_processes']} |")
+        switches = [r["preemptions_per_s"] for r in runs if r["preemptions_per_s"] is not None]
+        print(f"| {setting} | {step:.2f} | {ratio} | {statistics.median(r['tokens_per_step'] for r in runs):.0f} "
+              f"| {statistics.median(switches) if switches else float('nan'):.0f} | {runs[-1]['ray_worker_processes']} |")
+    opts.out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

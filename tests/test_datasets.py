@@ -1,6 +1,7 @@
 """Data checks: every dataset the config names is read and checked before training starts."""
 
 import json
+from pathlib import Path
 
 import pytest
 from servers import http_server, s3_server
@@ -73,3 +74,23 @@ def test_s3_dataset_dir_is_downloaded_with_boto3(viggo_copy, tmp_path, monkeypat
         assert len(files[0].rows) == 1083
         with pytest.raises(UserError, match="Cannot read s3://data/nowhere/dataset_info.json"):
             datasets.materialize("s3://data/nowhere")
+
+
+@pytest.mark.parametrize(
+    "info, message",
+    [
+        ('{"viggo-val": {"file_name": "../escaped.jsonl"}}', "has file_name '../escaped.jsonl', which leaves the dataset folder"),
+        ('{"viggo-val": {"file_name": "/tmp/escaped.jsonl"}}', "has file_name '/tmp/escaped.jsonl', which leaves the dataset folder"),
+        ("not json at all", "dataset_info.json is not JSON"),
+        ('["viggo-val"]', "must map dataset names to entries"),
+    ],
+    ids=["parent_dir", "absolute", "not_json", "not_a_mapping"],
+)
+def test_remote_dataset_info_is_refused_before_any_download(viggo_copy, tmp_path, monkeypatch, info, message):
+    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
+    (viggo_copy / "dataset_info.json").write_text(info)
+    with http_server(viggo_copy) as url, pytest.raises(UserError) as refused:
+        datasets.materialize(url)
+    assert message in str(refused.value) and f"{url}/dataset_info.json" in str(refused.value)
+    assert not (tmp_path / "escaped.jsonl").exists() and not Path("/tmp/escaped.jsonl").exists()
+    assert not any((tmp_path / "cache").glob("*/dataset_info.json"))  # nothing half-written

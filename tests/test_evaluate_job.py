@@ -52,7 +52,7 @@ def run_evaluate(model, config, timeout=900):
 
 
 def test_evaluate_logs_predictions_and_metrics(store, tmp_path):
-    proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path))
+    proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path, baseline=True, guided_decoding=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
     version = store.get_model_version("viggo-tiny-lora", "1")
     eval_run = store.get_run(version.tags["eval.run_id"])
@@ -73,7 +73,12 @@ def test_evaluate_logs_predictions_and_metrics(store, tmp_path):
     assert {"input", "expected", "generated", "correct", "parse_ok", "num_generated_tokens",
             "variant"} <= set(columns)
     assert len(table["data"]) == 18  # 6 rows each: adapter, baseline, guided adapter
-    assert "predictions.csv" in {a.path for a in store.list_artifacts(eval_run.info.run_id)}
+    artifacts = {a.path for a in store.list_artifacts(eval_run.info.run_id)}
+    assert {"predictions.csv", "exact_match_by_intent.png", "intent_confusion.json"} <= artifacts
+    local = store.download_artifacts(eval_run.info.run_id, "intent_confusion.json", str(tmp_path))
+    confusion = json.loads(Path(local).read_text())
+    assert confusion["columns"] == ["expected", "predicted", "rows"]
+    assert sum(row[2] for row in confusion["data"]) == 6  # every adapter row, once
 
 
 @pytest.mark.parametrize(

@@ -111,3 +111,45 @@ def test_tracking_uri_with_a_password_is_refused(monkeypatch):
     with pytest.raises(UserError) as err:
         tracking.configure()
     assert "PGPASSWORD" in str(err.value) and "s3cret-pw" not in str(err.value)
+
+
+SMOLLM2_CONFIGS = [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("template") == "smollm2"]
+
+
+@pytest.mark.parametrize("path", SMOLLM2_CONFIGS, ids=[p.stem for p in SMOLLM2_CONFIGS])
+def test_training_prompt_is_the_prompt_evaluate_and_serve_send(path):
+    """LLaMA-Factory's template with the config's default_system makes, token for token, what the
+    tokenizer's own chat template makes of evaluate's messages (and of a client's, in serve)."""
+    import json
+
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoTokenizer
+
+    from loraflow.evaluate import chat_messages
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load(path.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(root / ".cache/models/SmolLM2-135M-Instruct")
+    template = get_template_and_fix_tokenizer(
+        tokenizer, DataArguments(template="smollm2", default_system=raw["default_system"]))
+    for line in (root / "data/viggo/test.jsonl").read_text().splitlines()[:20]:
+        row = json.loads(line)
+        trained, _ = template.encode_oneturn(tokenizer, chat_messages(row) + [
+            {"role": "assistant", "content": row["output"]}])
+        served = tokenizer.apply_chat_template(chat_messages(row), add_generation_prompt=True, tokenize=False)
+        assert trained == tokenizer(served, add_special_tokens=False)["input_ids"]
+
+
+def test_default_config_is_the_recipe_the_readme_reports():
+    """README quotes benchmarks/results/quality-default.json for configs/train/default.yaml."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    quality = json.loads((root / "benchmarks/results/quality-default.json").read_text())
+    lf = train_config.load(root / quality["config"]).llamafactory
+    recipe = {k: lf[k] for k in ("max_samples", "learning_rate", "lora_rank", "lora_alpha",
+                                 "per_device_train_batch_size", "num_train_epochs", "bf16")}
+    assert recipe == quality["recipe"]
+    readme = (root / "README.md").read_text()
+    assert f"{quality['exact_match']:.1%}" in readme and "quality-default.json" in readme

@@ -47,7 +47,15 @@ def materialize(dataset_dir: str) -> Path:
     local = CACHE_DIR / hashlib.sha256(dataset_dir.encode()).hexdigest()[:16]
     if (local / "dataset_info.json").is_file():
         return local
-    info = json.loads(_fetch(_join(dataset_dir, "dataset_info.json")))
+    where = _join(dataset_dir, "dataset_info.json")
+    try:
+        info = json.loads(_fetch(where))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where} is not JSON ({exc}); dataset_dir must hold LLaMA-Factory's dataset_info.json.") from None
+    if not isinstance(info, dict) or not all(isinstance(spec, dict) for spec in info.values()):
+        raise UserError(f"{where} must map dataset names to entries such as {{\"file_name\": \"train.jsonl\"}}.")
+    for name, spec in info.items():
+        _check_file_name(where, name, spec.get("file_name"))
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=_ensure(CACHE_DIR)))
     try:
         (staging / "dataset_info.json").write_text(json.dumps(info, indent=2))
@@ -58,6 +66,17 @@ def materialize(dataset_dir: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return local
+
+
+def _check_file_name(where: str, name: str, file_name) -> None:
+    """A remote entry names a file inside its dataset folder: a plain relative name, so that the
+    download cannot write outside the cache folder (on every Ray worker, too)."""
+    if file_name is None:
+        return
+    parts = Path(str(file_name)).parts
+    if not isinstance(file_name, str) or not parts or Path(file_name).is_absolute() or ".." in parts:
+        raise UserError(f"{where}: dataset {name!r} has file_name {file_name!r}, which leaves the dataset "
+                        "folder; use a name relative to it, such as \"train.jsonl\".")
 
 
 def load_datasets(dataset_dir: str, names: list[str]) -> list[DatasetFile]:

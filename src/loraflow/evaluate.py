@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _REQUIRED_KEYS = {"dataset_dir", "dataset", "sampling", "engine", "batch_size", "concurrency"}
-_OPTIONAL_KEYS = {"max_rows", "baseline", "guided_decoding", "accelerator_type", "resources_per_engine", "lora_store"}
+_OPTIONAL_KEYS = {"max_rows", "baseline", "guided_decoding", "accelerator_type", "resources_per_engine", "lora_store",
+                  "engine_env"}
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -59,6 +60,12 @@ def load_config(path: str) -> dict[str, Any]:
             f"Evaluation config {path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
             f"see configs/evaluate/default.yaml for the keys."
         )
+    for key in ("engine", "engine_env"):
+        if not isinstance(config.get(key, {}), dict):
+            raise UserError(f"Evaluation config {path}: {key} must be a mapping of names to values, "
+                            f"got {config[key]!r}; see configs/evaluate/default.yaml.")
+    if not all(isinstance(v, str) for v in config.get("engine_env", {}).values()):
+        raise UserError(f"Evaluation config {path}: engine_env values must be strings (quote numbers).")
     if not isinstance(config["engine"].get("max_lora_rank"), int):
         raise UserError(f"Evaluation config {path}: engine.max_lora_rank must be an integer.")
     return config
@@ -145,7 +152,8 @@ def _generate(rows: list[dict], base_model: str, engine_adapter: tuple[str, str 
     processor_config = vLLMEngineProcessorConfig(
         model_source=base_model,
         engine_kwargs=engine_kwargs,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **adapter_store.s3_settings()}},
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **config.get("engine_env", {}),
+                                  **adapter_store.s3_settings()}},
         dynamic_lora_loading_path=lora_store,
         batch_size=config["batch_size"],
         concurrency=config["concurrency"],
@@ -167,8 +175,7 @@ def _generate(rows: list[dict], base_model: str, engine_adapter: tuple[str, str 
         processor_config,
         preprocess=lambda row: {
             "model": row["engine_model"],
-            # The prompt LLaMA-Factory trained on (alpaca: instruction, a newline, the input).
-            "messages": [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}],
+            "messages": chat_messages(row),
             "sampling_params": guided if row["variant"] == "guided" else sampling,
         },
         postprocess=lambda row: {
@@ -202,6 +209,13 @@ def _generate(rows: list[dict], base_model: str, engine_adapter: tuple[str, str 
     return sorted(predictions, key=lambda r: (r["variant"], r["index"])), seconds
 
 
+def chat_messages(row: dict) -> list[dict]:
+    """The prompt LLaMA-Factory trained on (alpaca: instruction, a newline, the input), as chat
+    messages. No system message: the tokenizer's template adds its default one, which the
+    training configs name as `default_system` (tests/test_train_config.py checks the tokens)."""
+    return [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}]
+
+
 def _adapter_for_engines(ref, adapter_dir: Path, lora_store: str | None) -> tuple[str, str | None]:
     """What the engines load the adapter from: the local folder on one machine; on a cluster the
     engines may run on other nodes, so it goes through the S3 LoRA store (`lora_store`)."""
@@ -232,6 +246,7 @@ def _score_and_log(predictions: list[dict], seconds: dict[str, float], viggo) ->
                 metrics[f"intent_{intent}_rows"] = by["rows"]
     metrics["exact_match_lift"] = metrics["exact_match"] - metrics.get("baseline_exact_match", 0.0)
     adapter_rows = frame[frame["variant"] == "adapter"]
+    _log_intent_views(adapter_rows, metrics, viggo)
     # Throughput of the adapter pass, engine start included.
     metrics["rows_per_s"] = len(adapter_rows) / seconds["adapter"]
     metrics["generated_tokens_per_s"] = float(adapter_rows["num_generated_tokens"].sum()) / seconds["adapter"]
@@ -241,6 +256,35 @@ def _score_and_log(predictions: list[dict], seconds: dict[str, float], viggo) ->
         frame.to_csv(Path(tmp) / "predictions.csv", index=False)
         mlflow.log_artifact(str(Path(tmp) / "predictions.csv"))
     return metrics
+
+
+def _log_intent_views(rows, metrics: dict[str, float], viggo) -> None:
+    """Two artifacts the run's page shows: exact match per intent as a chart, and which intent
+    was predicted for which (a confusion table; `unparseable` when the answer is no MR)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+    import mlflow
+    import pandas as pd
+
+    def intent(text: str) -> str:
+        parsed = viggo.parse(text)
+        return parsed.function if parsed else "unparseable"
+
+    confusion = (pd.DataFrame({"expected": rows["expected"].map(intent), "predicted": rows["generated"].map(intent)})
+                 .value_counts().rename("rows").reset_index().sort_values(["expected", "predicted"]))
+    mlflow.log_table(confusion, artifact_file="intent_confusion.json")
+    by_intent = {key[len("intent_"):-len("_exact_match")]: value for key, value in metrics.items()
+                 if key.startswith("intent_") and key.endswith("_exact_match")}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(list(by_intent), list(by_intent.values()), color="#4c72b0")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"exact match ({metrics['rows']:.0f} rows, overall {metrics['exact_match']:.3f})")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    mlflow.log_figure(fig, "exact_match_by_intent.png")
+    plt.close(fig)
 
 
 def _tag_version(version, metrics: dict[str, float], eval_run_id: str) -> None:

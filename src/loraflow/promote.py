@@ -70,7 +70,7 @@ def _run(action, verbose: str) -> int:
 def _parse_bool(name: str, text: str) -> bool:
     value = text.strip().lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise SystemExit(f"error: {name} must be true or false, not {text!r}")
+        raise UserError(f"{name} must be true or false, not {text!r}.")
     return value in ("true", "1", "yes")
 
 

@@ -1,0 +1,113 @@
+"""What a shipped training config teaches, measured the way a user gets it: `mlflow run . -e train`
+on the config, then `mlflow run . -e evaluate` of the registered version on the full test split,
+both in a fresh MLflow store. Writes benchmarks/results/quality-<config name>.json with the
+figures the README quotes (exact match, intent accuracy, slot F1, parse validity, training
+minutes, samples seen) and how long each job took. Run it in the train environment after
+./setup.sh, with nothing else running (the times are part of the result):
+
+    .venvs/train/bin/python benchmarks/quality.py --config configs/train/default.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+MLFLOW = ROOT / ".venvs" / "train" / "bin" / "mlflow"
+RESULTS = ROOT / "benchmarks" / "results"
+HEADLINE = ("exact_match", "intent_accuracy", "slot_f1", "parse_validity", "rows", "rows_per_s")
+
+
+def run_job(entry: str, params: dict[str, str], env: dict, log) -> None:
+    """One entry point through `mlflow run`, as README's commands start it."""
+    command = [str(MLFLOW), "run", ".", "-e", entry, "--env-manager", "local"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"mlflow run -e {entry} failed (exit {done.returncode}); see {log.name}")
+
+
+def run_minutes(run) -> float:
+    return (run.info.end_time - run.info.start_time) / 60000
+
+
+def recipe(config: str) -> dict:
+    """The training settings that decide what is learnt per sample (tests/test_train_config.py)."""
+    from loraflow import train_config
+
+    lf = train_config.load(ROOT / config).llamafactory
+    return {k: lf[k] for k in ("max_samples", "learning_rate", "lora_rank", "lora_alpha",
+                               "per_device_train_batch_size", "num_train_epochs", "bf16")}
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{os.cpu_count()} CPU cores ({model}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training config, e.g. configs/train/default.yaml")
+    parser.add_argument("--eval-config", default="configs/evaluate/default.yaml")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/quality-<config name>.json")
+    parser.add_argument("--store", type=Path, help="keep the MLflow store here (default: a temporary folder); "
+                        "a store that already holds this script's trained version is evaluated again, not retrained")
+    opts = parser.parse_args()
+    out = opts.out or RESULTS / f"quality-{Path(opts.config).stem}.json"
+    from mlflow import MlflowClient
+
+    log_path = ROOT / ".cache" / f"{out.stem}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack, open(log_path, "a") as log:
+        store = opts.store or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loraflow-quality-")))
+        store.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{store}/mlflow.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        client = MlflowClient(uri)
+        if not (store / "mlflow.db").exists() or not client.search_model_versions():
+            run_job("train", {"config": opts.config, "overrides": f"{{output_dir: {store}/adapter}}"}, env, log)
+        [version] = client.search_model_versions()
+        train_run = client.get_run(version.run_id)
+        run_job("evaluate", {"model": f"models:/{version.name}/{version.version}", "config": opts.eval_config},
+                env, log)
+        eval_run = client.get_run(client.get_model_version(version.name, version.version).tags["eval.run_id"])
+    train_metrics, scores = train_run.data.metrics, eval_run.data.metrics
+    params = train_run.data.params
+    samples = min(int(params["max_samples"]), 5103) if params.get("max_samples") not in (None, "None") else 5103
+    report = {
+        "config": opts.config,
+        "eval_config": opts.eval_config,
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip(),
+        **{key: scores[key] for key in HEADLINE},
+        "train_minutes": train_metrics["train_runtime"] / 60,  # LLaMA-Factory's training loop
+        "train_run_minutes": run_minutes(train_run),  # the MLflow run: checks, Ray, training, registration
+        "evaluate_run_minutes": run_minutes(eval_run),  # engine start, generation, scoring, logging
+        "samples_seen": samples * float(params["num_train_epochs"]),
+        "recipe": recipe(opts.config),
+        "steps": int(train_metrics.get("total_steps", 0)) or None,
+        "train_loss": train_metrics.get("train_loss"),
+        "exact_match_by_intent": {k[len("intent_"):-len("_exact_match")]: v for k, v in scores.items()
+                                  if k.startswith("intent_") and k.endswith("_exact_match")},
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: report[k] for k in ("config", *HEADLINE, "train_minutes", "train_run_minutes",
+                                             "evaluate_run_minutes")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
