@@ -38,7 +38,8 @@ The three searches of benchmarks/results/recipe-search-h200-{1,2,3}-*.json (2026
   3: --set learning_rate=3e-3 --add max_samples=2000 --add max_samples=1600,lora_rank=16
      --add max_samples=1400,lora_rank=16 --add max_samples=1600,seed=7 --add max_samples=1200,lora_rank=16,seed=7
      --add max_samples=1200,lora_rank=16,seed=123
-     --add max_samples=1200,per_device_train_batch_size=2,learning_rate=2e-3,seed=7 --parallel 7 --deadline 250 --min-start 60
+     --add max_samples=1200,per_device_train_batch_size=2,learning_rate=2e-3,seed=7
+     --parallel 7 --deadline 250 --min-start 60
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def check_prompt(model: Path) -> dict:
             "        text = tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)\n"
             "        text_bad += p != tok(text, add_special_tokens=False)['input_ids']\n"
             "        ids_bad += p != list(tok.apply_chat_template(m, add_generation_prompt=True)['input_ids'])\n"
-            "print(json.dumps({'rows': n, 'mismatch_vs_template_text': text_bad, 'mismatch_vs_template_ids': ids_bad}))\n"
+            "print(json.dumps({'rows': n, 'mismatch_vs_template_text': text_bad,\n"
+            "                  'mismatch_vs_template_ids': ids_bad}))\n"
         )
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         out["default_system=" + repr(system)] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -188,7 +190,8 @@ def check_prompt(model: Path) -> dict:
 # ---------------------------------------------------------------- one recipe (worker process)
 
 
-def evaluate(model_dir: Path, adapter_dir: Path, batch_size: int = 128, limit: int | None = None) -> tuple[dict, list[str]]:
+def evaluate(model_dir: Path, adapter_dir: Path, batch_size: int = 128,
+             limit: int | None = None) -> tuple[dict, list[str]]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -234,8 +234,10 @@ def main() -> None:
             report["ratios"][f"{setting}/{base_name}"] = round(step / base, 3)
         ratio = f"{step / base:.3f}" if base else ""
         switches = [r["preemptions_per_s"] for r in runs if r["preemptions_per_s"] is not None]
-        print(f"| {setting} | {step:.2f} | {ratio} | {statistics.median(r['tokens_per_step'] for r in runs):.0f} "
-              f"| {statistics.median(switches) if switches else float('nan'):.0f} | {runs[-1]['ray_worker_processes']} |")
+        tokens = statistics.median(r["tokens_per_step"] for r in runs)
+        switched = statistics.median(switches) if switches else float("nan")
+        processes = runs[-1]["ray_worker_processes"]
+        print(f"| {setting} | {step:.2f} | {ratio} | {tokens:.0f} | {switched:.0f} | {processes} |")
     opts.out.write_text(json.dumps(report, indent=1))
 
 

@@ -79,8 +79,8 @@ def test_s3_dataset_dir_is_downloaded_with_boto3(viggo_copy, tmp_path, monkeypat
 @pytest.mark.parametrize(
     "info, message",
     [
-        ('{"viggo-val": {"file_name": "../escaped.jsonl"}}', "has file_name '../escaped.jsonl', which leaves the dataset folder"),
-        ('{"viggo-val": {"file_name": "/tmp/escaped.jsonl"}}', "has file_name '/tmp/escaped.jsonl', which leaves the dataset folder"),
+        ('{"viggo-val": {"file_name": "../escaped.jsonl"}}', "file_name '../escaped.jsonl', which leaves the dataset"),
+        ('{"viggo-val": {"file_name": "/tmp/escaped.jsonl"}}', "file_name '/tmp/escaped.jsonl', which leaves"),
         ("not json at all", "dataset_info.json is not JSON"),
         ('["viggo-val"]', "must map dataset names to entries"),
     ],

@@ -27,7 +27,8 @@ from loraflow import promote
 NAME = "viggo-tiny-lora"
 MODEL_ID = "tiny"
 API_KEY = "test-key-123"
-GOOD = {"parse_validity": 1.0, "slot_f1": 0.4, "rows": 50}
+# Figures that pass configs/promote/default.yaml (the default recipe's own are in quality-default.json).
+GOOD = {"exact_match": 0.57, "parse_validity": 0.99, "slot_f1": 0.89, "rows": 1083}
 
 
 def _use_store(uri: str) -> MlflowClient:

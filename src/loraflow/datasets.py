@@ -51,7 +51,8 @@ def materialize(dataset_dir: str) -> Path:
     try:
         info = json.loads(_fetch(where))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{where} is not JSON ({exc}); dataset_dir must hold LLaMA-Factory's dataset_info.json.") from None
+        raise UserError(f"{where} is not JSON ({exc}); dataset_dir must hold LLaMA-Factory's "
+                        "dataset_info.json.") from None
     if not isinstance(info, dict) or not all(isinstance(spec, dict) for spec in info.values()):
         raise UserError(f"{where} must map dataset names to entries such as {{\"file_name\": \"train.jsonl\"}}.")
     for name, spec in info.items():
