@@ -85,18 +85,18 @@ def main() -> None:
                 env, log)
         eval_run = client.get_run(client.get_model_version(version.name, version.version).tags["eval.run_id"])
     train_metrics, scores = train_run.data.metrics, eval_run.data.metrics
-    params = train_run.data.params
-    samples = min(int(params["max_samples"]), 5103) if params.get("max_samples") not in (None, "None") else 5103
     report = {
         "config": opts.config,
         "eval_config": opts.eval_config,
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip(),
+        "git_dirty": bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                         capture_output=True, text=True).stdout.strip()),
         **{key: scores[key] for key in HEADLINE},
         "train_minutes": train_metrics["train_runtime"] / 60,  # LLaMA-Factory's training loop
         "train_run_minutes": run_minutes(train_run),  # the MLflow run: checks, Ray, training, registration
         "evaluate_run_minutes": run_minutes(eval_run),  # engine start, generation, scoring, logging
-        "samples_seen": samples * float(params["num_train_epochs"]),
+        "samples_seen": train_metrics["samples_seen"],  # the train run's own metric
         "recipe": recipe(opts.config),
         "steps": int(train_metrics.get("total_steps", 0)) or None,
         "train_loss": train_metrics.get("train_loss"),

@@ -10,7 +10,10 @@ in each setting below, each in a fresh process, one after the other:
   thread_tick    + the main thread waking every 10 ms, as a Ray worker's does to check signals
   ray_driver     a local Ray instance started, training in the driver
   ray_task       training inside a plain Ray task of 2 CPUs
-  ray_train      training inside a Ray Train TorchTrainer worker (what `mlflow run . -e train` does)
+  ray_train      training inside a Ray Train TorchTrainer worker, on a local instance as
+                 loraflow.ray_cluster starts it (what `mlflow run . -e train` does)
+  ray_train_lean the same without Ray Train's preemption watcher and metrics (two of its helper
+                 actors; RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0, RAY_TRAIN_METRICS_ENABLED=0)
   train_job      `mlflow run . -e train` itself on the default config (checkpoints, MLflow logging
                  and all), its step times read from the loss's timestamps in a fresh MLflow store
 For each: the mean step time after the first two steps, the padded tokens a step, and how often
@@ -38,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_overhead  # noqa: E402
 
-SETTINGS = ("peft_loop", "bare", "process_group", "thread", "thread_tick", "ray_driver", "ray_task", "ray_train",
-            "train_job")
+SETTINGS = ("peft_loop", "bare", "process_group", "thread", "thread_tick", "ray_driver", "ray_task",
+            "ray_train", "ray_train_lean", "train_job")
 
 
 def training_args(samples: int, output_dir: str) -> dict:
@@ -183,12 +186,15 @@ def run_setting(setting: str, config: dict) -> None:
 
         ray.init(_system_config={"worker_niceness": 0})
         ray.get(ray.remote(num_cpus=2)(train).remote(config))
-    elif setting == "ray_train":
-        import ray
+    elif setting in ("ray_train", "ray_train_lean"):
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        ray.init(_system_config={"worker_niceness": 0})  # as loraflow.ray_cluster starts it
+        from loraflow import ray_cluster
+
+        if setting == "ray_train_lean":
+            os.environ.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_METRICS_ENABLED="0")
+        ray_cluster.connect()
         TorchTrainer(train, train_loop_config=config,
                      scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
                      run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-train-"))).fit()

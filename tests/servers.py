@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import pwd
+import queue
 import shutil
 import signal
 import socket
@@ -39,6 +40,45 @@ def http_server(directory: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class Lines:
+    """A process's text stdout, read by a thread, so that every wait on it is bounded: a process
+    that goes quiet fails the test at the deadline instead of hanging it."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.seen = proc, []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in iter(self.proc.stdout.readline, ""):
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def _next(self, deadline: float, what: str) -> str | None:
+        try:
+            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"{what} not within the deadline:\n" + "".join(self.seen[-60:])) from None
+        if line is not None:
+            self.seen.append(line)
+        return line
+
+    def until(self, done, timeout: float) -> str:
+        """The first line for which done(line) holds."""
+        deadline = time.monotonic() + timeout
+        while (line := self._next(deadline, "the awaited line")) is not None:
+            if done(line):
+                return line
+        raise AssertionError(f"the process exited ({self.proc.wait()}):\n" + "".join(self.seen[-60:]))
+
+    def all(self, timeout: float) -> str:
+        """Everything it printed, once it has closed its output."""
+        deadline = time.monotonic() + timeout
+        while self._next(deadline, "the end of its output") is not None:
+            pass
+        return "".join(self.seen)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:

@@ -40,7 +40,7 @@ def _version(tmp_path, files: dict[str, str | bytes]):
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(folder), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
-    return registry.register_adapter("viggo-store-test", run.info.run_id, {}, "test")
+    return registry.register_adapter("viggo-store-test", run.info.run_id, {}, "test", registry.file_digests(folder))
 
 
 def test_publish_copies_a_version_once_under_its_own_id(tracking_uri, bucket, tmp_path):
@@ -92,3 +92,52 @@ def test_store_must_be_an_s3_uri():
 ])
 def test_adapter_ids_are_plain_folder_names(text, valid):
     assert adapter_store.is_valid_adapter_id(text) is valid
+
+
+def _adapter_files() -> dict[str, str | bytes]:
+    return {"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": _weights()}
+
+
+def test_a_store_copy_changed_after_publishing_is_refused(tracking_uri, bucket, tmp_path):
+    """The store's folder is never rewritten, so a changed one must not be trusted either."""
+    import boto3
+
+    store = adapter_store.LoraStore(bucket)
+    version = _version(tmp_path, _adapter_files())
+    store.publish(version)
+    boto3.client("s3").put_object(Bucket="team-models", Body=b"other weights",
+                                  Key="loraflow/adapters/viggo-store-test-v1/adapter_model.safetensors")
+    with pytest.raises(UserError) as refused:
+        store.publish(version)
+    assert str(refused.value) == (
+        "The LoRA store's copy of viggo-store-test-v1 (s3://team-models/loraflow/adapters/viggo-store-test-v1) "
+        "differs from the registered adapter: it was changed after publishing. Delete that folder so that it is "
+        "published again, and find out who changed it.")
+
+
+def test_artifacts_changed_after_registration_are_refused_and_nothing_is_published(tracking_uri, bucket, tmp_path):
+    import mlflow
+
+    store = adapter_store.LoraStore(bucket)
+    version = _version(tmp_path, _adapter_files())
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    (changed / "adapter_config.json").write_text('{"r": 16}')
+    mlflow.MlflowClient().log_artifact(version.run_id, str(changed / "adapter_config.json"),
+                                       registry.ADAPTER_ARTIFACT_PATH)
+    with pytest.raises(UserError) as refused:
+        store.publish(version)
+    assert "viggo-store-test v1's adapter in the artifact store" in str(refused.value)
+    assert "differs from the files registered (adapter_config.json)" in str(refused.value)
+    assert store.adapters() == []
+
+
+def test_a_version_without_recorded_digests_is_refused(tracking_uri, bucket, tmp_path):
+    from mlflow import MlflowClient
+
+    store = adapter_store.LoraStore(bucket)
+    version = _version(tmp_path, _adapter_files())
+    MlflowClient().delete_model_version_tag(version.name, version.version, registry.ADAPTER_SHA256_TAG)
+    with pytest.raises(UserError, match="has no loraflow.adapter_sha256 tag, so its adapter files cannot be verified"):
+        store.publish(MlflowClient().get_model_version(version.name, version.version))
+    assert store.adapters() == []

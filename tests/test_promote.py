@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 
@@ -20,6 +21,7 @@ from conftest import ROOT
 from servers import mlflow_server, postgres_server
 
 from loraflow import promote, registry
+from loraflow.errors import UserError
 from loraflow.registry_lock import locked
 
 # Figures that pass configs/promote/default.yaml, near the default recipe's own (quality-default.json).
@@ -61,7 +63,8 @@ def add_version(name: str, metrics: dict[str, float] | None, tmp_path) -> str:
     (adapter / "adapter_config.json").write_text("{}")
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(adapter), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
-    version = registry.register_adapter(name, run.info.run_id, {"base_model": "tiny"}, "test adapter")
+    version = registry.register_adapter(name, run.info.run_id, {"base_model": "tiny"}, "test adapter",
+                                        registry.file_digests(adapter))
     for key, value in (metrics or {}).items():
         MlflowClient().set_model_version_tag(name, version.version, f"eval.{key}", str(value))
     return str(version.version)
@@ -233,7 +236,6 @@ def test_bad_promotion_requests_are_refused_clearly(args, message, tmp_path, mon
 )
 def test_bad_gate_configs_are_refused_clearly(content, message, tmp_path):
     from loraflow import promotion_gates
-    from loraflow.errors import UserError
 
     path = tmp_path / "gates.yaml"
     path.write_text(content)
@@ -270,7 +272,6 @@ def test_concurrent_promotions_end_with_exactly_one_production(store, model_name
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
     procs = [subprocess.Popen([sys.executable, "-c", script, v], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in versions]
-    import time
 
     time.sleep(8)  # let every process import mlflow and wait at the start line
     start.touch()
@@ -294,6 +295,78 @@ def test_lock_is_released_when_the_change_fails(store, model_name, tmp_path):
         raise RuntimeError("boom")
     with locked(client, model_name, wait_s=1):
         pass
+
+
+def test_a_lock_whose_holder_is_gone_is_broken(store, model_name, capsys):
+    """A lock with no heartbeat for STALE_AFTER_S (its holder crashed) is removed by the next change."""
+    from mlflow import MlflowClient
+
+    from loraflow import registry_lock
+
+    client = MlflowClient()
+    silent_since = time.time() - registry_lock.STALE_AFTER_S - 5
+    client.create_registered_model(f"{model_name}.lock", description="Held by a crashed process.", tags={
+        registry_lock.OWNER_TAG: "gone", registry_lock.HEARTBEAT_TAG: str(silent_since)})
+    with locked(client, model_name, wait_s=5):
+        assert client.get_registered_model(f"{model_name}.lock").tags[registry_lock.OWNER_TAG] != "gone"
+    assert capsys.readouterr().out == (f"warning: removing a stale registry lock '{model_name}.lock' "
+                                       "(Held by a crashed process.)\n")
+    assert not [m for m in client.search_registered_models() if m.name == f"{model_name}.lock"]
+
+
+def test_a_slow_live_holder_keeps_its_lock_and_others_time_out(store, model_name, monkeypatch):
+    """A holder that takes longer than STALE_AFTER_S keeps its lock through its heartbeat; a second
+    change waits wait_s, then gives up naming the holder, and leaves the lock alone."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from loraflow import registry_lock
+
+    monkeypatch.setattr(registry_lock, "STALE_AFTER_S", 3)
+    monkeypatch.setattr(registry_lock, "HEARTBEAT_S", 0.5)
+    client = MlflowClient()
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_holder() -> None:
+        with locked(client, model_name):
+            holding.set()
+            release.wait(30)
+
+    first = threading.Thread(target=slow_holder)
+    first.start()
+    assert holding.wait(30)
+    time.sleep(4)  # past STALE_AFTER_S since the lock was made
+    started = time.monotonic()
+    with pytest.raises(UserError) as err, locked(client, model_name, wait_s=2):
+        pass
+    assert time.monotonic() - started >= 2
+    assert str(err.value) == (
+        f"Another change to {model_name} holds the registry lock '{model_name}.lock' (Held by "
+        f"{registry_lock.holder()} while it changes {model_name}.). Try again when it ends; if that process is "
+        f"gone, delete the registered model '{model_name}.lock' (it is removed automatically once its holder "
+        "has sent no heartbeat for 3 s).")
+    release.set()
+    first.join()
+    assert not [m for m in client.search_registered_models() if m.name == f"{model_name}.lock"]
+
+
+def test_release_leaves_a_lock_that_another_holder_took_over(store, model_name, capsys):
+    """Release is owner-checked: if the lock was broken and taken by another holder meanwhile,
+    leaving the block does not delete the new holder's lock."""
+    from mlflow import MlflowClient
+
+    from loraflow import registry_lock
+
+    client = MlflowClient()
+    lock = f"{model_name}.lock"
+    with locked(client, model_name):
+        client.delete_registered_model(lock)  # as a breaker would, then a new holder:
+        client.create_registered_model(lock, tags={registry_lock.OWNER_TAG: "the-new-holder"})
+    assert client.get_registered_model(lock).tags[registry_lock.OWNER_TAG] == "the-new-holder"
+    assert capsys.readouterr().out == (f"warning: the registry lock '{lock}' was broken as stale while this "
+                                       "process held it; left to its new holder\n")
+    client.delete_registered_model(lock)
 
 
 def test_promote_and_rollback_through_mlflow_run(tracking_uri, tmp_path):

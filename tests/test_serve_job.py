@@ -5,6 +5,7 @@ by serve itself), queried with the real openai client over loopback."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -31,40 +33,36 @@ API_KEY = "test-key-123"
 GOOD = {"exact_match": 0.57, "parse_validity": 0.99, "slot_f1": 0.89, "rows": 1083}
 
 
-def _use_store(uri: str) -> MlflowClient:
-    import mlflow
-
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient()
-
-
 TRACKING_SERVER = contextlib.ExitStack()  # closed by the test that takes the registry away
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """An `mlflow server` (so that it can be taken away while serving) holding viggo-tiny-lora v1
-    (trained by the train entry point, in Production) and v2 (the same adapter registered again:
-    a distinct version with its own adapter id), both evaluated."""
+    and v2, two trainings by the train entry point with different weights (another seed and
+    learning rate), both evaluated; v1 in Production."""
     store = tmp_path_factory.mktemp("store")
     uri = TRACKING_SERVER.enter_context(mlflow_server(f"sqlite:///{store / 'mlflow.db'}", str(store / "artifacts")))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/train.py"), "--config", str(TINY_CONFIG)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    client = _use_store(uri)
-    v1 = client.get_model_version(NAME, "1")
-    client.create_model_version(NAME, source=v1.source, run_id=v1.run_id, tags=v1.tags)
+    for overrides in ("{}", "{seed: 7, learning_rate: 3.0e-2}"):
+        proc = subprocess.run([sys.executable, str(ROOT / "mlproject/train.py"), "--config", str(TINY_CONFIG),
+                               "--overrides", overrides], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    import mlflow
+
+    environment = pytest.MonkeyPatch()  # this module's store, undone for the modules after it
+    environment.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
     for version in ("1", "2"):
         for key, value in GOOD.items():
             client.set_model_version_tag(NAME, version, f"eval.{key}", str(value))
     assert promote.main(["--name", NAME, "--version", "1"]) == 0
     yield uri
     TRACKING_SERVER.close()
-    if previous is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    environment.undo()
+    mlflow.set_tracking_uri(None)
 
 
 def _serve_config(tmp_path, port: int) -> str:
@@ -125,6 +123,40 @@ def test_chat_answers_and_names_the_version(server):
 def test_an_adapter_can_be_asked_for_by_its_version_id(server):
     _, port, _ = server
     assert ask(port, model=f"{MODEL_ID}:{NAME}-v1").parse().model == f"{MODEL_ID}:{NAME}-v1"
+
+
+def test_one_model_by_id_with_the_checks_of_completions(server):
+    """GET /v1/models/{id}: the stable name's card carries the registry's state; an id that is not
+    a plain adapter folder in the store is refused before Ray reads {store}/{id}/adapter_config.json."""
+    _, port, _ = server
+    stable = client(port).models.retrieve(f"{MODEL_ID}:production")
+    assert stable.id == f"{MODEL_ID}:production"
+    assert stable.model_extra["metadata"]["loraflow"]["serving"] == f"{NAME}-v1"
+    assert client(port).models.retrieve(f"{MODEL_ID}:{NAME}-v1").id == f"{MODEL_ID}:{NAME}-v1"
+    for adapter, status, message in [("%2e%2e", 400, "Invalid adapter id"), ("x" * 300, 400, "Invalid adapter id"),
+                                     ("no-such-adapter", 404, "Unknown adapter 'no-such-adapter'")]:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client(port).models.retrieve(f"{MODEL_ID}:{adapter}")
+        assert (caught.value.status_code, message in caught.value.message) == (status, True), caught.value.message
+
+
+def test_the_api_key_reaches_no_ray_process(server):
+    """Ray's processes inherit serve's environment; the key is taken out of it before Ray starts
+    (the replicas get its SHA-256)."""
+    proc, _, _ = server
+    ray_pids = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and int(pid) != proc.pid
+                and b"ray" in _read(f"/proc/{pid}/cmdline")]
+    assert len(ray_pids) >= 3  # gcs, raylet, the replicas at least
+    holding = [pid for pid in ray_pids if API_KEY.encode() in _read(f"/proc/{pid}/environ")]
+    assert holding == []
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:  # the process ended meanwhile
+        return b""
 
 
 def test_health_endpoint(server):
@@ -195,8 +227,69 @@ def test_nothing_to_serve_is_a_clear_error(registry, args, message):
     assert message in proc.stderr
 
 
-def _load(port: int, requests: int, clients: int, on_done=None) -> tuple[list[str], list[str]]:
-    """Send `requests` short chat requests from `clients` threads; returns (models served, failures)."""
+@pytest.mark.parametrize(
+    "changes, message",
+    [({"host": "0.0.0.0"}, "Refusing to serve on 0.0.0.0 without an API key: anyone who can reach it could use "
+                           "it. Set LORAFLOW_TEST_API_KEY to a key, or serve on 127.0.0.1, or set "
+                           "allow_unauthenticated: true in the serving config."),
+     ({"allow_unauthenticated": "maybe"}, "allow_unauthenticated must be true or false, got 'maybe'.")],
+)
+def test_unsafe_serving_configs_are_refused(registry, tmp_path, changes, message):
+    config = _serve_config(tmp_path, free_port())
+    raw = {**yaml.safe_load(open(config)), **changes}
+    with open(config, "w") as f:
+        yaml.safe_dump(raw, f)
+    env = {k: v for k, v in os.environ.items() if k != "LORAFLOW_TEST_API_KEY"}
+    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME, "--config", config],
+                          cwd=ROOT, env={**env, "MLFLOW_TRACKING_URI": registry}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(registry, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME,
+                               "--config", _serve_config(tmp_path, port)], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": registry, "LORAFLOW_TEST_API_KEY": API_KEY},
+                              timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"Cannot listen on 127.0.0.1:{port} (Address already in use): another program uses that port, or the "
+            "host is not this machine's. Set port (or host) in the serving config.") in proc.stderr
+
+
+def test_serving_without_a_key_beyond_loopback_needs_the_config_to_say_so(monkeypatch, capsys):
+    from loraflow import serve
+
+    monkeypatch.delenv("LORAFLOW_TEST_API_KEY", raising=False)
+    config = {"api_key_env": "LORAFLOW_TEST_API_KEY", "host": "0.0.0.0", "allow_unauthenticated": True}
+    assert serve.take_api_key(config) == ""
+    assert capsys.readouterr().err == ("warning: serving on 0.0.0.0 without an API key "
+                                       "(set LORAFLOW_TEST_API_KEY to require one)\n")
+    assert serve.take_api_key({**config, "host": "127.0.0.1", "allow_unauthenticated": False}) == ""
+    assert "warning: serving on 127.0.0.1 without an API key" in capsys.readouterr().err
+    monkeypatch.setenv("LORAFLOW_TEST_API_KEY", "k-1")
+    assert serve.take_api_key(config) == "k-1" and "LORAFLOW_TEST_API_KEY" not in os.environ
+
+
+def answer_of(port: int, model: str) -> tuple[str, float]:
+    """A greedy answer's first token and its log-probability: a fingerprint of the weights that
+    answered (two adapters that agree on the token still differ in its probability)."""
+    first = ask(port, model=model, max_tokens=1, logprobs=True).parse().choices[0].logprobs.content[0]
+    return first.token, first.logprob
+
+
+def same_weights(a: tuple[str, float], b: tuple[str, float]) -> bool:
+    return a[0] == b[0] and abs(a[1] - b[1]) < 1e-3  # batching changes the float sums a little
+
+
+def _load(port: int, requests: int, clients: int, on_done=None) -> tuple[list[tuple[str, tuple]], list[str]]:
+    """Send `requests` short chat requests from `clients` threads; returns ((model that answered,
+    answer fingerprint) for each, failures)."""
     served, failures = [], []
     lock = threading.Lock()
     left = iter(range(requests))
@@ -207,9 +300,10 @@ def _load(port: int, requests: int, clients: int, on_done=None) -> tuple[list[st
                 if next(left, None) is None:
                     return
             try:
-                model = ask(port, max_tokens=1).parse().model
+                answer = ask(port, max_tokens=1, logprobs=True).parse()
+                first = answer.choices[0].logprobs.content[0]
                 with lock:
-                    served.append(model)
+                    served.append((answer.model, (first.token, first.logprob)))
                     if on_done:
                         on_done(len(served))
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
@@ -227,7 +321,7 @@ def _load(port: int, requests: int, clients: int, on_done=None) -> tuple[list[st
 def test_1000_requests_across_a_promotion_fail_none(server, registry):
     """1,000 requests from 4 clients while v2 is promoted (by the promote entry point, after the
     100th answer): every request succeeds, the stable name moves from v1 to v2 without restart
-    and never back."""
+    and never back, and every answer comes from the weights of the version it names."""
     _, port, _ = server
     promotion: list[subprocess.Popen] = []
 
@@ -243,12 +337,74 @@ def test_1000_requests_across_a_promotion_fail_none(server, registry):
     [promoter] = promotion
     assert promoter.wait(timeout=120) == 0, promoter.communicate()[0]
     assert failures == [] and len(served) == 1000
-    assert served.count(f"{MODEL_ID}:{NAME}-v2") >= 10, "the promotion was never picked up"
-    first_v2 = served.index(f"{MODEL_ID}:{NAME}-v2")
+    models = [model for model, _ in served]
+    assert models.count(f"{MODEL_ID}:{NAME}-v2") >= 10, "the promotion was never picked up"
+    first_v2 = models.index(f"{MODEL_ID}:{NAME}-v2")
     # Requests started before the switch may finish after it (4 in flight); none may start on v1
     # after that.
-    assert f"{MODEL_ID}:{NAME}-v1" not in served[first_v2 + 4:]
+    assert f"{MODEL_ID}:{NAME}-v1" not in models[first_v2 + 4:]
+    # Each version asked for by its own id (v2's adapter is in the store once it was promoted).
+    own = {f"{MODEL_ID}:{NAME}-v{v}": answer_of(port, f"{MODEL_ID}:{NAME}-v{v}") for v in (1, 2)}
+    assert not same_weights(*own.values()), f"the two trainings answer alike, the test cannot tell them apart: {own}"
+    wrong = [(i, model, answer) for i, (model, answer) in enumerate(served) if not same_weights(answer, own[model])]
+    assert wrong == [], f"answers not from the weights of the version they name: {wrong[:5]} (own: {own})"
     print(f"1000 requests in {time.monotonic() - started:.0f} s, 0 failed, v2 from request {first_v2 + 1}")
+
+
+def _stable_status(port: int) -> dict:
+    listed = {m.id: m for m in client(port).models.list().data}
+    return listed[f"{MODEL_ID}:production"].model_extra["metadata"]["loraflow"]
+
+
+def _wait_for_status(port: int, done, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while not done(status := _stable_status(port)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return status
+
+
+def _register_like(store: MlflowClient, v2, tmp_path, **changes) -> str:
+    """A version made from v2's adapter with `changes` to its adapter_config.json or tags, registered
+    (with its own digests) and evaluated like a good one."""
+    import mlflow
+
+    from loraflow import registry
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=v2.source, dst_path=str(tmp_path)))
+    adapter_config = json.loads((local / "adapter_config.json").read_text())
+    adapter_config.update(changes.pop("adapter_config", {}))
+    (local / "adapter_config.json").write_text(json.dumps(adapter_config))
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(local), registry.ADAPTER_ARTIFACT_PATH)
+    version = registry.register_adapter(NAME, run.info.run_id, {**v2.tags, **changes}, "serve test",
+                                        registry.file_digests(local))
+    for key, value in GOOD.items():
+        store.set_model_version_tag(NAME, version.version, f"eval.{key}", str(value))
+    return str(version.version)
+
+
+@pytest.mark.parametrize("changes, refusal", [
+    ({"loraflow.base_model_id": "another-model@sha256:0123456789abcdef"},
+     "was trained on another-model@sha256:0123456789abcdef, this server runs tiny-smollm2@sha256:"),
+    ({"adapter_config": {"r": 64, "lora_alpha": 128}}, "failed to load"),  # rank 64 > the engine's max_lora_rank 16
+], ids=["another-base-model", "fails-to-load"])
+def test_a_promoted_version_that_cannot_serve_is_refused_and_the_last_good_keeps_serving(
+        server, registry, tmp_path, changes, refusal):
+    """A version trained on another base model, or whose adapter the engine cannot load, is
+    promoted: the watcher refuses it (the latter at the warm-up request), /v1/models says why,
+    and the stable name stays on v2; v2 is promoted again afterwards."""
+    _, port, _ = server
+    store = MlflowClient()
+    bad = _register_like(store, store.get_model_version(NAME, "2"), tmp_path, **changes)
+    assert promote.main(["--name", NAME, "--version", bad, "--reason", "serve test: a version that cannot serve"]) == 0
+    status = _wait_for_status(port, lambda s: s["registry"]["state"] == "error", timeout=120)
+    assert status["registry"]["state"] == "error" and refusal in status["registry"]["error"], status
+    assert f"{NAME}-v{bad}" in status["registry"]["error"] and status["serving"] == f"{NAME}-v2"
+    served, failures = _load(port, 10, 2)
+    assert failures == [] and {model for model, _ in served} == {f"{MODEL_ID}:{NAME}-v2"}
+    assert promote.main(["--name", NAME, "--version", "2", "--reason", "serve test: back to v2"]) == 0
+    status = _wait_for_status(port, lambda s: s["registry"]["state"] == "ok")
+    assert (status["registry"]["state"], status["registry"]["version"], status["serving"]) == ("ok", "2", f"{NAME}-v2")
 
 
 def _engine_replica_pids() -> list[int]:
@@ -313,7 +469,7 @@ def test_registry_unreachable_keeps_serving_and_reports_it(server):
     assert status["registry"]["state"] == "error" and status["registry"]["error"], status
     assert status["serving"] == f"{NAME}-v2"
     served, failures = _load(port, 20, 2)
-    assert failures == [] and set(served) == {f"{MODEL_ID}:{NAME}-v2"}
+    assert failures == [] and {model for model, _ in served} == {f"{MODEL_ID}:{NAME}-v2"}
 
 
 def test_sigterm_shuts_down_cleanly(server):

@@ -1,5 +1,6 @@
 """The training config is checked against LLaMA-Factory's own argument dataclasses."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -92,15 +93,33 @@ def test_missing_config_file(tmp_path):
         train_config.load(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("key", ["hf_hub_token", "ms_hub_token", "om_hub_token"])
-def test_hub_tokens_are_refused_in_configs(tmp_path, key):
-    """A token in the config would be logged to MLflow as a parameter: refuse it, name the variable."""
+@pytest.mark.parametrize("key", ["hf_hub_token", "ms_hub_token", "om_hub_token", "hub_token", "swanlab_api_key",
+                                 "swanlab_lark_secret"])
+def test_credentials_are_refused_in_configs(tmp_path, key):
+    """A config is logged to MLflow as parameters: a credential in it is refused, and not repeated."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**yaml.safe_load(TINY_CONFIG.read_text()), key: "hf_secret_value"}))
     with pytest.raises(UserError) as err:
         train_config.load(path)
-    assert key in str(err.value) and "HF_TOKEN" in str(err.value)
-    assert "hf_secret_value" not in str(err.value)
+    assert str(err.value) == (
+        f"Invalid training config:\n  {key} in {path}: credentials do not belong in a config (it is logged to "
+        "MLflow as parameters); leave it out and set it in the environment instead (HF_TOKEN for the Hugging "
+        "Face Hub).")
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
+                                  "AWS_SESSION_TOKEN"])
+def test_credentials_are_refused_in_the_worker_environment(tmp_path, name):
+    with pytest.raises(UserError) as err:
+        train_config.load(_write(tmp_path, ray_worker_env={name: "s3cret-value", "NCCL_DEBUG": "INFO"}))
+    assert f"ray_worker_env sets {name}, which look like credentials" in str(err.value)
+    assert "environment of the Ray nodes" in str(err.value) and "s3cret-value" not in str(err.value)
+
+
+def test_names_that_only_contain_token_are_not_credentials(tmp_path):
+    cfg = train_config.load(_write(tmp_path, add_tokens="<x>", ray_worker_env={"TOKENIZERS_PARALLELISM": "false"}))
+    assert cfg.llamafactory["add_tokens"] == "<x>"
+    assert cfg.ray.ray_worker_env == {"TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_tracking_uri_with_a_password_is_refused(monkeypatch):
@@ -111,6 +130,16 @@ def test_tracking_uri_with_a_password_is_refused(monkeypatch):
     with pytest.raises(UserError) as err:
         tracking.configure()
     assert "PGPASSWORD" in str(err.value) and "s3cret-pw" not in str(err.value)
+
+
+@pytest.mark.parametrize("query", ["token=abc123", "api_key=abc123", "x=1&access_token=abc123"])
+def test_tracking_uri_with_a_token_in_its_query_is_refused(monkeypatch, query):
+    from loraflow import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://mlflow.example/?{query}")
+    with pytest.raises(UserError) as err:
+        tracking.configure()
+    assert "MLFLOW_TRACKING_TOKEN" in str(err.value) and "abc123" not in str(err.value)
 
 
 SMOLLM2_CONFIGS = [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("template") == "smollm2"]
@@ -153,3 +182,26 @@ def test_default_config_is_the_recipe_the_readme_reports():
     assert recipe == quality["recipe"]
     readme = (root / "README.md").read_text()
     assert f"{quality['exact_match']:.1%}" in readme and "quality-default.json" in readme
+
+
+@pytest.mark.parametrize("entry_point, args", [
+    ("train.py", ["--config", "configs/train/tiny.yaml"]),
+    ("evaluate.py", ["--model", "models:/viggo-tiny-lora/1"]),
+    ("promote.py", ["--name", "viggo-tiny-lora", "--version", "1"]),
+    ("serve.py", ["--name", "viggo-tiny-lora"]),
+])
+def test_an_unreachable_tracking_server_is_named_at_once(entry_point, args):
+    """Not MLflow's minutes of retries and a traceback: exit 2 naming the server, nothing started."""
+    import subprocess
+    import sys
+
+    from servers import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run([sys.executable, str(root / "mlproject" / entry_point), *args], cwd=root,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"The tracking server {uri} cannot be reached (" in proc.stderr
+    assert "start it, or point MLFLOW_TRACKING_URI at a running one." in proc.stderr
+    assert "Traceback" not in proc.stderr

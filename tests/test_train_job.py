@@ -3,6 +3,7 @@ store, and every bad input refused with a clear message and nothing registered."
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import yaml
 from conftest import ROOT, TINY_CONFIG, registered_versions, run_train
 from mlflow import MlflowClient
 
+from loraflow import registry
+
 
 def _only_run(experiment="0"):
     runs = MlflowClient().search_runs([experiment])
@@ -25,9 +28,12 @@ def _only_run(experiment="0"):
 def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
     """`mlflow run . -e train` with the tiny model: the command users run."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
+    config = tmp_path / "train.yaml"  # the worker environment in the file: `-P` values are mlflow run's params
+    config.write_text(yaml.safe_dump({**yaml.safe_load(TINY_CONFIG.read_text()),
+                                      "ray_worker_env": {"LORAFLOW_PROBE": "probe-value-7"}}))
     proc = subprocess.run(
         [str(mlflow_cli), "run", ".", "-e", "train", "--env-manager", "local",
-         "--experiment-name", "viggo", "-P", f"config={TINY_CONFIG}",
+         "--experiment-name", "viggo", "-P", f"config={config}",
          "-P", f"overrides={{output_dir: {tmp_path / 'out'}}}"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -46,12 +52,18 @@ def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
     for name in ("learning_rate", "grad_norm", "epoch", "eval_loss", "train_loss", "train_runtime"):
         assert name in run.data.metrics, name
     assert len(client.get_metric_history(run_id, "eval_loss")) >= 2
+    # what the UI compares recipes by: samples seen (tiny.yaml: 16 rows, one epoch) and minutes
+    assert run.data.metrics["samples_seen"] == 16
+    assert run.data.metrics["train_minutes"] == pytest.approx(run.data.metrics["train_runtime"] / 60)
 
     # params: the resolved LLaMA-Factory config and the Ray settings
     params = run.data.params
     assert params["lora_rank"] == "8" and params["template"] == "smollm2"
     assert params["ray.ray_num_workers"] == "1" and params["ray.resources_per_worker.CPU"] == "2"
     assert params["output_dir"] == str(tmp_path / "out")
+    # worker environment variables by name, never their values
+    assert params["ray.ray_worker_env"] == "LORAFLOW_PROBE"
+    assert not [k for k, v in params.items() if "probe-value-7" in v]
 
     # artifacts: adapter under a fixed path, logs, loss plot, resolved config
     def listing(path):
@@ -68,7 +80,9 @@ def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
     assert set(inputs) == {"viggo-train", "viggo-val"}
     tags = {t.key: t.value for t in inputs["viggo-train"].tags}
     assert tags["mlflow.data.context"] == "training" and len(tags["sha256"]) == 64
-    assert run.data.tags["base_model"].endswith("tiny-smollm2")
+    # portable: the project's folder relative to the project, plus what its files are
+    assert run.data.tags["base_model"] == "./.cache/models/tiny-smollm2"
+    assert re.fullmatch(r"tiny-smollm2@sha256:[0-9a-f]{16}", run.data.tags["loraflow.base_model_id"])
     assert run.data.tags["llamafactory_version"] == "0.9.5"
     assert len(run.data.tags["git_commit"]) == 40
 
@@ -77,9 +91,14 @@ def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
     assert (version.name, str(version.version), version.run_id) == ("viggo-tiny-lora", "1", run_id)
     assert version.source == f"runs:/{run_id}/adapter"
     assert version.tags["base_model"] == run.data.tags["base_model"]
+    assert version.tags["loraflow.base_model_id"] == run.data.tags["loraflow.base_model_id"]
     assert version.tags["data_digest"] == run.data.tags["data_digest"]
     downloaded = mlflow.artifacts.download_artifacts("models:/viggo-tiny-lora/1", dst_path=str(tmp_path / "v1"))
     assert (Path(downloaded) / "adapter_model.safetensors").is_file()
+    # every adapter file's SHA-256 as registered, equal to what the artifact store returns
+    recorded = json.loads(version.tags["loraflow.adapter_sha256"])
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(recorded)
+    assert recorded == registry.file_digests(Path(downloaded))
 
 
 def test_two_ray_workers(tracking_uri, tmp_path):
@@ -133,7 +152,7 @@ def _damage(viggo: Path, how: str) -> None:
 def test_bad_input_is_refused_and_nothing_registered(tracking_uri, tmp_path, viggo_copy, changes, damage, message):
     _damage(viggo_copy, damage)
     proc = run_train("--config", _write_config(tmp_path, dataset_dir=str(viggo_copy), **changes))
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert registered_versions() == []

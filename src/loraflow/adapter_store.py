@@ -65,22 +65,42 @@ class LoraStore:
         return sorted(found)
 
     def publish(self, version) -> str:
-        """Copy a registered version's adapter into the store once; returns its adapter id."""
+        """Copy a registered version's adapter into the store once, checked against the digests
+        recorded at registration; returns its adapter id."""
         name = adapter_id(version)
-        if not self.has(name):
-            with tempfile.TemporaryDirectory() as tmp:
-                self.upload(name, registry.download_adapter(version.source, tmp, f"{version.name} v{version.version}"))
-        return name
+        label = f"{version.name} v{version.version}"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = registry.download_adapter(version.source, tmp, label)
+            registry.check_digests(version, local, f"the artifact store ({version.source})")
+            return self.upload(name, local)
 
     def upload(self, name: str, local: Path) -> str:
-        """Copy a local adapter folder into the store as `name`, unless a complete one is there."""
+        """Copy a local adapter folder into the store as `name`; a folder already there must hold
+        the same files (it is never rewritten: replicas cache adapters by name)."""
         if self.has(name):
+            with tempfile.TemporaryDirectory() as tmp:
+                stored = registry.file_digests(self.download(name, Path(tmp)))
+            if stored != registry.file_digests(local):
+                raise UserError(f"The LoRA store's copy of {name} ({self.uri}/{name}) differs from the registered "
+                                "adapter: it was changed after publishing. Delete that folder so that it is "
+                                "published again, and find out who changed it.")
             return name
         files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == ADAPTER_CONFIG)
         s3 = self._s3()
         for path in files:
             s3.upload_file(str(path), self.bucket, f"{self.prefix}{name}/{path.relative_to(local).as_posix()}")
         return name
+
+    def download(self, name: str, dst: Path) -> Path:
+        """The store's copy of adapter `name`, in dst."""
+        s3 = self._s3()
+        folder = f"{self.prefix}{name}/"
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
+            for item in page.get("Contents", []):
+                target = dst / item["Key"][len(folder):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(self.bucket, item["Key"], str(target))
+        return dst
 
 
 def s3_settings() -> dict[str, str]:

@@ -83,6 +83,8 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="loraflow-eval-"))
     try:
         adapter_dir = registry.download_adapter(ref.artifact_uri, str(workdir / "adapter"), ref.text)
+        if ref.version is not None:  # a train run's own artifacts carry no registered digests
+            registry.check_digests(ref.version, adapter_dir, f"the artifact store ({ref.artifact_uri})")
         _check_adapter(adapter_dir, ref, config)
         # Ray Data LLM runs pre/post-processing and the chat template as separate tasks and
         # actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
@@ -128,13 +130,8 @@ def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[s
             f"{ref.text}: the adapter has LoRA rank {adapter_config['r']} but the engine's "
             f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in the evaluation config."
         )
-    trained_on = adapter_config.get("base_model_name_or_path")
-    if trained_on and Path(trained_on).name != Path(ref.base_model).name:
-        raise UserError(
-            f"{ref.text}: the adapter was trained on {trained_on!r}, not on the base model "
-            f"{ref.base_model!r} recorded for it; evaluate it against its own base model."
-        )
-    model_refs.base_model_source(ref.base_model)  # fails early when a local base model is missing
+    # The files at the recorded path must be the ones it was trained on (also when missing: fails early).
+    model_refs.check_base_model(ref.base_model_id, ref.base_model, ref.text)
 
 
 def _generate(rows: list[dict], base_model: str, engine_adapter: tuple[str, str | None], config: dict[str, Any]):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import mlflow
@@ -15,10 +17,42 @@ from loraflow.errors import UserError
 
 ADAPTER_ARTIFACT_PATH = "adapter"  # where every train run logs its adapter
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a LoRA adapter
+# The SHA-256 of every adapter file, recorded at registration (JSON: {relative path: hex digest}):
+# what a copy in the LoRA store or the artifact store must still hold before an engine loads it.
+ADAPTER_SHA256_TAG = "loraflow.adapter_sha256"
 
 
-def register_adapter(name: str, run_id: str, tags: dict[str, str], description: str) -> ModelVersion:
-    """Create a new version of `name` pointing at the run's logged adapter."""
+def file_digests(root: Path, items: Iterable[Path] | None = None) -> dict[str, str]:
+    """SHA-256 of every file under `items` (default: all of `root`), keyed by path relative to root."""
+    files = [f for item in (items if items is not None else [root])
+             for f in ([item] if item.is_file() else sorted(item.rglob("*"))) if f.is_file()]
+    digests = {}
+    for path in files:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digests[path.relative_to(root).as_posix()] = digest.hexdigest()
+    return dict(sorted(digests.items()))
+
+
+def check_digests(version: ModelVersion, folder: Path, where: str) -> None:
+    """Refuse an adapter copy whose files differ from what was registered."""
+    label = f"{version.name} v{version.version}"
+    recorded = version.tags.get(ADAPTER_SHA256_TAG)
+    if not recorded:
+        raise UserError(f"{label} has no {ADAPTER_SHA256_TAG} tag, so its adapter files cannot be verified "
+                        "(it was registered by hand or by an older loraflow): train a new version.")
+    expected, found = json.loads(recorded), file_digests(folder)
+    differ = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
+    if differ:
+        raise UserError(f"{label}'s adapter in {where} differs from the files registered ({', '.join(differ)}): "
+                        "it was changed after registration. Restore it, or train a new version.")
+
+
+def register_adapter(name: str, run_id: str, tags: dict[str, str], description: str,
+                     adapter_sha256: dict[str, str]) -> ModelVersion:
+    """Create a new version of `name` pointing at the run's logged adapter, whose files had these digests."""
     client = MlflowClient()
     try:
         client.create_registered_model(
@@ -31,7 +65,7 @@ def register_adapter(name: str, run_id: str, tags: dict[str, str], description: 
         name,
         source=f"runs:/{run_id}/{ADAPTER_ARTIFACT_PATH}",
         run_id=run_id,
-        tags=tags,
+        tags={**tags, ADAPTER_SHA256_TAG: json.dumps(adapter_sha256, separators=(",", ":"))},
         description=description,
     )
 

@@ -4,8 +4,13 @@ The MLflow registry has no compare-and-set, and a promotion reads (the gate, the
 Production) before it writes: without a lock, concurrent promotions leave several versions in
 Production (tests/test_promote.py shows it). Creating a
 registered model is atomic in every backend (a unique name), so holding the lock means having
-created `<name>.lock`; it is deleted on release. This works the same against a local SQLite store
-and a tracking server, from any number of machines.
+created `<name>.lock`, tagged with the holder's own token; it is deleted on release. This works the
+same against a local SQLite store and a tracking server, from any number of machines.
+
+A holder refreshes a heartbeat tag while it holds the lock, so that only a lock whose holder is
+gone (no heartbeat for STALE_AFTER_S) is broken, never a slow live one; and release deletes the lock
+only while it still carries the holder's token. Without compare-and-set, breaking a stale lock
+keeps one window: two processes that both judge the same lock stale within a registry round trip.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import contextlib
 import getpass
 import os
 import socket
+import threading
 import time
+import uuid
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -22,7 +29,10 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 
 from loraflow.errors import UserError
 
-STALE_AFTER_S = 300  # a promotion takes seconds; a lock this old was left by a crashed process
+STALE_AFTER_S = 300  # no heartbeat for this long: the holder crashed
+HEARTBEAT_S = 30
+OWNER_TAG = "loraflow.lock.owner"
+HEARTBEAT_TAG = "loraflow.lock.heartbeat"
 
 
 def holder() -> str:
@@ -33,10 +43,12 @@ def holder() -> str:
 @contextlib.contextmanager
 def locked(client: MlflowClient, name: str, wait_s: float = 60.0):
     lock = f"{name}.lock"
+    token = uuid.uuid4().hex
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client.create_registered_model(lock, description=f"Held by {holder()} while it changes {name}.")
+            client.create_registered_model(lock, tags={OWNER_TAG: token, HEARTBEAT_TAG: str(time.time())},
+                                           description=f"Held by {holder()} while it changes {name}.")
             break
         except MlflowException as exc:
             # On a name clash the SQL store looks the holder's lock up to report it; if the holder
@@ -48,23 +60,54 @@ def locked(client: MlflowClient, name: str, wait_s: float = 60.0):
             raise UserError(
                 f"Another change to {name} holds the registry lock {lock!r} "
                 f"({_describe(client, lock)}). Try again when it ends; if that process is gone, "
-                f"delete the registered model {lock!r} (it is removed automatically after "
-                f"{STALE_AFTER_S} s)."
+                f"delete the registered model {lock!r} (it is removed automatically once its holder "
+                f"has sent no heartbeat for {STALE_AFTER_S} s)."
             )
         time.sleep(0.2)
+    stop = threading.Event()
+    beating = threading.Thread(target=_heartbeat, args=(client, lock, token, stop), daemon=True)
+    beating.start()
     try:
         yield
     finally:
-        with contextlib.suppress(MlflowException):
-            client.delete_registered_model(lock)
+        stop.set()
+        beating.join()
+        _release(client, lock, token)
+
+
+def _heartbeat(client: MlflowClient, lock: str, token: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(MlflowException):  # a missed beat is retried; STALE_AFTER_S is many beats
+            if client.get_registered_model(lock).tags.get(OWNER_TAG) == token:
+                client.set_registered_model_tag(lock, HEARTBEAT_TAG, str(time.time()))
+
+
+def _release(client: MlflowClient, lock: str, token: str) -> None:
+    with contextlib.suppress(MlflowException):  # already gone: nothing to release
+        if client.get_registered_model(lock).tags.get(OWNER_TAG) != token:
+            print(f"warning: the registry lock {lock!r} was broken as stale while this process held it; "
+                  "left to its new holder")
+            return
+        client.delete_registered_model(lock)
 
 
 def _break_if_stale(client: MlflowClient, lock: str) -> None:
     with contextlib.suppress(MlflowException):  # it may have been released meanwhile
         model = client.get_registered_model(lock)
-        if time.time() - model.creation_timestamp / 1000 > STALE_AFTER_S:
+        if time.time() - _last_heartbeat(model) <= STALE_AFTER_S:
+            return
+        again = client.get_registered_model(lock)  # the same holder, still silent: not one that took it since
+        same_holder = again.tags.get(OWNER_TAG) == model.tags.get(OWNER_TAG)
+        if same_holder and time.time() - _last_heartbeat(again) > STALE_AFTER_S:
             print(f"warning: removing a stale registry lock {lock!r} ({model.description})")
             client.delete_registered_model(lock)
+
+
+def _last_heartbeat(model) -> float:
+    try:
+        return float(model.tags[HEARTBEAT_TAG])
+    except (KeyError, ValueError):  # a lock made by hand, or by an older loraflow
+        return model.creation_timestamp / 1000
 
 
 def _describe(client: MlflowClient, lock: str) -> str:

@@ -12,8 +12,11 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import ipaddress
 import json
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,8 @@ from loraflow.errors import UserError
 from loraflow.signals import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve" / "default.yaml"
-_KEYS = {"host", "port", "api_key_env", "lora_store", "poll_interval_s", "ray_num_cpus", "llm_config"}
+_KEYS = {"host", "port", "api_key_env", "allow_unauthenticated", "lora_store", "poll_interval_s", "ray_num_cpus",
+         "llm_config"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +58,46 @@ def load_config(path: str) -> dict[str, Any]:
         found = set(config) if isinstance(config, dict) else set()
         raise UserError(f"Serving config {path}: missing keys {sorted(_KEYS - found)}, unknown keys "
                         f"{sorted(found - _KEYS)}; see configs/serve/default.yaml.")
+    if not isinstance(config["allow_unauthenticated"], bool):
+        raise UserError(f"Serving config {path}: allow_unauthenticated must be true or false, "
+                        f"got {config['allow_unauthenticated']!r}.")
     return config
+
+
+def take_api_key(config: dict[str, Any]) -> str:
+    """The API key from the environment variable the config names, removed from this process's
+    environment: Ray's processes inherit it, and only its SHA-256 is meant to reach them. Serving
+    beyond loopback without a key is refused unless the config says allow_unauthenticated: true."""
+    name = config["api_key_env"]
+    key = os.environ.pop(name, "") if name else ""
+    if key:
+        return key
+    host = config["host"]
+    if not _is_loopback(host) and not config["allow_unauthenticated"]:
+        raise UserError(f"Refusing to serve on {host} without an API key: anyone who can reach it could use it. "
+                        f"Set {name or 'the variable that api_key_env names'} to a key, or serve on 127.0.0.1, "
+                        "or set allow_unauthenticated: true in the serving config.")
+    print(f"warning: serving on {host} without an API key (set {name or 'api_key_env'} to require one)",
+          file=sys.stderr, flush=True)
+    return ""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"Cannot listen on {host}:{port} ({exc.strerror}): another program uses that port, "
+                            "or the host is not this machine's. Set port (or host) in the serving config.") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def served_version(name: str, alias: str, version: str | None):
@@ -94,12 +137,17 @@ def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> 
 
 def serve_forever(name: str, alias: str, version: str | None, config_path: str) -> None:
     config = load_config(config_path)
+    api_key = take_api_key(config)
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster's proxy listens on its head node, not here
+        _check_port_free(config["host"], config["port"])
     tracking_uri = tracking.configure()
     first = served_version(name, alias, version)
     base_model = first.tags.get("base_model")
     if not base_model:
         raise UserError(f"{name} v{first.version} has no base_model tag: it was not registered by loraflow's train.")
-    api_key = os.environ.get(config["api_key_env"] or "", "")
+    # What the engine runs; the watcher serves only later versions trained on the same.
+    base_model_id = model_refs.check_base_model(first.tags.get(model_refs.BASE_MODEL_ID_TAG), base_model,
+                                                f"{name} v{first.version}")
     with contextlib.ExitStack() as stack:
         store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())
         store = adapter_store.LoraStore(store_uri)
@@ -120,7 +168,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                 "ingress_cls": "loraflow.serving_ingress:LoraflowIngress",
                 "ingress_extra_kwargs": {
                     "registered_model": name, "alias": alias, "pinned_version": version,
-                    "lora_store_uri": store.uri, "base_model": base_model,
+                    "lora_store_uri": store.uri, "base_model_id": base_model_id,
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
                     "poll_interval_s": config["poll_interval_s"], "tracking_uri": tracking_uri,
                 },

@@ -27,7 +27,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import Response
 
-from loraflow import adapter_store
+from loraflow import adapter_store, model_refs
 
 logger = logging.getLogger("loraflow.serve")
 ADAPTER_HEADER = "x-loraflow-adapter"
@@ -36,7 +36,7 @@ ADAPTER_HEADER = "x-loraflow-adapter"
 class LoraflowIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
                  pinned_version: str | None, lora_store_uri: str, api_key_sha256: str | None,
-                 base_model: str, poll_interval_s: float, tracking_uri: str, **kwargs):
+                 base_model_id: str, poll_interval_s: float, tracking_uri: str, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         import mlflow
 
@@ -48,7 +48,7 @@ class LoraflowIngress(OpenAiIngress):
         self._base_id = next(iter(model_cards))
         self._registered_model = registered_model
         self._alias = alias
-        self._base_model = base_model  # what the engine runs; versions trained on another are refused
+        self._base_model_id = base_model_id  # what the engine runs; versions trained on another are refused
         self._store = adapter_store.LoraStore(lora_store_uri)
         self._key_sha256 = api_key_sha256
         self._known: tuple[float, set[str]] = (0.0, set())  # (when listed, adapter ids in the store)
@@ -74,9 +74,9 @@ class LoraflowIngress(OpenAiIngress):
             else:
                 version = client.get_model_version_by_alias(self._registered_model, self._alias)
             adapter = adapter_store.adapter_id(version)
-            trained_on = version.tags.get("base_model")
-            if trained_on != self._base_model:
-                raise RuntimeError(f"{adapter} was trained on {trained_on}, this server runs {self._base_model}; "
+            trained_on = version.tags.get(model_refs.BASE_MODEL_ID_TAG)
+            if trained_on != self._base_model_id:
+                raise RuntimeError(f"{adapter} was trained on {trained_on}, this server runs {self._base_model_id}; "
                                    "restart serve to change the base model")
             if adapter != self._target:
                 self._store.publish(version)
@@ -95,9 +95,13 @@ class LoraflowIngress(OpenAiIngress):
         fails here, and the stable name stays on the last good one."""
         model = f"{self._base_id}:{adapter}"
         body = CompletionRequest(model=model, prompt="hi", max_tokens=1)
-        for chunk in self._get_configured_serve_handle(model).completions.remote(body, None):
-            if type(chunk).__name__ == "ErrorResponse":
-                raise RuntimeError(f"adapter {adapter} failed to load: {chunk.error.message}")
+        try:
+            chunks = list(self._get_configured_serve_handle(model).completions.remote(body, None))
+        except Exception as exc:  # noqa: BLE001 - the engine's refusal can come as any exception
+            raise RuntimeError(f"adapter {adapter} failed to load: {exc}") from exc
+        errors = [chunk for chunk in chunks if type(chunk).__name__ == "ErrorResponse"]
+        if errors:
+            raise RuntimeError(f"adapter {adapter} failed to load: {errors[0].error.message}")
 
     # -- requests --------------------------------------------------------------------------------
     def _authorize(self, request: Request | None) -> None:
@@ -163,14 +167,20 @@ class LoraflowIngress(OpenAiIngress):
         if self._target is not None:
             target = await self.model(f"{self._base_id}:{self._target}")
             if target is not None:
-                stable = target.model_copy(update={"id": f"{self._base_id}:{self._alias}"})
-                stable.metadata = {**stable.metadata, "loraflow": self.status()}
-                listed.data.append(stable)
+                listed.data.append(self._stable_card(target))
         return listed
 
     async def model_data(self, model: str, request: Request) -> ModelCard:
         self._authorize(request)
-        return await super().model_data(model)
+        routed = self._route(model)  # the id checks of completions: Ray reads {store}/{id}/adapter_config.json
+        card = await super().model_data(routed)
+        return card if routed == model else self._stable_card(card)
+
+    def _stable_card(self, target: ModelCard) -> ModelCard:
+        """The stable name's card: the card of the adapter it routes to, plus the registry's state."""
+        stable = target.model_copy(update={"id": f"{self._base_id}:{self._alias}"})
+        stable.metadata = {**stable.metadata, "loraflow": self.status()}
+        return stable
 
     def status(self) -> dict[str, Any]:
         return {"registered_model": self._registered_model, "alias": self._alias, "serving": self._target,

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import urllib.error
+import urllib.request
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
+
+# Names of settings that hold credentials (hub_token, swanlab_api_key, HF_TOKEN, AWS_SECRET_ACCESS_KEY,
+# MLFLOW_TRACKING_PASSWORD, a URI's ?token=...): their values must never reach MLflow or a message.
+# A whole word, so that add_tokens or TOKENIZERS_PARALLELISM are not taken for one.
+_SECRET_NAME = re.compile(
+    r"(^|_)(token|secret|password|passwd|credentials?|auth)(_|$)|(api|access|private|secret)_?key", re.IGNORECASE)
+
+
+def looks_secret(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
 
 
 def default_tracking_uri() -> str:
@@ -27,9 +40,30 @@ def configure() -> str:
         raise UserError("MLFLOW_TRACKING_URI contains a password. Leave it out of the URI and give it "
                         "through the environment instead: MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
                         "for a tracking server, PGPASSWORD or ~/.pgpass for PostgreSQL.")
+    secret_params = sorted({key for key, _ in parse_qsl(urlsplit(uri).query) if looks_secret(key)})
+    if secret_params:
+        raise UserError(f"MLFLOW_TRACKING_URI carries a credential in its query ({', '.join(secret_params)}). "
+                        "Leave it out of the URI and give it through the environment instead: "
+                        "MLFLOW_TRACKING_TOKEN for a tracking server.")
+    _check_reachable(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def _check_reachable(uri: str) -> None:
+    """A tracking server that does not answer is named at once, rather than after MLflow's
+    minutes of retries and a traceback."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy may refuse /health itself)
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"The tracking server {uri} cannot be reached ({reason}): start it, or point "
+                        "MLFLOW_TRACKING_URI at a running one.") from None
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:

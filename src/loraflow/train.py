@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from loraflow import console, datasets, ray_cluster, ray_training, tracking, train_config
+from loraflow import console, datasets, model_refs, ray_cluster, ray_training, registry, tracking, train_config
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import ADAPTER_ARTIFACT_PATH, register_adapter
@@ -110,19 +110,25 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
     output_dir = Path(lf_args["output_dir"])
     _claim_output_dir(output_dir, run_id)
 
-    base_model = lf_args["model_name_or_path"]
+    base_model = model_refs.portable_base_model(lf_args["model_name_or_path"])
+    base_model_id = model_refs.base_model_identity(lf_args["model_name_or_path"])
     data_digest = _combined_digest([d for d in data if d.name in datasets.split_names(lf_args["dataset"])])
     mlflow.set_tags({
         "mlflow.runName": lf_args["run_name"],
         "loraflow.job": "train",
         "base_model": base_model,
+        model_refs.BASE_MODEL_ID_TAG: base_model_id,
         "llamafactory_version": llamafactory.__version__,
         "git_commit": tracking.git_commit() or "unknown",
         "registered_model_name": cfg.registered_model_name,
         "data_digest": data_digest,
     })
     mlflow.log_params(tracking.flatten(lf_args))
-    mlflow.log_params(tracking.flatten(vars(cfg.ray), prefix="ray."))
+    # Worker environment variables by name only: values stay out of the params the UI shows and
+    # compares (credential-like names are refused by train_config; the config artifact keeps the
+    # values, which resuming needs).
+    ray_params = {**vars(cfg.ray), "ray_worker_env": ",".join(sorted(cfg.ray.ray_worker_env))}
+    mlflow.log_params(tracking.flatten(ray_params, prefix="ray."))
     _log_lineage(data, lf_args)
     mlflow.log_text(yaml.safe_dump({**lf_args, **vars(cfg.ray)}, sort_keys=False), _CONFIG_ARTIFACT)
 
@@ -141,7 +147,7 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
     ray_name = f"{cfg.ray.ray_run_name}-{ray_owner[:8]}"
     finished = ray_training.run(lf_args, cfg.ray, ray_name, worker_env)
     try:
-        results = _log_outputs(finished)
+        results, adapter_sha256 = _log_outputs(finished)
     finally:
         shutil.rmtree(finished, ignore_errors=True)
 
@@ -151,12 +157,14 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
         tags={
             "run_id": run_id,
             "base_model": base_model,
+            model_refs.BASE_MODEL_ID_TAG: base_model_id,
             "data_digest": data_digest,
             "lora_rank": str(lf_args.get("lora_rank", 8)),
             "template": str(lf_args.get("template")),
             "train_loss": str(results.get("train_loss")),
         },
         description=f"LoRA adapter on {base_model}, trained by run {run_id} from {config_path}.",
+        adapter_sha256=adapter_sha256,
     )
     mlflow.set_tag("registered_version", f"{version.name}/{version.version}")
     return version
@@ -244,16 +252,19 @@ def _log_lineage(data: list[datasets.DatasetFile], lf_args: dict[str, Any]) -> N
         )
 
 
-def _log_outputs(finished: Path) -> dict[str, Any]:
-    """Log the adapter, LLaMA-Factory's logs, plots and final results; return the results."""
+def _log_outputs(finished: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Log the adapter, LLaMA-Factory's logs, plots and final results; return the results and
+    the SHA-256 of each adapter file as logged."""
     import mlflow
 
+    adapter_items = []
     for item in sorted(finished.iterdir()):
         if item.suffix == ".png" or item.name in _TRAINING_FILES:
             if item.name not in (RUN_MARKER, ray_training.FINAL_MARKER):
                 mlflow.log_artifact(str(item), "training")
         else:
             mlflow.log_artifact(str(item), ADAPTER_ARTIFACT_PATH)
+            adapter_items.append(item)
     results = _read_json(finished / "all_results.json")
     last_step = _read_json(finished / "trainer_state.json").get("global_step", 0)
     numbers = {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
@@ -261,7 +272,7 @@ def _log_outputs(finished: Path) -> dict[str, Any]:
         numbers["train_minutes"] = numbers["train_runtime"] / 60
         numbers["samples_seen"] = round(numbers.get("train_samples_per_second", 0.0) * numbers["train_runtime"])
     mlflow.log_metrics(numbers, step=last_step)
-    return results
+    return results, registry.file_digests(finished, adapter_items)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from loraflow import tracking
 from loraflow.errors import UserError
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -82,21 +83,19 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return overrides
 
 
-# LLaMA-Factory's hub token arguments: refused, so that no token is ever logged as a parameter.
-_SECRET_KEYS = ("hf_hub_token", "ms_hub_token", "om_hub_token")
-
-
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     ray_raw = {k: raw[k] for k in raw if k in _RAY_KEYS}
     own_raw = {k: raw[k] for k in raw if k in _LORAFLOW_KEYS}
     lf_raw = {k: v for k, v in raw.items() if k not in _RAY_KEYS and k not in _LORAFLOW_KEYS}
 
+    # A config is logged to MLflow as parameters: credentials (hub_token, swanlab_api_key, ...) never go in it.
+    secrets = [key for key in raw if tracking.looks_secret(str(key))]
     problems: list[str] = [
-        f"{key} in {source}: tokens do not belong in a config (it is logged to MLflow as parameters); "
-        "leave it out and set the token in the environment instead (HF_TOKEN for the Hugging Face Hub)."
-        for key in raw if key in _SECRET_KEYS
+        f"{key} in {source}: credentials do not belong in a config (it is logged to MLflow as parameters); "
+        "leave it out and set it in the environment instead (HF_TOKEN for the Hugging Face Hub)."
+        for key in secrets
     ]
-    lf_raw = {k: v for k, v in lf_raw.items() if k not in _SECRET_KEYS}
+    lf_raw = {k: v for k, v in lf_raw.items() if k not in secrets}
     lf_args = _check_against(lf_raw, _llamafactory_fields(), problems, source)
     ray_hints = typing.get_type_hints(RaySettings)
     ray_args = _check_against(ray_raw, ray_hints, problems, source)
@@ -123,6 +122,11 @@ def _check_ray_settings(ray: RaySettings, source: str) -> None:
     if bad_env:
         raise UserError(f"{source}: ray_worker_env must map variable names to strings (quote numbers, "
                         f"e.g. {{NCCL_DEBUG: \"INFO\", OMP_NUM_THREADS: \"4\"}}); got {bad_env!r}.")
+    secret_env = sorted(k for k in ray.ray_worker_env if tracking.looks_secret(k))
+    if secret_env:
+        raise UserError(f"{source}: ray_worker_env sets {', '.join(secret_env)}, which look like credentials; the "
+                        "config is logged to MLflow, so leave them out and set them in the environment of the "
+                        "Ray nodes instead (on a local instance: the environment you start the job in).")
     bad = {k: v for k, v in ray.resources_per_worker.items() if not _is_number(v) or v < 0}
     if bad or not ray.resources_per_worker:
         raise UserError(

@@ -1,0 +1,96 @@
+"""README command 1 on a fresh clone, timed, and the version it registers scored the way the
+quality issue's "done when" says: clone this repository's HEAD into a new folder, then in it
+
+    ./setup.sh
+    .venvs/train/bin/mlflow run . -e train --env-manager local
+    .venvs/train/bin/mlflow run . -e evaluate --env-manager local -P model=models:/viggo-smollm2-lora/1
+
+each timed, with the clone's own MLflow store (mlflow.db) read afterwards. Writes
+benchmarks/results/fresh-clone-default.json. Run it with nothing else running (the times are the
+result); the pip cache of the machine is used as on any machine.
+
+    python3 benchmarks/fresh_clone.py --dest /tmp/loraflow-fresh
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "viggo-smollm2-lora"
+
+
+def timed(command: list[str], cwd: Path, log) -> float:
+    started = time.monotonic()
+    log.write(f"\n$ {' '.join(command)}\n")
+    log.flush()
+    done = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {log.name}")
+    return time.monotonic() - started
+
+
+def figures(store: Path) -> dict:
+    """The registered version's evaluation metrics and its train run's metrics, from the SQLite store."""
+    db = sqlite3.connect(store)
+    tags = dict(db.execute("select key, value from model_version_tags where name = ? and version = 1", (MODEL,)))
+    train_run = db.execute("select run_id from model_versions where name = ? and version = 1", (MODEL,)).fetchone()[0]
+
+    def metrics(run_id: str) -> dict:
+        rows = db.execute("select key, value, step from latest_metrics where run_uuid = ?", (run_id,))
+        return {key: value for key, value, _ in rows}
+
+    return {"train": metrics(train_run), "evaluate": metrics(tags["eval.run_id"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dest", type=Path, required=True, help="an empty or absent folder for the clone")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fresh-clone-default.json")
+    opts = parser.parse_args()
+    if opts.dest.exists():
+        shutil.rmtree(opts.dest)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    log_path = ROOT / ".cache" / "fresh-clone.log"
+    log_path.parent.mkdir(exist_ok=True)
+    with open(log_path, "w") as log:
+        timed(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(opts.dest)], ROOT, log)
+        setup_s = timed(["./setup.sh"], opts.dest, log)
+        mlflow = str(opts.dest / ".venvs" / "train" / "bin" / "mlflow")
+        train_s = timed([mlflow, "run", ".", "-e", "train", "--env-manager", "local"], opts.dest, log)
+        evaluate_s = timed([mlflow, "run", ".", "-e", "evaluate", "--env-manager", "local",
+                            "-P", f"model=models:/{MODEL}/1"], opts.dest, log)
+    found = figures(opts.dest / "mlflow.db")
+    scores, trained = found["evaluate"], found["train"]
+    report = {
+        "config": "configs/train/default.yaml",
+        "git_commit": commit,
+        "commands": ["./setup.sh", ".venvs/train/bin/mlflow run . -e train --env-manager local",
+                     f".venvs/train/bin/mlflow run . -e evaluate --env-manager local -P model=models:/{MODEL}/1"],
+        "setup_minutes": setup_s / 60,
+        "train_command_minutes": train_s / 60,
+        "command_1_minutes": (setup_s + train_s) / 60,
+        "evaluate_command_minutes": evaluate_s / 60,
+        "train_minutes": trained["train_runtime"] / 60,
+        "samples_seen": trained.get("samples_seen"),
+        **{key: scores[key] for key in ("rows", "exact_match", "intent_accuracy", "slot_f1", "parse_validity",
+                                        "rows_per_s")},
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    opts.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
