@@ -415,3 +415,26 @@ def test_default_gates_pass_the_default_recipe_and_refuse_smaller_trainings():
                  "n800x1-b4-lr0.002-r16a32-cosine-w0.1"):
         report = promotion_gates.check(gates["Production"], "Production", _measured(curve[name]), None)
         assert "exact_match" in [c.metric for c in report.failures], name
+
+
+def test_every_way_of_naming_a_version_resolves_to_it(store, model_name, tmp_path):
+    """What evaluate accepts: models:/NAME/N, models:/NAME@ALIAS, models:/NAME/STAGE and the train
+    run's id all name the promoted version's adapter (a run id: the run's own artifacts)."""
+    from mlflow import MlflowClient
+
+    from loraflow import model_refs
+
+    add_version(model_name, GOOD, tmp_path)
+    version = add_version(model_name, GOOD, tmp_path)
+    assert promote.main(["--name", model_name, "--version", version]) == 0
+    target = MlflowClient().get_model_version(model_name, version)
+    for text in (f"models:/{model_name}/{version}", f"models:/{model_name}@production",
+                 f"models:/{model_name}/Production"):
+        ref = model_refs.resolve(text)
+        assert (ref.version.version, ref.run_id, ref.artifact_uri, ref.base_model) == (
+            target.version, target.run_id, target.source, "tiny"), text
+        assert ref.label == f"{model_name}-v{version}"
+    MlflowClient().set_tag(target.run_id, "base_model", "tiny")  # as train tags its run
+    by_run = model_refs.resolve(target.run_id)
+    assert (by_run.version, by_run.artifact_uri, by_run.label) == (
+        None, f"runs:/{target.run_id}/adapter", f"run-{target.run_id[:8]}")

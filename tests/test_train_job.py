@@ -294,3 +294,21 @@ def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, tmp_
 
     again = run_train("--resume", second.info.run_id)  # a finished training is not resumed
     assert again.returncode == 2 and "there is nothing to continue" in again.stderr
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("unknown", "there is no training run with that id and a logged config in"),
+    ("not_loraflow", "that run was not started by loraflow's train (it has no registered_model_name tag), so it "
+                     "cannot be continued; start a new training instead."),
+])
+def test_resume_of_what_is_not_a_loraflow_training_is_refused(tracking_uri, kind, message):
+    run_id = "0123456789abcdef0123456789abcdef"
+    if kind == "not_loraflow":  # a failed run with a config file, made by something else
+        with mlflow.start_run() as run:
+            mlflow.log_text(TINY_CONFIG.read_text(), "config/train_config.yaml")
+        MlflowClient().set_terminated(run.info.run_id, "FAILED")
+        run_id = run.info.run_id
+    proc = run_train("--resume", run_id)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"resume={run_id}: {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr and registered_versions() == []

@@ -94,6 +94,9 @@ def _config_of_run(run_id: str) -> train_config.TrainConfig:
         registered = run.data.tags.get("registered_version", "see its run")
         raise UserError(f"resume={run_id}: that training finished ({registered}); there is nothing to "
                         "continue. Start a new training instead.")
+    if "registered_model_name" not in run.data.tags or run.data.tags.get("loraflow.job") != "train":
+        raise UserError(f"resume={run_id}: that run was not started by loraflow's train (it has no "
+                        "registered_model_name tag), so it cannot be continued; start a new training instead.")
     raw = yaml.safe_load(text)
     raw.pop("output_dir", None)  # the new run gets its own
     raw["run_name"] = f"{run.info.run_name}-resumed"
