@@ -117,7 +117,7 @@ def _read_info(local: Path) -> dict:
         info = json.loads((local / "dataset_info.json").read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{local / 'dataset_info.json'} is not valid JSON: {exc}") from exc
-    if not isinstance(info, dict):
+    if not isinstance(info, dict) or not all(isinstance(spec, dict) for spec in info.values()):
         raise UserError(f"{local / 'dataset_info.json'} must map dataset names to their specs.")
     return info
 

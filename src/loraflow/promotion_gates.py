@@ -78,7 +78,11 @@ def load(path: str | Path) -> dict[str, dict[str, Any]]:
         gate = gate or {}
         if not isinstance(gate, dict) or set(gate) - {"minimum", "compare_with_production"}:
             raise UserError(f"{where}: allowed keys are `minimum` and `compare_with_production`.")
-        for metric, threshold in (gate.get("minimum") or {}).items():
+        minimum = gate.get("minimum") or {}
+        if not isinstance(minimum, dict):
+            raise UserError(f"{where}: minimum must map metrics to numbers, such as {{exact_match: 0.45}}; "
+                            f"got {minimum!r}.")
+        for metric, threshold in minimum.items():
             _check_metric(where, metric)
             if not isinstance(threshold, (int, float)):
                 raise UserError(f"{where}: minimum for {metric} must be a number, not {threshold!r}.")
@@ -87,6 +91,9 @@ def load(path: str | Path) -> dict[str, dict[str, Any]]:
             if not isinstance(compare, dict) or set(compare) - {"metric", "max_regression"} or "metric" not in compare:
                 raise UserError(f"{where}: compare_with_production needs `metric` and may have `max_regression`.")
             _check_metric(where, compare["metric"])
+            slack = compare.get("max_regression", 0.0)
+            if not isinstance(slack, (int, float)) or isinstance(slack, bool):
+                raise UserError(f"{where}: max_regression must be a number, not {slack!r}.")
         stages[stage] = gate
     return stages
 

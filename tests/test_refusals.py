@@ -1,0 +1,430 @@
+"""The refusals that the other test files do not cover (docs/reliability.md's bad input catalogue
+lists every one with its test). Each is triggered as cheaply as it can be: an entry point's own
+main() in this process, against a fresh SQLite store, where the refusal is on an entry point's
+path (exit code 2, the whole message, no traceback, and nothing written: no run, no version, no
+tag, no promotion, no store folder); the module's function where no entry point reaches it
+before training. Nothing here trains, starts vLLM, Ray or Ray Serve."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, TINY_CONFIG
+from servers import free_port
+
+from loraflow import console, registry
+from loraflow.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _entry_point_state():
+    """An entry point's main() sets process-wide state (quiet-mode variables, warning filters,
+    logger levels, a SIGTERM handler): put it back, so that the files after this one see none."""
+    environ, filters = dict(os.environ), list(warnings.filters)
+    levels = {name: logging.getLogger(name).level for name in console._QUIET_LOGGERS}
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    warnings.filters[:] = filters
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def refused(main, argv: list[str], capsys) -> str:
+    """Run an entry point's main(); it must exit 2 with one plain error message. Returns it."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert err.count("error: ") == 1, err[-3000:]
+    return err[err.index("error: ") + len("error: "):].rstrip("\n")
+
+
+def nothing_written() -> None:
+    """No run, no registered model (a lock included) in the store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert client.search_registered_models() == []
+
+
+def _weights() -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({"lora_A": np.zeros((8, 16), dtype=np.float32)})
+
+
+def add_version(tmp_path: Path, name: str, tags: dict[str, str], run_tags: dict[str, str] | None = None):
+    """A version registered the way train registers one (a real adapter folder, its digests)."""
+    import mlflow
+
+    folder = tmp_path / f"adapter-{name}"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "adapter_model.safetensors").write_bytes(_weights())
+    with mlflow.start_run() as run:
+        mlflow.set_tags(run_tags or {})
+        mlflow.log_artifacts(str(folder), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
+    return registry.register_adapter(name, run.info.run_id, tags, "test adapter", registry.file_digests(folder))
+
+
+def store_state() -> list:
+    """Every run (id, status, tags) and version (stage, tags, aliases): what a refusal must leave alone."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return ([(r.info.run_id, r.info.status, r.data.tags, r.data.metrics) for r in runs]
+            + [(m.name, m.aliases, [(v.version, v.current_stage, v.tags) for v in
+                                    client.search_model_versions(f"name='{m.name}'")])
+               for m in client.search_registered_models()])
+
+
+# -- train: the config, the overrides, the data ------------------------------------------------
+
+def _train_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
+    raw = {k: v for k, v in yaml.safe_load(TINY_CONFIG.read_text()).items() if k not in drop}
+    raw.update(changes)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _info(viggo: Path, **entries) -> None:
+    info = json.loads((viggo / "dataset_info.json").read_text())
+    info.update(entries)
+    (viggo / "dataset_info.json").write_text(json.dumps(info))
+
+
+_HOW = ("entry_without_file_name", "info_not_json", "info_not_a_mapping", "info_entry_not_a_mapping",
+        "json_file_not_json",
+        "json_file_not_a_list", "json_item_not_an_object", "jsonl_row_not_an_object")
+
+
+def _damage(viggo: Path, how: str) -> None:
+    alpaca = {"formatting": "alpaca"}
+    if how == "entry_without_file_name":
+        _info(viggo, **{"viggo-train": alpaca})
+    elif how == "info_not_json":
+        (viggo / "dataset_info.json").write_text('{"viggo-train": ')
+    elif how == "info_not_a_mapping":
+        (viggo / "dataset_info.json").write_text('["viggo-train", "viggo-val"]')
+    elif how == "info_entry_not_a_mapping":  # was a TypeError and a traceback
+        _info(viggo, **{"viggo-train": 3})
+    elif how == "json_file_not_json":
+        _info(viggo, **{"viggo-train": {**alpaca, "file_name": "train.json"}})
+        (viggo / "train.json").write_text('[{"instruction": "x",\n "input": ')
+    elif how == "json_file_not_a_list":
+        _info(viggo, **{"viggo-train": {**alpaca, "file_name": "train.json"}})
+        (viggo / "train.json").write_text('{"instruction": "x", "input": "y", "output": "z"}')
+    elif how == "json_item_not_an_object":
+        _info(viggo, **{"viggo-train": {**alpaca, "file_name": "train.json"}})
+        (viggo / "train.json").write_text('[{"instruction": "x", "input": "y", "output": "z"}, "row two"]')
+    elif how == "jsonl_row_not_an_object":
+        lines = (viggo / "train.jsonl").read_text().splitlines()
+        lines[2] = '["instruction", "input", "output"]'
+        (viggo / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("how, message", [
+    ("entry_without_file_name", "Dataset 'viggo-train' in {viggo}/dataset_info.json has no file_name."),
+    ("info_not_json", "{viggo}/dataset_info.json is not valid JSON: Expecting value: line 1 column 17 (char 16)"),
+    ("info_not_a_mapping", "{viggo}/dataset_info.json must map dataset names to their specs."),
+    ("info_entry_not_a_mapping", "{viggo}/dataset_info.json must map dataset names to their specs."),
+    ("json_file_not_json", "{viggo}/train.json: not valid JSON (line 2): Expecting value"),
+    ("json_file_not_a_list", "{viggo}/train.json: a .json data file must hold a list of objects."),
+    ("json_item_not_an_object", "{viggo}/train.json item 2: expected a JSON object, got str."),
+    ("jsonl_row_not_an_object", "{viggo}/train.jsonl line 3: expected a JSON object, got list."),
+], ids=_HOW)
+def test_train_refuses_bad_data_before_a_run(tracking_uri, tmp_path, viggo_copy, capsys, how, message):
+    from loraflow import train
+
+    _damage(viggo_copy, how)
+    config = _train_config(tmp_path, dataset_dir=str(viggo_copy))
+    assert refused(train.main, ["--config", str(config)], capsys) == message.format(viggo=viggo_copy.resolve())
+    nothing_written()
+
+
+def test_train_refuses_a_remote_dataset_dir_that_cannot_be_downloaded(tracking_uri, tmp_path, capsys, monkeypatch):
+    from loraflow import datasets, train
+
+    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
+    url = f"http://127.0.0.1:{free_port()}/viggo"  # nothing listens there
+    message = refused(train.main, ["--config", str(_train_config(tmp_path, dataset_dir=url))], capsys)
+    assert message.startswith(f"Cannot download {url}/dataset_info.json: <urlopen error ")
+    assert "Connection refused" in message and message.endswith(".")
+    nothing_written()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("lora_rank: [8\n", "", "Config file {path} is not valid YAML: while parsing a flow sequence"),
+    ("- lora_rank\n- dataset\n", "", "Config file {path} must hold a mapping of keys to values."),
+    (None, "{max_samples: 5", "overrides is not valid YAML: while parsing a flow mapping"),
+    ({"ray_num_workers": 0}, "", "{path}: ray_num_workers must be at least 1, got 0."),
+    ({"ray_max_failures": -2}, "", "{path}: ray_max_failures must be -1 (retry forever) or >= 0."),
+    ({"drop": ("model_name_or_path",)}, "",
+     "model_name_or_path is missing from the config; set it to a model folder or hub id."),
+    ({"drop": ("dataset",)}, "", "dataset is missing from the config; name datasets from dataset_info.json."),
+], ids=["config_not_yaml", "config_not_a_mapping", "overrides_not_yaml", "no_workers", "max_failures",
+        "no_model", "no_dataset"])
+def test_train_refuses_a_bad_config_before_a_run(tracking_uri, tmp_path, capsys, config, overrides, message):
+    from loraflow import train
+
+    if isinstance(config, str):
+        path = tmp_path / "train.yaml"
+        path.write_text(config)
+    else:
+        changes = dict(config or {})
+        path = _train_config(tmp_path, drop=changes.pop("drop", ()), **changes)
+    got = refused(train.main, ["--config", str(path), "--overrides", overrides], capsys)
+    expected = message.format(path=path)
+    assert got.startswith(expected), got
+    if "YAML:" not in expected:
+        assert got == expected
+    nothing_written()
+
+
+def test_train_refuses_to_resume_a_finished_training(tracking_uri, capsys):
+    """Without training first (test_train_job covers it after a real one): a finished run with a config."""
+    import mlflow
+
+    from loraflow import train
+
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"loraflow.job": "train", "registered_model_name": "viggo-tiny-lora"})
+        mlflow.log_text(TINY_CONFIG.read_text(), "config/train_config.yaml")
+    before = store_state()
+    assert refused(train.main, ["--resume", run.info.run_id], capsys) == (
+        f"resume={run.info.run_id}: that training finished (see its run); there is nothing to continue. "
+        "Start a new training instead.")
+    assert store_state() == before
+
+
+def test_an_adapter_that_training_did_not_write_is_refused(tmp_path):
+    """After LLaMA-Factory returned: reached only by a training run, so checked on the function."""
+    from loraflow import ray_training
+
+    output_dir, dest = tmp_path / "out", tmp_path / "dest"
+    output_dir.mkdir()
+    dest.mkdir()
+    (output_dir / "trainer_log.jsonl").write_text("{}\n")
+    with pytest.raises(UserError) as err:
+        ray_training._copy_outputs(output_dir, dest)
+    assert str(err.value) == f"training wrote no adapter_config.json into {output_dir}"
+
+
+# -- evaluate: its config, the model reference, the version's base model ------------------------
+
+def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
+    raw = {k: v for k, v in yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text()).items()
+           if k not in drop}
+    raw.update(changes)
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ("missing", "Evaluation config {path} does not exist."),
+    ("- engine\n", "Evaluation config {path} must hold a mapping of keys to values."),
+    ({"drop": ("engine",), "engin": {"max_lora_rank": 16}},
+     "Evaluation config {path}: unknown keys ['engin'], missing keys ['engine']; see configs/evaluate/default.yaml "
+     "for the keys."),
+    ({"engine": "bfloat16"}, "Evaluation config {path}: engine must be a mapping of names to values, got "
+                             "'bfloat16'; see configs/evaluate/default.yaml."),
+    ({"engine_env": ["OMP_NUM_THREADS=1"]}, "Evaluation config {path}: engine_env must be a mapping of names to "
+                                            "values, got ['OMP_NUM_THREADS=1']; see configs/evaluate/default.yaml."),
+    ({"engine_env": {"OMP_NUM_THREADS": 1}},
+     "Evaluation config {path}: engine_env values must be strings (quote numbers)."),
+    ({"engine": {"max_lora_rank": "16", "dtype": "bfloat16"}},
+     "Evaluation config {path}: engine.max_lora_rank must be an integer."),
+], ids=["missing", "not_a_mapping", "keys", "engine_not_a_mapping", "engine_env_not_a_mapping",
+        "engine_env_not_strings", "max_lora_rank"])
+def test_evaluate_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
+    from loraflow import evaluate
+
+    if changes == "missing":
+        path = tmp_path / "nothing.yaml"
+    elif isinstance(changes, str):
+        path = tmp_path / "eval.yaml"
+        path.write_text(changes)
+    else:
+        changes = dict(changes)
+        path = _eval_config(tmp_path, drop=changes.pop("drop", ()), **changes)
+    assert refused(evaluate.main, ["--model", "models:/viggo-eval/1", "--config", str(path)], capsys) == (
+        message.format(path=path))
+    nothing_written()
+
+
+def test_the_evaluate_script_refuses_an_engine_that_is_not_a_mapping(tracking_uri, tmp_path):
+    """The process users start (it moves itself into the infer environment): exit 2, no traceback."""
+    path = _eval_config(tmp_path, engine="bfloat16")
+    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/evaluate.py"), "--model", "models:/viggo-eval/1",
+                           "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ.copy())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.endswith(f"error: Evaluation config {path}: engine must be a mapping of names to values, got "
+                                "'bfloat16'; see configs/evaluate/default.yaml.\n"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    nothing_written()
+
+
+TINY = "./.cache/models/tiny-smollm2"
+
+
+@pytest.mark.parametrize("kind", ["not_understood", "not_a_selector", "run_without_base_model",
+                                  "version_without_base_model", "no_base_model_id", "base_model_not_here"])
+def test_evaluate_refuses_what_it_cannot_check_before_a_run(tracking_uri, tmp_path, capsys, kind):
+    from loraflow import evaluate, model_refs
+
+    text = "models:/viggo-eval/1"
+    if kind == "not_understood":
+        text, message = "viggo-eval/1", (
+            "Model reference 'viggo-eval/1' is not understood: use models:/NAME/VERSION, models:/NAME@ALIAS, "
+            "models:/NAME/STAGE (Staging, Production, Archived) or a run id.")
+        add_version(tmp_path, "viggo-eval", {"base_model": TINY})
+    elif kind == "not_a_selector":
+        text, message = "models:/viggo-eval/latest", (
+            "Model reference 'models:/viggo-eval/latest': 'latest' is neither a version number nor a stage.")
+        add_version(tmp_path, "viggo-eval", {"base_model": TINY})
+    elif kind == "run_without_base_model":
+        text = add_version(tmp_path, "viggo-eval", {"base_model": TINY}).run_id
+        message = f"{text!r} does not name a loraflow train run (its run has no base_model tag)."
+    elif kind == "version_without_base_model":
+        add_version(tmp_path, "viggo-eval", {})
+        message = f"{text!r} does not name a loraflow train run (its run has no base_model tag)."
+    elif kind == "no_base_model_id":
+        add_version(tmp_path, "viggo-eval", {"base_model": TINY})
+        message = (f"{text} has no {model_refs.BASE_MODEL_ID_TAG} tag, so its base model cannot be checked (it was "
+                   "registered by hand or by an older loraflow): train a new version.")
+    else:
+        add_version(tmp_path, "viggo-eval", {"base_model": "./.cache/models/no-such-model",
+                                             model_refs.BASE_MODEL_ID_TAG: "no-such-model@sha256:0123456789abcdef"})
+        message = "Base model ./.cache/models/no-such-model is not on this machine; run ./setup.sh."
+    before = store_state()
+    assert refused(evaluate.main, ["--model", text, "--config", str(_eval_config(tmp_path, max_rows=4))],
+                   capsys) == message
+    assert store_state() == before  # no evaluation run, no eval.* tags
+
+
+# -- serve: its config, the served version, the base model -------------------------------------
+
+def _serve_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
+    raw = {k: v for k, v in yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text()).items()
+           if k not in drop}
+    raw.update({"port": free_port(), "api_key_env": "LORAFLOW_REFUSALS_API_KEY", **changes})
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ("missing", "Serving config {path} does not exist; see configs/serve/default.yaml."),
+    ({"drop": ("poll_interval_s",), "workers": 2},
+     "Serving config {path}: missing keys ['poll_interval_s'], unknown keys ['workers']; see "
+     "configs/serve/default.yaml."),
+    ("[host, port]", "Serving config {path}: missing keys ['allow_unauthenticated', 'api_key_env', 'host', "
+                     "'llm_config', 'lora_store', 'poll_interval_s', 'port', 'ray_num_cpus'], unknown keys []; see "
+                     "configs/serve/default.yaml."),
+], ids=["missing", "keys", "not_a_mapping"])
+def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
+    from loraflow import serve
+
+    if changes == "missing":
+        path = tmp_path / "nothing.yaml"
+    elif isinstance(changes, str):
+        path = tmp_path / "serve.yaml"
+        path.write_text(changes)
+    else:
+        changes = dict(changes)
+        path = _serve_config(tmp_path, drop=changes.pop("drop", ()), **changes)
+    assert refused(serve.main, ["--name", "viggo-serve", "--config", str(path)], capsys) == message.format(path=path)
+    nothing_written()
+
+
+@pytest.mark.parametrize("tags, message", [
+    ({}, "viggo-serve v1 has no base_model tag: it was not registered by loraflow's train."),
+    ({"base_model": TINY}, "viggo-serve v1 has no loraflow.base_model_id tag, so its base model cannot be checked "
+                           "(it was registered by hand or by an older loraflow): train a new version."),
+], ids=["no_base_model", "no_base_model_id"])
+def test_serve_refuses_a_version_it_cannot_check_before_starting_anything(tracking_uri, tmp_path, capsys,
+                                                                          monkeypatch, tags, message):
+    from mlflow import MlflowClient
+
+    from loraflow import serve
+
+    version = add_version(tmp_path, "viggo-serve", tags)
+    MlflowClient().set_registered_model_alias("viggo-serve", "production", version.version)
+    monkeypatch.delenv("LORAFLOW_REFUSALS_API_KEY", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    before = store_state()
+    assert refused(serve.main, ["--name", "viggo-serve", "--config", str(_serve_config(tmp_path))], capsys) == message
+    assert store_state() == before
+    assert "AWS_ENDPOINT_URL_S3" not in os.environ  # no LoRA store was started, nothing published
+
+
+def test_serve_refuses_a_model_source_other_than_the_versions_base_model():
+    """Checked on the function: in serve_forever it comes after the adapter is published."""
+    from loraflow import serve
+
+    config = serve.load_config(str(ROOT / "configs/serve/default.yaml"))
+    config["llm_config"]["model_loading_config"]["model_source"] = "/models/another-model"
+    with pytest.raises(UserError) as err:
+        serve.llm_config(config, TINY, "s3://loraflow-adapters/adapters")
+    assert str(err.value) == (
+        f"The served version was trained on {TINY}, but the serving config's model_source is /models/another-model; "
+        f"set it to null or to {TINY}.")
+
+
+# -- promote: the gates file --------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    ("stages: {Production: {maximum: {exact_match: 0.9}}}",
+     "Promotion config {path}, stage 'Production': allowed keys are `minimum` and `compare_with_production`."),
+    ("stages: {Production: {compare_with_production: {max_regression: 0.05}}}",
+     "Promotion config {path}, stage 'Production': compare_with_production needs `metric` and may have "
+     "`max_regression`."),
+    # These two were an AttributeError and a ValueError, each with a traceback:
+    ("stages: {Production: {minimum: 0.5}}",
+     "Promotion config {path}, stage 'Production': minimum must map metrics to numbers, such as "
+     "{{exact_match: 0.45}}; got 0.5."),
+    ("stages: {Production: {compare_with_production: {metric: exact_match, max_regression: lots}}}",
+     "Promotion config {path}, stage 'Production': max_regression must be a number, not 'lots'."),
+], ids=["unknown_gate_key", "compare_without_metric", "minimum_not_a_mapping", "max_regression_not_a_number"])
+def test_promote_refuses_a_bad_gate_and_moves_nothing(tracking_uri, tmp_path, capsys, content, message):
+    from loraflow import promote
+
+    add_version(tmp_path, "viggo-promote", {"base_model": TINY})
+    path = tmp_path / "gates.yaml"
+    path.write_text(content)
+    before = store_state()
+    assert refused(promote.main, ["--name", "viggo-promote", "--version", "1", "--config", str(path)],
+                   capsys) == message.format(path=path)
+    assert store_state() == before
+
+
+def test_the_promote_script_refuses_force_that_is_not_a_boolean(tracking_uri, tmp_path):
+    """`-P force=maybe` through the process users start: exit 2 (not 1), nothing moved."""
+    add_version(tmp_path, "viggo-promote", {"base_model": TINY})
+    before = store_state()
+    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/promote.py"), "--name", "viggo-promote",
+                           "--version", "1", "--force", "maybe"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.endswith("error: force must be true or false, not 'maybe'.\n"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert store_state() == before
