@@ -151,8 +151,8 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     with contextlib.ExitStack() as stack:
         store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())
         store = adapter_store.LoraStore(store_uri)
+        fields = llm_config(config, base_model, store.uri)  # refuses a model_source mismatch before publishing
         adapter = store.publish(first)
-        fields = llm_config(config, base_model, store.uri)
         ray_cluster.connect(num_cpus=config["ray_num_cpus"])  # after the S3 settings: Ray workers inherit them
         from ray import serve
 
