@@ -30,6 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import machine
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -343,7 +344,7 @@ def main() -> None:
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     parts = opts.parts.split(",")
-    report = {"machine": f"{os.cpu_count()} CPUs", "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+    report = {"machine": machine.describe(), "tracking_uri": env["MLFLOW_TRACKING_URI"]}
     with open(opts.log, "a") as log:
         if "train" in parts:
             report["train"] = bench_train(work, env, log, opts.repeats, opts.train_samples)

@@ -17,15 +17,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "viggo-smollm2-lora"
 
@@ -41,7 +43,7 @@ def timed(command: list[str], cwd: Path, log) -> float:
 
 
 def figures(store: Path) -> dict:
-    """The registered version's evaluation metrics and its train run's metrics, from the SQLite store."""
+    """The registered version's train run's metrics and, once evaluated, its evaluation's, from the SQLite store."""
     db = sqlite3.connect(store)
     tags = dict(db.execute("select key, value from model_version_tags where name = ? and version = 1", (MODEL,)))
     train_run = db.execute("select run_id from model_versions where name = ? and version = 1", (MODEL,)).fetchone()[0]
@@ -50,7 +52,7 @@ def figures(store: Path) -> dict:
         rows = db.execute("select key, value, step from latest_metrics where run_uuid = ?", (run_id,))
         return {key: value for key, value, _ in rows}
 
-    return {"train": metrics(train_run), "evaluate": metrics(tags["eval.run_id"])}
+    return {"train": metrics(train_run), "evaluate": metrics(tags["eval.run_id"]) if "eval.run_id" in tags else {}}
 
 
 def main() -> None:
@@ -63,32 +65,34 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     log_path = ROOT / ".cache" / "fresh-clone.log"
     log_path.parent.mkdir(exist_ok=True)
-    with open(log_path, "w") as log:
-        timed(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(opts.dest)], ROOT, log)
-        setup_s = timed(["./setup.sh"], opts.dest, log)
-        mlflow = str(opts.dest / ".venvs" / "train" / "bin" / "mlflow")
-        train_s = timed([mlflow, "run", ".", "-e", "train", "--env-manager", "local"], opts.dest, log)
-        evaluate_s = timed([mlflow, "run", ".", "-e", "evaluate", "--env-manager", "local",
-                            "-P", f"model=models:/{MODEL}/1"], opts.dest, log)
-    found = figures(opts.dest / "mlflow.db")
-    scores, trained = found["evaluate"], found["train"]
     report = {
         "config": "configs/train/default.yaml",
         "git_commit": commit,
         "commands": ["./setup.sh", ".venvs/train/bin/mlflow run . -e train --env-manager local",
                      f".venvs/train/bin/mlflow run . -e evaluate --env-manager local -P model=models:/{MODEL}/1"],
-        "setup_minutes": setup_s / 60,
-        "train_command_minutes": train_s / 60,
-        "command_1_minutes": (setup_s + train_s) / 60,
-        "evaluate_command_minutes": evaluate_s / 60,
-        "train_minutes": trained["train_runtime"] / 60,
-        "samples_seen": trained.get("samples_seen"),
-        **{key: scores[key] for key in ("rows", "exact_match", "intent_accuracy", "slot_f1", "parse_validity",
-                                        "rows_per_s")},
-        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs",
+        "machine": machine.describe(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    opts.out.write_text(json.dumps(report, indent=1) + "\n")
+
+    def save(**figures_so_far) -> None:  # after every phase: a run stopped later keeps what it measured
+        report.update(figures_so_far)
+        opts.out.write_text(json.dumps(report, indent=1) + "\n")
+
+    with open(log_path, "w") as log:
+        timed(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(opts.dest)], ROOT, log)
+        setup_s = timed(["./setup.sh"], opts.dest, log)
+        save(setup_minutes=setup_s / 60)
+        mlflow = str(opts.dest / ".venvs" / "train" / "bin" / "mlflow")
+        train_s = timed([mlflow, "run", ".", "-e", "train", "--env-manager", "local"], opts.dest, log)
+        trained = figures(opts.dest / "mlflow.db")["train"]
+        save(train_command_minutes=train_s / 60, command_1_minutes=(setup_s + train_s) / 60,
+             train_minutes=trained["train_runtime"] / 60, samples_seen=trained.get("samples_seen"))
+        evaluate_s = timed([mlflow, "run", ".", "-e", "evaluate", "--env-manager", "local",
+                            "-P", f"model=models:/{MODEL}/1"], opts.dest, log)
+    scores = figures(opts.dest / "mlflow.db")["evaluate"]
+    save(evaluate_command_minutes=evaluate_s / 60,
+         **{key: scores[key] for key in ("rows", "exact_match", "intent_accuracy", "slot_f1", "parse_validity",
+                                         "rows_per_s")})
     print(json.dumps(report, indent=1))
 
 

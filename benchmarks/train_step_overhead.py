@@ -5,6 +5,7 @@ in each setting below, each in a fresh process, one after the other:
   peft_loop      no Trainer: a plain PEFT loop (forward, backward, AdamW) under the config's
                  autocast, over the batches LLaMA-Factory's own data pipeline and collator make
   bare           run_exp in a plain process's main thread (what `llamafactory-cli train` does)
+  bare_float32   the same in float32 (`bf16: false`): what bf16 autocast buys on this CPU
   process_group  + a gloo process group of world size 1, as Ray Train sets up (DDP mode)
   thread         run_exp in a second thread, as Ray Train runs the training function
   thread_tick    + the main thread waking every 10 ms, as a Ray worker's does to check signals
@@ -40,8 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_overhead  # noqa: E402
+import machine  # noqa: E402
 
-SETTINGS = ("peft_loop", "bare", "process_group", "thread", "thread_tick", "ray_driver", "ray_task",
+SETTINGS = ("peft_loop", "bare", "bare_float32", "process_group", "thread", "thread_tick", "ray_driver", "ray_task",
             "ray_train", "ray_train_lean", "train_job")
 
 
@@ -165,6 +167,8 @@ def run_setting(setting: str, config: dict) -> None:
         peft_loop(config)
     elif setting == "bare":
         train(config)
+    elif setting == "bare_float32":
+        train({**config, "args": {**config["args"], "bf16": False}})
     elif setting == "process_group":
         import torch.distributed as dist
 
@@ -218,7 +222,7 @@ def main() -> None:
         return
 
     settings = opts.settings.split(",")
-    report: dict = {"machine": f"{os.cpu_count()} CPUs", "samples": opts.samples, "runs": {s: [] for s in settings}}
+    report: dict = {"machine": machine.describe(), "samples": opts.samples, "runs": {s: [] for s in settings}}
     with open(opts.log, "a") as log:
         for i in range(opts.repeats):
             for setting in settings if i % 2 == 0 else settings[::-1]:

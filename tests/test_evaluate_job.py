@@ -86,6 +86,55 @@ def test_evaluate_logs_predictions_and_metrics(store, tmp_path):
     assert sum(row[2] for row in confusion["data"]) == 6  # every adapter row, once
 
 
+def _answers(store, tmp_path, variant: str) -> list[str]:
+    run_id = store.get_model_version("viggo-tiny-lora", "1").tags["eval.run_id"]
+    table = json.loads(Path(store.download_artifacts(run_id, "predictions.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    return [row["generated"] for row in sorted(rows, key=lambda r: r["index"]) if row["variant"] == variant]
+
+
+def test_the_merged_adapter_answers_as_the_adapter_applied_per_row(store, tmp_path):
+    """merge_adapter (the CPU default) must not change what is scored: the same greedy answers
+    as vLLM's per-row LoRA. In float32, where the two orders of summing round alike."""
+    engine = {**yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())["engine"], "dtype": "float32"}
+    answers = {}
+    for merge in (True, False):
+        proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path, merge_adapter=merge, engine=engine))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run = store.get_run(store.get_model_version("viggo-tiny-lora", "1").tags["eval.run_id"])
+        assert run.data.params["merge_adapter"] == str(merge)
+        assert ("adapter_merge_s" in run.data.metrics) == merge
+        answers[merge] = _answers(store, tmp_path, "adapter")
+    assert len(answers[True]) == SMALL_EVAL["max_rows"]
+    assert answers[True] == answers[False]
+
+
+def test_the_merged_model_holds_the_adapters_update(store, tmp_path):
+    """LLaMA-Factory's export, as evaluate calls it, writes base + (alpha / r) * B @ A into every
+    adapted weight. (The tiny model's greedy answers are the same with and without its adapter,
+    so the comparison of answers above cannot show this.)"""
+    import torch
+    from safetensors.torch import load_file
+
+    from loraflow import adapter_merge, model_refs
+
+    version = store.get_model_version("viggo-tiny-lora", "1")
+    adapter = Path(store.download_artifacts(version.run_id, "adapter", str(tmp_path)))
+    base = model_refs.base_model_source(version.tags["base_model"])
+    merged = adapter_merge.merge_into_base(base, adapter, tmp_path / "merged")
+    lora = load_file(adapter / "adapter_model.safetensors")
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    base_weights, merged_weights = load_file(Path(base) / "model.safetensors"), load_file(merged / "model.safetensors")
+    adapted = sorted(key[len("base_model.model."):-len(".lora_A.weight")] for key in lora
+                     if key.endswith(".lora_A.weight"))
+    assert len(adapted) == 7 * 2  # every linear layer of both blocks (lora_target: all)
+    for name in adapted:
+        update = settings["lora_alpha"] / settings["r"] * (
+            lora[f"base_model.model.{name}.lora_B.weight"] @ lora[f"base_model.model.{name}.lora_A.weight"])
+        assert update.abs().max() > 0, name  # trained: B is no longer zero
+        torch.testing.assert_close(merged_weights[f"{name}.weight"], base_weights[f"{name}.weight"] + update)
+
+
 @pytest.mark.parametrize(
     "model, changes, message",
     [
@@ -93,7 +142,8 @@ def test_evaluate_logs_predictions_and_metrics(store, tmp_path):
         ("models:/viggo-tiny-lora/7", {}, "does not exist"),
         ("models:/viggo-tiny-lora/Production", {}, "has no version in stage Production"),
         ("0123456789abcdef0123456789abcdef", {}, "does not exist"),
-        ("models:/viggo-tiny-lora/1", {"engine": {"max_lora_rank": 4, "dtype": "float32",
+        ("models:/viggo-tiny-lora/1", {"merge_adapter": False,
+                                       "engine": {"max_lora_rank": 4, "dtype": "float32",
                                                   "max_model_len": 1024, "enforce_eager": True}},
          "the adapter has LoRA rank 8 but the engine's max_lora_rank is 4"),
         ("models:/viggo-tiny-lora/1", {"dataset": "viggo-nothing"}, "Unknown dataset 'viggo-nothing'"),

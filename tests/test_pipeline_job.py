@@ -31,6 +31,7 @@ def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{"):])
     assert summary["version"] == "1" and summary["evaluated"] and summary["promoted_to"] == "Production"
+    assert summary["gate"] == "passed" and summary["evaluate_exit_code"] == 0
     assert summary["start_ui"] == f"mlflow ui --backend-store-uri {tracking_uri}"
     assert summary["model_version"].endswith("/#/models/viggo-tiny-lora/versions/1")
 
@@ -53,3 +54,25 @@ def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
         page_text(browser, summary["model_version"].replace("http://127.0.0.1:5000", url),
                   ["Production", "@ production", train_name, "gate passed"], "mlflow-model-version.png")
         page_text(browser, f"{url}/#/models/viggo-tiny-lora", ["Version 1", "@ production"], "mlflow-model.png")
+
+
+def test_a_refused_gate_is_a_result_the_version_stays_registered(tracking_uri, tmp_path):
+    """The gate asks for more rows than were evaluated: exit 0, the summary says refused and why,
+    and the version stays registered, evaluated, in no stage."""
+    eval_config = yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())
+    eval_config.update(max_rows=4, sampling={"temperature": 0.0, "max_tokens": 16})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_config))
+    (tmp_path / "gates.yaml").write_text("stages: {Production: {minimum: {rows: 5}}}")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "mlproject/pipeline.py"), "--train-config", str(TINY_CONFIG),
+         "--overrides", f"{{output_dir: {tmp_path / 'out'}}}", "--eval-config", str(tmp_path / "eval.yaml"),
+         "--promote-config", str(tmp_path / "gates.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1500, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{"):])
+    assert (summary["version"], summary["evaluated"], summary["gate"], summary["promoted_to"]) == (
+        "1", True, "refused", None)
+    assert "[pipeline] not promoted: viggo-tiny-lora v1 does not pass the Production gate (rows)" in proc.stdout
+    version = MlflowClient().get_model_version("viggo-tiny-lora", "1")
+    assert version.current_stage == "None" and version.aliases == []
+    assert version.tags["eval.rows"] == "4.000000" and "promotion.gate" not in version.tags

@@ -252,8 +252,12 @@ def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
      "Evaluation config {path}: engine_env values must be strings (quote numbers)."),
     ({"engine": {"max_lora_rank": "16", "dtype": "bfloat16"}},
      "Evaluation config {path}: engine.max_lora_rank must be an integer."),
+    ({"merge_adapter": "yes"}, "Evaluation config {path}: merge_adapter must be true or false, got 'yes'."),
+    ({"merge_adapter": True, "lora_store": "s3://bucket/adapters"},
+     "Evaluation config {path}: merge_adapter: true evaluates on this machine's engines, lora_store sends the "
+     "adapter to engines on other nodes; set merge_adapter: false to evaluate through the LoRA store."),
 ], ids=["missing", "not_a_mapping", "keys", "engine_not_a_mapping", "engine_env_not_a_mapping",
-        "engine_env_not_strings", "max_lora_rank"])
+        "engine_env_not_strings", "max_lora_rank", "merge_adapter_not_bool", "merge_adapter_with_lora_store"])
 def test_evaluate_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
     from loraflow import evaluate
 
@@ -428,3 +432,22 @@ def test_the_promote_script_refuses_force_that_is_not_a_boolean(tracking_uri, tm
     assert proc.stderr.endswith("error: force must be true or false, not 'maybe'.\n"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert store_state() == before
+
+
+# -- pipeline: every step's config is checked before training --------------------------------
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("--eval-config", "missing-eval.yaml", "Evaluation config {value} does not exist."),
+    ("--promote-config", "missing-gates.yaml",
+     "Promotion config {value} does not exist; see configs/promote/default.yaml."),
+    ("--promote-stage", "Prod", "Unknown stage 'Prod': use one of Staging, Production, Archived."),
+], ids=["eval_config", "gates", "stage"])
+def test_the_pipeline_refuses_a_later_steps_bad_input_before_training(tracking_uri, tmp_path, capsys, argument,
+                                                                      value, message):
+    from loraflow import pipeline
+
+    if value.endswith(".yaml"):
+        value = str(tmp_path / value)
+    assert refused(pipeline.main, ["--train-config", str(TINY_CONFIG), argument, value], capsys) == (
+        message.format(value=value))
+    nothing_written()

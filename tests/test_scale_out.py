@@ -172,7 +172,8 @@ def test_no_secret_lands_in_mlflow_outputs_or_logs(cluster):
 
 def _eval_config(cluster, lora_store: str | None) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "evaluate" / "default.yaml").read_text())
-    config.update(max_rows=4, baseline=False, guided_decoding=False, lora_store=lora_store)
+    # Engines on other nodes load the adapter per row from the S3 store: nothing merged here.
+    config.update(max_rows=4, baseline=False, guided_decoding=False, lora_store=lora_store, merge_adapter=False)
     config["sampling"]["max_tokens"] = 16
     path = cluster["tmp"] / f"eval-{bool(lora_store)}.yaml"
     path.write_text(yaml.safe_dump(config))

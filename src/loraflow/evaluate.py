@@ -1,7 +1,8 @@
 """The `evaluate` entry point: batch inference with Ray Data LLM + vLLM (base model in the
-engine, the adapter chosen per row), scored by evaluation/viggo.py, logged as an MLflow run
-nested under the train run that produced the adapter, with the metrics also written onto the
-registered model version for promotion gates."""
+engine, the adapter chosen per row; or, with `merge_adapter`, the adapter merged into the base
+model's weights first), scored by evaluation/viggo.py, logged as an MLflow run nested under the
+train run that produced the adapter, with the metrics also written onto the registered model
+version for promotion gates."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ from typing import Any
 
 import yaml
 
-from loraflow import adapter_store, console, datasets, model_refs, promotion_gates, ray_cluster, registry, tracking
+from loraflow import (
+    adapter_merge,
+    adapter_store,
+    console,
+    datasets,
+    model_refs,
+    promotion_gates,
+    ray_cluster,
+    registry,
+    tracking,
+)
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.signals import run_job
@@ -44,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 _REQUIRED_KEYS = {"dataset_dir", "dataset", "sampling", "engine", "batch_size", "concurrency"}
 _OPTIONAL_KEYS = {"max_rows", "baseline", "guided_decoding", "accelerator_type", "resources_per_engine", "lora_store",
-                  "engine_env"}
+                  "engine_env", "merge_adapter"}
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -68,6 +79,13 @@ def load_config(path: str) -> dict[str, Any]:
         raise UserError(f"Evaluation config {path}: engine_env values must be strings (quote numbers).")
     if not isinstance(config["engine"].get("max_lora_rank"), int):
         raise UserError(f"Evaluation config {path}: engine.max_lora_rank must be an integer.")
+    if not isinstance(config.get("merge_adapter", False), bool):
+        raise UserError(f"Evaluation config {path}: merge_adapter must be true or false, "
+                        f"got {config['merge_adapter']!r}.")
+    if config.get("merge_adapter") and config.get("lora_store"):
+        raise UserError(f"Evaluation config {path}: merge_adapter: true evaluates on this machine's engines, "
+                        "lora_store sends the adapter to engines on other nodes; set merge_adapter: false "
+                        "to evaluate through the LoRA store.")
     return config
 
 
@@ -91,6 +109,10 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
         # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
         ray_cluster.connect(num_cpus=4)
         engine_adapter = _adapter_for_engines(ref, adapter_dir, config.get("lora_store"))
+        base_model = model_refs.base_model_source(ref.base_model)
+        started = time.monotonic()
+        passes = _passes(base_model, adapter_dir, engine_adapter, workdir, config)
+        merge_s = time.monotonic() - started
         with mlflow.start_run() as run:  # resumes the run `mlflow run` created, if any
             try:
                 mlflow.set_tags({
@@ -102,8 +124,10 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
                     "train_run_id": ref.run_id,
                 })
                 mlflow.log_params(tracking.flatten(config))
-                predictions, seconds = _generate(rows, ref.base_model, engine_adapter, config)
+                predictions, seconds = _generate(rows, passes, base_model, config)
                 metrics = _score_and_log(predictions, seconds, viggo)
+                if config.get("merge_adapter"):
+                    mlflow.log_metric("adapter_merge_s", merge_s)
             except KeyboardInterrupt:
                 mlflow.end_run("KILLED")
                 raise
@@ -125,7 +149,7 @@ def _test_rows(config: dict[str, Any]) -> list[dict]:
 def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[str, Any]) -> None:
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     max_rank = config["engine"]["max_lora_rank"]
-    if adapter_config.get("r", 0) > max_rank:
+    if not config.get("merge_adapter") and adapter_config.get("r", 0) > max_rank:
         raise UserError(
             f"{ref.text}: the adapter has LoRA rank {adapter_config['r']} but the engine's "
             f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in the evaluation config."
@@ -134,65 +158,41 @@ def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[s
     model_refs.check_base_model(ref.base_model_id, ref.base_model, ref.text)
 
 
-def _generate(rows: list[dict], base_model: str, engine_adapter: tuple[str, str | None], config: dict[str, Any]):
-    """Run `rows` through the adapter, and through the base model (baseline) and the guided
-    adapter when configured, one Ray Data LLM pass each."""
-    import ray
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def _passes(base_model: str, adapter_dir: Path, engine_adapter: tuple[str, str | None], workdir: Path,
+            config: dict[str, Any]) -> list[tuple[str, str, tuple[str, str | None] | None]]:
+    """The passes to run, each (variant, the engine's model, the per-row adapter or None): the
+    adapter, then the base model alone (baseline) and the guided adapter when configured."""
+    if config.get("merge_adapter"):
+        with console.progress_bar(None, "merging the adapter into the base model (LLaMA-Factory export)"):
+            merged = str(adapter_merge.merge_into_base(base_model, adapter_dir, workdir / "merged"))
+        adapter_pass = (merged, None)
+    else:
+        adapter_pass = (base_model, engine_adapter)
+    passes = [("adapter", *adapter_pass)]
+    if config.get("baseline"):
+        passes.append(("baseline", base_model, None))
+    if config.get("guided_decoding"):
+        passes.append(("guided", *adapter_pass))
+    return passes
 
-    adapter, lora_store = engine_adapter
-    # Quiet mode shows loraflow's own bar of finished rows instead of Ray Data's per-stage ones.
-    ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
-    light = {"num_cpus": 0.25}
-    engine_kwargs = {"enable_lora": True, "max_loras": 1, **config["engine"]}
-    bundle = config.get("resources_per_engine")
-    processor_config = vLLMEngineProcessorConfig(
-        model_source=base_model,
-        engine_kwargs=engine_kwargs,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **config.get("engine_env", {}),
-                                  **adapter_store.s3_settings()}},
-        dynamic_lora_loading_path=lora_store,
-        batch_size=config["batch_size"],
-        concurrency=config["concurrency"],
-        accelerator_type=config.get("accelerator_type"),
-        # The default asks for a GPU per engine, which never comes on a CPU-only cluster.
-        placement_group_config={"bundles": [bundle], "strategy": "PACK"} if bundle else None,
-        chat_template_stage=light,
-        # vLLM tokenizes prompts and detokenizes outputs itself; separate stages would only add
-        # two more actor processes competing with the engine for the CPUs.
-        tokenize_stage=False,
-        detokenize_stage=False,
-    )
+
+def _generate(rows: list[dict], passes: list, base_model: str, config: dict[str, Any]):
+    """Run `rows` through each pass, one Ray Data LLM processor (and engine) each: vLLM 0.32's
+    CPU LoRA kernels applied the adapter to rows without one when both kinds shared a batch
+    (measured: baseline outputs identical to the adapter's)."""
+    import ray
+
     from evaluation import viggo
 
+    # Quiet mode shows loraflow's own bar of finished rows instead of Ray Data's per-stage ones.
+    ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
     sampling = dict(config["sampling"])
     # vLLM's structured outputs constrain generation to the task's grammar (no hand decoding).
     guided = {**sampling, "structured_outputs": {"regex": viggo.mr_regex()}}
-    processor = build_processor(
-        processor_config,
-        preprocess=lambda row: {
-            "model": row["engine_model"],
-            "messages": chat_messages(row),
-            "sampling_params": guided if row["variant"] == "guided" else sampling,
-        },
-        postprocess=lambda row: {
-            "variant": row["variant"], "index": row["index"], "input": row["input"],
-            "expected": row["output"], "generated": row["generated_text"],
-            "num_input_tokens": row["num_input_tokens"],
-            "num_generated_tokens": row["num_generated_tokens"],
-        },
-        preprocess_map_kwargs=light,
-        postprocess_map_kwargs=light,
-    )
-    variants = [("adapter", adapter)]
-    if config.get("baseline"):
-        variants.append(("baseline", base_model))
-    if config.get("guided_decoding"):
-        variants.append(("guided", adapter))
-    # One pass per variant: vLLM 0.32's CPU LoRA kernels applied the adapter to rows without
-    # one when both kinds shared a batch (measured: baseline outputs identical to the adapter's).
     predictions, seconds = [], {}
-    for variant, engine_model in variants:
+    for variant, model_source, lora in passes:
+        processor = _processor(model_source, lora, base_model, guided if variant == "guided" else sampling, config)
+        engine_model = lora[0] if lora else model_source
         items = [{**row, "index": i, "variant": variant, "engine_model": engine_model}
                  for i, row in enumerate(rows)]
         # One block per batch, so that rows stream out (and the bar moves) every batch_size rows.
@@ -204,6 +204,57 @@ def _generate(rows: list[dict], base_model: str, engine_adapter: tuple[str, str 
                 bar.update()
         seconds[variant] = time.monotonic() - start
     return sorted(predictions, key=lambda r: (r["variant"], r["index"])), seconds
+
+
+def _processor(model_source: str, lora: tuple[str, str | None] | None, base_model: str, sampling: dict,
+               config: dict[str, Any]):
+    """A Ray Data LLM processor whose engine holds `model_source`, with LoRA enabled when the
+    rows name an adapter (`lora`: its path or id, and the store it is loaded from)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    engine_kwargs = dict(config["engine"])
+    if lora:
+        engine_kwargs.update(enable_lora=True, max_loras=1)
+    else:
+        engine_kwargs.pop("max_lora_rank")
+    # A merged model folder is used for its weights only: prompts are templated and tokenized
+    # by the base model's own tokenizer in every pass (the prompt training used).
+    engine_kwargs["tokenizer"] = base_model
+    light = {"num_cpus": 0.25}
+    bundle = config.get("resources_per_engine")
+    processor_config = vLLMEngineProcessorConfig(
+        model_source=model_source,
+        engine_kwargs=engine_kwargs,
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **config.get("engine_env", {}),
+                                  **adapter_store.s3_settings()}},
+        dynamic_lora_loading_path=lora[1] if lora else None,
+        batch_size=config["batch_size"],
+        concurrency=config["concurrency"],
+        accelerator_type=config.get("accelerator_type"),
+        # The default asks for a GPU per engine, which never comes on a CPU-only cluster.
+        placement_group_config={"bundles": [bundle], "strategy": "PACK"} if bundle else None,
+        chat_template_stage={**light, "model_source": base_model},
+        # vLLM tokenizes prompts and detokenizes outputs itself; separate stages would only add
+        # two more actor processes competing with the engine for the CPUs.
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )
+    return build_processor(
+        processor_config,
+        preprocess=lambda row: {
+            "model": row["engine_model"],
+            "messages": chat_messages(row),
+            "sampling_params": sampling,
+        },
+        postprocess=lambda row: {
+            "variant": row["variant"], "index": row["index"], "input": row["input"],
+            "expected": row["output"], "generated": row["generated_text"],
+            "num_input_tokens": row["num_input_tokens"],
+            "num_generated_tokens": row["num_generated_tokens"],
+        },
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )
 
 
 def chat_messages(row: dict) -> list[dict]:
@@ -220,8 +271,8 @@ def _adapter_for_engines(ref, adapter_dir: Path, lora_store: str | None) -> tupl
         return adapter_store.LoraStore(lora_store).upload(ref.label, adapter_dir), lora_store.rstrip("/")
     if ray_cluster.alive_nodes() > 1:
         raise UserError("This Ray cluster has several nodes, and the vLLM engines may run on one that cannot "
-                        f"see {adapter_dir}: set lora_store: s3://bucket/prefix in the evaluation config "
-                        "(the same store serve uses).")
+                        f"see {adapter_dir}: set lora_store: s3://bucket/prefix (the same store serve uses) "
+                        "and merge_adapter: false in the evaluation config.")
     return str(adapter_dir), None
 
 

@@ -1,6 +1,8 @@
 """The `pipeline` entry point: train -> evaluate -> promote (only when the gate passes), then say
 where to look. Each step is the same code as its own entry point; evaluation runs in the infer
-environment, as a child process."""
+environment, as a child process. Every config is checked before training starts. A refused
+gate is a result (exit 0, `promoted_to: null`); a step that fails ends the pipeline with that
+step's exit code."""
 
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ import os
 import subprocess
 import sys
 
-from loraflow import console, promote, tracking, train, train_config
+from loraflow import console, evaluate, promote, promotion_gates, tracking, train, train_config
 from loraflow.envs import PROJECT_ROOT
-from loraflow.errors import UserError
 from loraflow.signals import run_job
 
 
@@ -32,34 +33,41 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> int:
         summary = run(args.train_config, args.overrides, args.eval_config, args.promote_config, args.promote_stage)
         print(json.dumps(summary, indent=2))
-        return 0 if summary["evaluated"] else 1
+        return summary["evaluate_exit_code"]
 
     return run_job(job, "interrupted", verbose=args.verbose)
 
 
 def run(train_config_path: str, overrides: str, eval_config: str, promote_config: str, stage: str) -> dict:
+    # Bad input of a later step is refused before minutes of training (UserError, exit 2).
+    evaluate.load_config(eval_config)
+    promotion_gates.load(promote_config)
+    stage = promote.stage_named(stage)
     uri = tracking.configure()
     version = train.train(train_config_path, train_config.parse_overrides(overrides))
     print(f"[pipeline] trained and registered {version.name} v{version.version}", flush=True)
 
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # a run of its own, nested
-    model = f"models:/{version.name}/{version.version}"
-    evaluated = subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "evaluate.py"), "--model", model,
-                                "--config", eval_config], env=env, cwd=PROJECT_ROOT).returncode == 0
+    code = _evaluate(f"models:/{version.name}/{version.version}", eval_config)
     summary = {"registered_model": version.name, "version": str(version.version), "train_run_id": version.run_id,
-               "evaluated": evaluated, "promoted_to": None}
-    if evaluated:
+               "evaluated": code == 0, "evaluate_exit_code": code, "promoted_to": None, "gate": None}
+    if code == 0:
         from mlflow import MlflowClient
 
         summary["eval_run_id"] = MlflowClient().get_model_version(version.name, version.version).tags["eval.run_id"]
-        try:
-            print(promote.promote(version.name, str(version.version), stage, "pipeline: gate passed", False,
-                                  promote_config), flush=True)
-            summary["promoted_to"] = stage
-        except UserError as refused:  # the gate said no: the version stays registered, unpromoted
-            print(f"[pipeline] not promoted: {refused}", flush=True)
+        promotion = promote.promote(version.name, str(version.version), stage, "pipeline: gate passed", False,
+                                    promote_config)
+        print(f"[pipeline] not promoted: {promotion.message}" if promotion.refused else promotion.message, flush=True)
+        summary["gate"] = promotion.gate
+        summary["promoted_to"] = None if promotion.refused else stage
     summary.update(_where_to_look(uri, version, summary.get("eval_run_id")))
     return summary
+
+
+def _evaluate(model: str, eval_config: str) -> int:
+    """The evaluate entry point in the infer environment; its exit code."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # a run of its own, nested
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "evaluate.py"), "--model", model,
+                           "--config", eval_config], env=env, cwd=PROJECT_ROOT).returncode
 
 
 def _where_to_look(uri: str, version, eval_run_id: str | None) -> dict:

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from mlflow import MlflowClient
@@ -43,8 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(promotion_gates.DEFAULT_CONFIG), help="gates YAML")
     console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    return _run(lambda: promote(args.name, args.version, args.stage, args.reason,
-                                _parse_bool("force", args.force), args.config), args.verbose)
+
+    def action() -> str:
+        result = promote(args.name, args.version, args.stage, args.reason, _parse_bool("force", args.force),
+                         args.config)
+        if result.refused:
+            raise UserError(result.message)
+        return result.message
+
+    return _run(action, args.verbose)
 
 
 def rollback_main(argv: list[str] | None = None) -> int:
@@ -83,8 +91,21 @@ def _stage_api():
         yield
 
 
-def promote(name: str, version: str, stage: str, reason: str, force: bool, config: str) -> str:
-    stage = _stage_named(stage)
+@dataclass
+class Promotion:
+    """What `promote` did: `refused` when the gate said no (nothing changed); `gate` is passed,
+    overridden (forced), none (no gate for the stage) or refused."""
+
+    refused: bool
+    gate: str
+    report: promotion_gates.GateReport | None
+    message: str
+
+
+def promote(name: str, version: str, stage: str, reason: str, force: bool, config: str) -> Promotion:
+    """Move a version to `stage` behind its gate. A refused gate is a result; bad input (a missing
+    gate file, an unknown version, a lock held too long) raises UserError."""
+    stage = stage_named(stage)
     gates = promotion_gates.load(config)
     if force and not reason.strip():
         raise UserError("force=true skips the promotion gate; give a reason (-P reason=...) to record.")
@@ -95,14 +116,14 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
         production = _production(client, name)
         if candidate.current_stage == stage:
             _sync_alias(client, candidate, stage)
-            return f"{name} v{candidate.version} is already in {stage}; nothing to do."
+            return Promotion(False, "none", None, f"{name} v{candidate.version} is already in {stage}; nothing to do.")
         if stage != "Archived":
             registry.check_adapter_present(candidate)
         report, gate = None, "none"
         if stage in gates:
             report = promotion_gates.check(gates[stage], stage, candidate, production)
             if not report.passed and not force:
-                raise UserError(_refusal(name, candidate, report))
+                return Promotion(True, "refused", report, _refusal(name, candidate, report))
             gate = "passed" if report.passed else "overridden"
         _transition(client, candidate, stage)
         _sync_alias(client, candidate, stage)
@@ -119,7 +140,7 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
             lines.append(f"{name} v{production.version}: Production -> Archived")
         if report is not None and report.checks:
             lines.append(report.table())
-        return "\n".join(lines)
+        return Promotion(False, gate, report, "\n".join(lines))
 
 
 def rollback(name: str, reason: str) -> str:
@@ -150,7 +171,7 @@ def rollback(name: str, reason: str) -> str:
         return "\n".join(lines)
 
 
-def _stage_named(text: str) -> str:
+def stage_named(text: str) -> str:
     for stage in STAGES:
         if text.strip().lower() == stage.lower():
             return stage
