@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_job(job, "interrupted: the evaluation run is marked KILLED", verbose=args.verbose)
 
 
+LIGHT_STAGE = {"num_cpus": 0.25}  # Ray Data LLM's pre/post-processing and chat-template stages (see evaluate)
 _REQUIRED_KEYS = {"dataset_dir", "dataset", "sampling", "engine", "batch_size", "concurrency"}
 _OPTIONAL_KEYS = {"max_rows", "baseline", "guided_decoding", "accelerator_type", "resources_per_engine", "lora_store",
                   "engine_env", "merge_adapter"}
@@ -210,37 +211,10 @@ def _processor(model_source: str, lora: tuple[str, str | None] | None, base_mode
                config: dict[str, Any]):
     """A Ray Data LLM processor whose engine holds `model_source`, with LoRA enabled when the
     rows name an adapter (`lora`: its path or id, and the store it is loaded from)."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from ray.data.llm import build_processor
 
-    engine_kwargs = dict(config["engine"])
-    if lora:
-        engine_kwargs.update(enable_lora=True, max_loras=1)
-    else:
-        engine_kwargs.pop("max_lora_rank")
-    # A merged model folder is used for its weights only: prompts are templated and tokenized
-    # by the base model's own tokenizer in every pass (the prompt training used).
-    engine_kwargs["tokenizer"] = base_model
-    light = {"num_cpus": 0.25}
-    bundle = config.get("resources_per_engine")
-    processor_config = vLLMEngineProcessorConfig(
-        model_source=model_source,
-        engine_kwargs=engine_kwargs,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **config.get("engine_env", {}),
-                                  **adapter_store.s3_settings()}},
-        dynamic_lora_loading_path=lora[1] if lora else None,
-        batch_size=config["batch_size"],
-        concurrency=config["concurrency"],
-        accelerator_type=config.get("accelerator_type"),
-        # The default asks for a GPU per engine, which never comes on a CPU-only cluster.
-        placement_group_config={"bundles": [bundle], "strategy": "PACK"} if bundle else None,
-        chat_template_stage={**light, "model_source": base_model},
-        # vLLM tokenizes prompts and detokenizes outputs itself; separate stages would only add
-        # two more actor processes competing with the engine for the CPUs.
-        tokenize_stage=False,
-        detokenize_stage=False,
-    )
     return build_processor(
-        processor_config,
+        processor_config(model_source, lora, base_model, config),
         preprocess=lambda row: {
             "model": row["engine_model"],
             "messages": chat_messages(row),
@@ -252,8 +226,41 @@ def _processor(model_source: str, lora: tuple[str, str | None] | None, base_mode
             "num_input_tokens": row["num_input_tokens"],
             "num_generated_tokens": row["num_generated_tokens"],
         },
-        preprocess_map_kwargs=light,
-        postprocess_map_kwargs=light,
+        preprocess_map_kwargs=LIGHT_STAGE,
+        postprocess_map_kwargs=LIGHT_STAGE,
+    )
+
+
+def processor_config(model_source: str, lora: tuple[str, str | None] | None, base_model: str,
+                     config: dict[str, Any]):
+    """Ray Data LLM's own config of one pass (its checks apply): `config` is an evaluation config."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    engine_kwargs = dict(config["engine"])
+    if lora:
+        engine_kwargs.update(enable_lora=True, max_loras=1)
+    else:
+        engine_kwargs.pop("max_lora_rank")
+    # A merged model folder is used for its weights only: prompts are templated and tokenized
+    # by the base model's own tokenizer in every pass (the prompt training used).
+    engine_kwargs["tokenizer"] = base_model
+    bundle = config.get("resources_per_engine")
+    return vLLMEngineProcessorConfig(
+        model_source=model_source,
+        engine_kwargs=engine_kwargs,
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **config.get("engine_env", {}),
+                                  **adapter_store.s3_settings()}},
+        dynamic_lora_loading_path=lora[1] if lora else None,
+        batch_size=config["batch_size"],
+        concurrency=config["concurrency"],
+        accelerator_type=config.get("accelerator_type"),
+        # The default asks for a GPU per engine, which never comes on a CPU-only cluster.
+        placement_group_config={"bundles": [bundle], "strategy": "PACK"} if bundle else None,
+        chat_template_stage={**LIGHT_STAGE, "model_source": base_model},
+        # vLLM tokenizes prompts and detokenizes outputs itself; separate stages would only add
+        # two more actor processes competing with the engine for the CPUs.
+        tokenize_stage=False,
+        detokenize_stage=False,
     )
 
 

@@ -1,0 +1,93 @@
+"""Every shipped evaluate, serve and promote config, the GPU ones included, is one its job accepts:
+read by the job's own loader and turned into Ray's own config objects (Ray Data LLM's
+vLLMEngineProcessorConfig, Ray Serve LLM's LLMConfig), whose validators run, in the environment
+that runs the job. The GPU configs cannot run here; they must still be valid. (The train configs
+are checked against LLaMA-Factory's argument classes in test_train_config.py.)"""
+
+import json
+import os
+import subprocess
+import textwrap
+
+import pytest
+from conftest import ROOT
+
+from loraflow import envs, promotion_gates
+
+LOCAL_BASE = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
+
+CHECK_IN_INFER_ENV = textwrap.dedent("""
+    import json, sys
+    from ray.data.llm import vLLMEngineProcessorConfig
+    from ray.serve.llm import LLMConfig
+    from loraflow import evaluate, serve
+
+    kind, path, base_model = sys.argv[1:]
+    if kind == "evaluate":
+        config = evaluate.load_config(path)
+        lora = None if config.get("merge_adapter") else ("/tmp/adapter", config.get("lora_store"))
+        built = evaluate.processor_config(base_model, lora, base_model, config)
+        assert isinstance(built, vLLMEngineProcessorConfig)
+        print(json.dumps({"model_source": built.model_source, "engine_kwargs": built.engine_kwargs,
+                          "accelerator_type": built.accelerator_type}))
+    else:
+        config = serve.load_config(path)
+        built = LLMConfig(**serve.llm_config(config, base_model, "s3://bucket/adapters"))
+        print(json.dumps({"model_id": built.model_loading_config.model_id,
+                          "model_source": built.model_loading_config.model_source,
+                          "lora_path": built.lora_config.dynamic_lora_loading_path,
+                          "max_num_adapters_per_replica": built.lora_config.max_num_adapters_per_replica,
+                          "accelerator_type": built.accelerator_type}))
+""")
+
+
+def _build(kind: str, name: str, base_model: str) -> dict:
+    proc = subprocess.run([str(envs.python_for("infer")), "-c", CHECK_IN_INFER_ENV, kind,
+                           str(ROOT / "configs" / kind / name), base_model],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_shipped_config_is_tested_here():
+    shipped = {f"{kind}/{path.name}" for kind in ("evaluate", "serve", "promote")
+               for path in (ROOT / "configs" / kind).glob("*.yaml")}
+    assert shipped == {"evaluate/default.yaml", "evaluate/gpu.yaml", "serve/default.yaml", "serve/gpu.yaml",
+                       "promote/default.yaml", "promote/production.yaml"}
+
+
+def test_the_cpu_evaluation_config_merges_the_adapter():
+    built = _build("evaluate", "default.yaml", str(LOCAL_BASE))
+    assert built["model_source"] == str(LOCAL_BASE) and built["accelerator_type"] is None
+    assert "enable_lora" not in built["engine_kwargs"] and built["engine_kwargs"]["tokenizer"] == str(LOCAL_BASE)
+    assert built["engine_kwargs"]["dtype"] == "bfloat16" and built["engine_kwargs"]["enable_prefix_caching"]
+
+
+def test_the_gpu_evaluation_config_applies_the_adapter_per_row_on_gpus():
+    built = _build("evaluate", "gpu.yaml", "Qwen/Qwen2.5-7B-Instruct")
+    assert built["accelerator_type"] == "L4"
+    assert built["engine_kwargs"]["enable_lora"] and built["engine_kwargs"]["max_lora_rank"] == 8
+
+
+@pytest.mark.parametrize("name, model_id, base_model, accelerator, adapters", [
+    ("default.yaml", "smollm2-135m-instruct", str(LOCAL_BASE), None, None),
+    ("gpu.yaml", "qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", "L4", 16),
+])
+def test_each_serving_config_builds_ray_serve_llms_config(name, model_id, base_model, accelerator, adapters):
+    built = _build("serve", name, base_model)
+    assert built["model_id"] == model_id
+    assert built["model_source"] == base_model and built["lora_path"] == "s3://bucket/adapters"
+    assert built["accelerator_type"] == accelerator
+    if adapters:
+        assert built["max_num_adapters_per_replica"] == adapters
+
+
+@pytest.mark.parametrize("name, stages", [
+    ("default.yaml", {"Staging", "Production"}),
+    ("production.yaml", {"Staging", "Production"}),
+])
+def test_each_gates_file_loads(name, stages):
+    gates = promotion_gates.load(ROOT / "configs" / "promote" / name)
+    assert set(gates) == stages
+    assert all(gate["minimum"] for gate in gates.values())
