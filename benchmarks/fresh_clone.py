@@ -52,7 +52,7 @@ def figures(store: Path) -> dict:
         rows = db.execute("select key, value, step from latest_metrics where run_uuid = ?", (run_id,))
         return {key: value for key, value, _ in rows}
 
-    return {"train": metrics(train_run), "evaluate": metrics(tags["eval.run_id"]) if "eval.run_id" in tags else {}}
+    return {"train": metrics(train_run), "evaluate": metrics(tags["loraflow.eval.run_id"]) if "loraflow.eval.run_id" in tags else {}}
 
 
 def main() -> None:

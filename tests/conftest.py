@@ -35,6 +35,28 @@ def viggo_copy(tmp_path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def tiny_trainings(tmp_path_factory) -> Path:
+    """viggo-tiny-lora v1 and v2, trained once per test session by the train entry point (v2 with
+    another seed and learning rate: different weights), in a SQLite store that no test changes:
+    a module that needs trained versions works on its own copy (copy_store)."""
+    folder = tmp_path_factory.mktemp("tiny-trainings")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    for overrides in ("{}", "{seed: 7, learning_rate: 3.0e-2}"):
+        proc = subprocess.run([sys.executable, str(ROOT / "mlproject" / "train.py"), "--config", str(TINY_CONFIG),
+                               "--overrides", overrides], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "mlflow.db"
+
+
+def copy_store(database: Path, folder: Path) -> str:
+    """A copy of a SQLite store's database in `folder`, as a tracking URI (the artifacts it points
+    at are shared, and read only)."""
+    shutil.copy(database, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the train entry point's script as a process, with the caller's environment."""
     return subprocess.run(

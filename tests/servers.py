@@ -145,35 +145,56 @@ def postgres_server():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class MlflowServer:
+    """`mlflow server` with proxied artifacts on 127.0.0.1, on one port for its lifetime, so that
+    a test can take it away (stop) and bring it back (start) under the same URL."""
+
+    def __init__(self, backend_store_uri: str, artifacts_destination: str, env: dict | None = None):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._args = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                      backend_store_uri, "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1",
+                      "--port", str(port), "--workers", "1"]
+        self._env = {**os.environ, **(env or {})}
+        self._proc: subprocess.Popen | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="mlflow-server-", suffix=".log", delete=False)
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(self._args, stdout=self._log, stderr=subprocess.STDOUT, env=self._env)
+        deadline = time.monotonic() + 240  # on a loaded 2-core machine it once took over 120 s
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                return
+            if time.monotonic() > deadline or self._proc.poll() is not None:
+                with open(self._log.name, errors="replace") as log:
+                    raise RuntimeError(f"mlflow server did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=20)
+        self._proc = None
+
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        os.unlink(self._log.name)
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict | None = None):
-    """`mlflow server` with proxied artifacts on 127.0.0.1; yields its URL once /health answers."""
-    port = free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    log = tempfile.NamedTemporaryFile(prefix="mlflow-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", backend_store_uri,
-         "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"mlflow server did not start; log: {log.name}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        os.unlink(log.name)
+    """An MlflowServer for the length of a with-block; yields its URL once /health answers."""
+    with MlflowServer(backend_store_uri, artifacts_destination, env) as server:
+        yield server.url
 
 
 @contextlib.contextmanager

@@ -81,11 +81,13 @@ def test_a_damaged_adapter_is_refused_and_nothing_is_listed(tracking_uri, bucket
     assert store.adapters() == []
 
 
+@pytest.mark.unit
 def test_store_must_be_an_s3_uri():
     with pytest.raises(UserError, match="must be an s3:// URI"):
         adapter_store.LoraStore("/tmp/adapters")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, valid", [
     ("viggo-smollm2-lora-v3", True), ("a.b_c-1", True), ("../x", False), ("a/b", False),
     ("..", False), ("s3://b/a", False), ("", False), ("-x", False), ("x" * 129, False),

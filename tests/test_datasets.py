@@ -9,6 +9,8 @@ from servers import http_server, s3_server
 from loraflow import datasets
 from loraflow.errors import UserError
 
+pytestmark = pytest.mark.unit  # pure logic: the fast tier (pytest -m unit)
+
 
 def test_bundled_viggo_splits_load():
     files = datasets.load_datasets(str(datasets.PROJECT_ROOT / "data" / "viggo"),

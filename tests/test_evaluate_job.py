@@ -9,22 +9,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY_CONFIG
+from conftest import ROOT, copy_store
 from mlflow import MlflowClient
 
 SMALL_EVAL = {"max_rows": 6, "sampling": {"temperature": 0.0, "max_tokens": 24}}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny adapter, trained and registered as viggo-tiny-lora version 1."""
-    store = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/train.py"), "--config", str(TINY_CONFIG)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return uri
+def trained(tiny_trainings, tmp_path_factory) -> str:
+    """This module's copy of the session's tiny trainings (viggo-tiny-lora v1, v2): its tracking URI."""
+    return copy_store(tiny_trainings, tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture
@@ -51,20 +45,36 @@ def run_evaluate(model, config, timeout=900):
                           timeout=timeout, env=os.environ.copy())
 
 
-def test_evaluate_logs_predictions_and_metrics(store, tmp_path):
-    proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path, baseline=True, guided_decoding=True))
+FLOAT32_ENGINE = {**yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())["engine"], "dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def per_row(trained, tmp_path_factory) -> dict:
+    """One evaluation with the adapter applied per row by vLLM, plus the baseline and guided passes,
+    in float32 (where merged and per-row weights round alike): what the tests below check."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained}
+    config = _config(tmp_path_factory.mktemp("per-row"), baseline=True, guided_decoding=True, merge_adapter=False,
+                     engine=FLOAT32_ENGINE)
+    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/evaluate.py"), "--model", "models:/viggo-tiny-lora/1",
+                           "--config", config], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    version = store.get_model_version("viggo-tiny-lora", "1")
-    eval_run = store.get_run(version.tags["eval.run_id"])
-    assert eval_run.info.status == "FINISHED"
+    version = MlflowClient(tracking_uri=trained).get_model_version("viggo-tiny-lora", "1")
+    return {"run_id": version.tags["loraflow.eval.run_id"], "version": version}
+
+
+def test_evaluate_logs_predictions_and_metrics(store, per_row, tmp_path):
+    version = per_row["version"]
+    eval_run = store.get_run(per_row["run_id"])
+    assert eval_run.info.status == "FINISHED" and eval_run.info.run_name == "evaluate-viggo-tiny-lora-v1"
     assert eval_run.data.tags["mlflow.parentRunId"] == version.run_id  # nested under the train run
+    assert eval_run.data.tags["loraflow.job"] == "evaluate"
     metrics = eval_run.data.metrics
     for name in ("exact_match", "intent_accuracy", "slot_precision", "slot_recall", "slot_f1",
                  "parse_validity", "baseline_exact_match", "exact_match_lift", "rows_per_s",
                  "generated_tokens_per_s"):
         assert name in metrics, name
     assert metrics["rows"] == 6 and metrics["baseline_rows"] == 6 and metrics["guided_rows"] == 6
-    assert float(version.tags["eval.exact_match"]) == pytest.approx(metrics["exact_match"])
+    assert float(version.tags["loraflow.eval.exact_match"]) == pytest.approx(metrics["exact_match"])
 
     local = store.download_artifacts(eval_run.info.run_id, "predictions.json", str(tmp_path))
     table = json.loads(Path(local).read_text())
@@ -86,27 +96,24 @@ def test_evaluate_logs_predictions_and_metrics(store, tmp_path):
     assert sum(row[2] for row in confusion["data"]) == 6  # every adapter row, once
 
 
-def _answers(store, tmp_path, variant: str) -> list[str]:
-    run_id = store.get_model_version("viggo-tiny-lora", "1").tags["eval.run_id"]
+def _answers(store, tmp_path, run_id: str, variant: str) -> list[str]:
     table = json.loads(Path(store.download_artifacts(run_id, "predictions.json", str(tmp_path))).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     return [row["generated"] for row in sorted(rows, key=lambda r: r["index"]) if row["variant"] == variant]
 
 
-def test_the_merged_adapter_answers_as_the_adapter_applied_per_row(store, tmp_path):
+def test_the_merged_adapter_answers_as_the_adapter_applied_per_row(store, per_row, tmp_path):
     """merge_adapter (the CPU default) must not change what is scored: the same greedy answers
     as vLLM's per-row LoRA. In float32, where the two orders of summing round alike."""
-    engine = {**yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())["engine"], "dtype": "float32"}
-    answers = {}
-    for merge in (True, False):
-        proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path, merge_adapter=merge, engine=engine))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        run = store.get_run(store.get_model_version("viggo-tiny-lora", "1").tags["eval.run_id"])
-        assert run.data.params["merge_adapter"] == str(merge)
-        assert ("adapter_merge_s" in run.data.metrics) == merge
-        answers[merge] = _answers(store, tmp_path, "adapter")
-    assert len(answers[True]) == SMALL_EVAL["max_rows"]
-    assert answers[True] == answers[False]
+    proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path, merge_adapter=True, engine=FLOAT32_ENGINE))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = store.get_run(store.get_model_version("viggo-tiny-lora", "1").tags["loraflow.eval.run_id"])
+    applied = store.get_run(per_row["run_id"])
+    assert (merged.data.params["merge_adapter"], applied.data.params["merge_adapter"]) == ("True", "False")
+    assert "adapter_merge_s" in merged.data.metrics and "adapter_merge_s" not in applied.data.metrics
+    answers = _answers(store, tmp_path, merged.info.run_id, "adapter")
+    assert len(answers) == SMALL_EVAL["max_rows"]
+    assert answers == _answers(store, tmp_path, applied.info.run_id, "adapter")
 
 
 def test_the_merged_model_holds_the_adapters_update(store, tmp_path):
@@ -116,11 +123,11 @@ def test_the_merged_model_holds_the_adapters_update(store, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from loraflow import adapter_merge, model_refs
+    from loraflow import adapter_merge, models
 
     version = store.get_model_version("viggo-tiny-lora", "1")
     adapter = Path(store.download_artifacts(version.run_id, "adapter", str(tmp_path)))
-    base = model_refs.base_model_source(version.tags["base_model"])
+    base = models.base_model_source(version.tags["loraflow.base_model"])
     merged = adapter_merge.merge_into_base(base, adapter, tmp_path / "merged")
     lora = load_file(adapter / "adapter_model.safetensors")
     settings = json.loads((adapter / "adapter_config.json").read_text())
@@ -138,10 +145,13 @@ def test_the_merged_model_holds_the_adapters_update(store, tmp_path):
 @pytest.mark.parametrize(
     "model, changes, message",
     [
-        ("models:/no-such-model/1", {}, "Model reference 'models:/no-such-model/1' does not exist"),
-        ("models:/viggo-tiny-lora/7", {}, "does not exist"),
-        ("models:/viggo-tiny-lora/Production", {}, "has no version in stage Production"),
-        ("0123456789abcdef0123456789abcdef", {}, "does not exist"),
+        ("models:/no-such-model/1", {}, "There is no registered model 'no-such-model' in sqlite:///"),
+        ("models:/viggo-tiny-lora/7", {}, "viggo-tiny-lora has no version 7; it has versions 1, 2."),
+        ("models:/viggo-tiny-lora/Production", {}, "viggo-tiny-lora has no version in stage Production yet: promote "
+                                                   "one first, e.g. `mlflow run . -e promote -P name=viggo-tiny-lora "
+                                                   "-P version=N -P stage=Production`."),
+        ("0123456789abcdef0123456789abcdef", {}, "Model reference '0123456789abcdef0123456789abcdef': there is no "
+                                                 "run with that id in sqlite:///"),
         ("models:/viggo-tiny-lora/1", {"merge_adapter": False,
                                        "engine": {"max_lora_rank": 4, "dtype": "float32",
                                                   "max_model_len": 1024, "enforce_eager": True}},
@@ -170,12 +180,14 @@ def test_empty_or_malformed_test_set(store, tmp_path, viggo_copy):
 
 
 def test_adapter_for_another_base_model(store, tmp_path):
-    store.set_model_version_tag("viggo-tiny-lora", "1", "base_model", str(ROOT / ".cache/models/SmolLM2-135M-Instruct"))
+    store.set_model_version_tag("viggo-tiny-lora", "1", "loraflow.base_model",
+                                str(ROOT / ".cache/models/SmolLM2-135M-Instruct"))
     try:
         proc = run_evaluate("models:/viggo-tiny-lora/1", _config(tmp_path), timeout=300)
     finally:
         run = store.get_run(store.get_model_version("viggo-tiny-lora", "1").run_id)
-        store.set_model_version_tag("viggo-tiny-lora", "1", "base_model", run.data.tags["base_model"])
+        store.set_model_version_tag("viggo-tiny-lora", "1", "loraflow.base_model", run.data.tags["loraflow.base_model"])
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert ("models:/viggo-tiny-lora/1: the adapter was trained on tiny-smollm2@sha256:" in proc.stderr
-            and "is SmolLM2-135M-Instruct@sha256:" in proc.stderr), proc.stderr[-3000:]
+    assert ("models:/viggo-tiny-lora/1 was trained on tiny-smollm2@sha256:" in proc.stderr
+            and ", but the base model here is SmolLM2-135M-Instruct@sha256:" in proc.stderr
+            and "; give it the base model it was trained on (those files)." in proc.stderr), proc.stderr[-3000:]

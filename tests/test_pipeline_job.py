@@ -37,8 +37,8 @@ def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
 
     client = MlflowClient()
     version = client.get_model_version("viggo-tiny-lora", "1")
-    assert version.current_stage == "Production" and version.tags["promotion.gate"] == "passed"
-    assert version.tags["eval.run_id"] == summary["eval_run_id"]
+    assert version.current_stage == "Production" and version.tags["loraflow.promotion.gate"] == "passed"
+    assert version.tags["loraflow.eval.run_id"] == summary["eval_run_id"]
     eval_run = client.get_run(summary["eval_run_id"])
     assert eval_run.data.tags["mlflow.parentRunId"] == summary["train_run_id"]
 
@@ -75,4 +75,4 @@ def test_a_refused_gate_is_a_result_the_version_stays_registered(tracking_uri, t
     assert "[pipeline] not promoted: viggo-tiny-lora v1 does not pass the Production gate (rows)" in proc.stdout
     version = MlflowClient().get_model_version("viggo-tiny-lora", "1")
     assert version.current_stage == "None" and version.aliases == []
-    assert version.tags["eval.rows"] == "4.000000" and "promotion.gate" not in version.tags
+    assert version.tags["loraflow.eval.rows"] == "4.000000" and "loraflow.promotion.gate" not in version.tags

@@ -2,7 +2,7 @@
 `mlflow server` backed by PostgreSQL (Debian's, started here on loopback).
 
 Versions are registered the way train registers them (a run with an `adapter` artifact); their
-evaluation metrics are written as the `eval.*` tags that the evaluate entry point writes, so that
+evaluation metrics are written as the `loraflow.eval.*` tags that the evaluate entry point writes, so that
 gates can be exercised without running vLLM for every case (test_evaluate_job covers that path).
 """
 
@@ -63,10 +63,10 @@ def add_version(name: str, metrics: dict[str, float] | None, tmp_path) -> str:
     (adapter / "adapter_config.json").write_text("{}")
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(adapter), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
-    version = registry.register_adapter(name, run.info.run_id, {"base_model": "tiny"}, "test adapter",
+    version = registry.register_adapter(name, run.info.run_id, {"loraflow.base_model": "tiny"}, "test adapter",
                                         registry.file_digests(adapter))
     for key, value in (metrics or {}).items():
-        MlflowClient().set_model_version_tag(name, version.version, f"eval.{key}", str(value))
+        MlflowClient().set_model_version_tag(name, version.version, f"loraflow.eval.{key}", str(value))
     return str(version.version)
 
 
@@ -114,11 +114,11 @@ def test_promotion_moves_stage_and_alias_and_archives_the_previous(store, model_
     assert alias_target(model_name, "production") == v2
 
     audit = version_info(model_name, v2)
-    assert audit.tags["promotion.reason"] == "better matches"
-    assert audit.tags["promotion.gate"] == "passed"
-    assert audit.tags["promotion.previous_production"] == f"v{v1}"
-    assert json.loads(audit.tags["promotion.metrics"])["exact_match"] == 0.6
-    assert "@" in audit.tags["promotion.by"] and audit.tags["promotion.at"].startswith("20")
+    assert audit.tags["loraflow.promotion.reason"] == "better matches"
+    assert audit.tags["loraflow.promotion.gate"] == "passed"
+    assert audit.tags["loraflow.promotion.previous_production"] == f"v{v1}"
+    assert json.loads(audit.tags["loraflow.promotion.metrics"])["exact_match"] == 0.6
+    assert "@" in audit.tags["loraflow.promotion.by"] and audit.tags["loraflow.promotion.at"].startswith("20")
     assert "None -> Production" in audit.description and "better matches" in audit.description
     assert f"archived: v{v2} was promoted" in version_info(model_name, v1).description
 
@@ -135,7 +135,7 @@ def test_gate_refusal_shows_the_comparison_and_changes_nothing(store, model_name
     assert "0.500" in err and "0.570" in err and ">= production - 0.05" in err and "FAIL" in err
     assert "force=true" in err
     assert stages(model_name) == {v1: "Production", worse: "None"}
-    assert "promotion.gate" not in version_info(model_name, worse).tags
+    assert "loraflow.promotion.gate" not in version_info(model_name, worse).tags
 
     code, _, err = run_promote(capsys, model_name, worse, "Production", "--force", "true")
     assert code == 2 and "give a reason" in err
@@ -143,7 +143,7 @@ def test_gate_refusal_shows_the_comparison_and_changes_nothing(store, model_name
     code, out, _ = run_promote(capsys, model_name, worse, "Production", "--force", "true",
                                "--reason", "hotfix approved by on-call")
     assert code == 0 and "gate: overridden" in out
-    assert version_info(model_name, worse).tags["promotion.gate"] == "overridden"
+    assert version_info(model_name, worse).tags["loraflow.promotion.gate"] == "overridden"
     assert alias_target(model_name, "production") == worse
 
 
@@ -189,8 +189,8 @@ def test_rollback_walks_back_through_production_history(store, model_name, tmp_p
     assert alias_target(model_name, "production") == versions[1]
     assert stages(model_name)[versions[2]] == "Archived"
     rolled = version_info(model_name, versions[1])
-    assert rolled.tags["promotion.gate"] == "rollback"
-    assert rolled.tags["promotion.reason"] == "v3 answers badly"
+    assert rolled.tags["loraflow.promotion.gate"] == "rollback"
+    assert rolled.tags["loraflow.promotion.reason"] == "v3 answers badly"
     assert "rolled back" in version_info(model_name, versions[2]).description
 
     assert promote.rollback_main(["--name", model_name]) == 0
@@ -306,9 +306,9 @@ def test_a_lock_whose_holder_is_gone_is_broken(store, model_name, capsys):
     client = MlflowClient()
     silent_since = time.time() - registry_lock.STALE_AFTER_S - 5
     client.create_registered_model(f"{model_name}.lock", description="Held by a crashed process.", tags={
-        registry_lock.OWNER_TAG: "gone", registry_lock.HEARTBEAT_TAG: str(silent_since)})
+        registry.LOCK_OWNER_TAG: "gone", registry.LOCK_HEARTBEAT_TAG: str(silent_since)})
     with locked(client, model_name, wait_s=5):
-        assert client.get_registered_model(f"{model_name}.lock").tags[registry_lock.OWNER_TAG] != "gone"
+        assert client.get_registered_model(f"{model_name}.lock").tags[registry.LOCK_OWNER_TAG] != "gone"
     assert capsys.readouterr().out == (f"warning: removing a stale registry lock '{model_name}.lock' "
                                        "(Held by a crashed process.)\n")
     assert not [m for m in client.search_registered_models() if m.name == f"{model_name}.lock"]
@@ -356,14 +356,13 @@ def test_release_leaves_a_lock_that_another_holder_took_over(store, model_name, 
     leaving the block does not delete the new holder's lock."""
     from mlflow import MlflowClient
 
-    from loraflow import registry_lock
 
     client = MlflowClient()
     lock = f"{model_name}.lock"
     with locked(client, model_name):
         client.delete_registered_model(lock)  # as a breaker would, then a new holder:
-        client.create_registered_model(lock, tags={registry_lock.OWNER_TAG: "the-new-holder"})
-    assert client.get_registered_model(lock).tags[registry_lock.OWNER_TAG] == "the-new-holder"
+        client.create_registered_model(lock, tags={registry.LOCK_OWNER_TAG: "the-new-holder"})
+    assert client.get_registered_model(lock).tags[registry.LOCK_OWNER_TAG] == "the-new-holder"
     assert capsys.readouterr().out == (f"warning: the registry lock '{lock}' was broken as stale while this "
                                        "process held it; left to its new holder\n")
     client.delete_registered_model(lock)
@@ -387,6 +386,15 @@ def test_promote_and_rollback_through_mlflow_run(tracking_uri, tmp_path):
     done = mlflow_run("-e", "rollback", "-P", "reason=regression")
     assert done.returncode == 0, done.stderr
     assert alias_target("viggo-smollm2-lora", "production") == v1
+    # The runs `mlflow run` made are named after what they did and tagged with the job.
+    from mlflow import MlflowClient
+
+    launched = MlflowClient().search_runs(["0"], order_by=["start_time ASC"])
+    assert [(r.info.run_name, r.data.tags["loraflow.job"]) for r in launched if "loraflow.job" in r.data.tags] == [
+        (f"promote-viggo-smollm2-lora-v{v1}-Production", "promote"),
+        (f"promote-viggo-smollm2-lora-v{v2}-Production", "promote"),
+        (f"rollback-viggo-smollm2-lora-to-v{v1}", "rollback")]
+    assert all(r.data.tags["mlflow.user"] for r in launched)  # who ran it
 
 
 def _measured(scores: dict, version: str = "1"):
@@ -394,9 +402,10 @@ def _measured(scores: dict, version: str = "1"):
     from types import SimpleNamespace
 
     keys = ("exact_match", "slot_f1", "parse_validity", "intent_accuracy", "rows")
-    return SimpleNamespace(version=version, tags={f"eval.{k}": str(scores[k]) for k in keys if k in scores})
+    return SimpleNamespace(version=version, tags={f"loraflow.eval.{k}": str(scores[k]) for k in keys if k in scores})
 
 
+@pytest.mark.unit
 def test_default_gates_pass_the_default_recipe_and_refuse_smaller_trainings():
     """configs/promote/default.yaml against the committed figures it cites."""
     from loraflow import promotion_gates
@@ -422,19 +431,17 @@ def test_every_way_of_naming_a_version_resolves_to_it(store, model_name, tmp_pat
     run's id all name the promoted version's adapter (a run id: the run's own artifacts)."""
     from mlflow import MlflowClient
 
-    from loraflow import model_refs
-
     add_version(model_name, GOOD, tmp_path)
     version = add_version(model_name, GOOD, tmp_path)
     assert promote.main(["--name", model_name, "--version", version]) == 0
     target = MlflowClient().get_model_version(model_name, version)
     for text in (f"models:/{model_name}/{version}", f"models:/{model_name}@production",
                  f"models:/{model_name}/Production"):
-        ref = model_refs.resolve(text)
+        ref = registry.resolve(text)
         assert (ref.version.version, ref.run_id, ref.artifact_uri, ref.base_model) == (
             target.version, target.run_id, target.source, "tiny"), text
         assert ref.label == f"{model_name}-v{version}"
-    MlflowClient().set_tag(target.run_id, "base_model", "tiny")  # as train tags its run
-    by_run = model_refs.resolve(target.run_id)
+    MlflowClient().set_tag(target.run_id, "loraflow.base_model", "tiny")  # as train tags its run
+    by_run = registry.resolve(target.run_id)
     assert (by_run.version, by_run.artifact_uri, by_run.label) == (
         None, f"runs:/{target.run_id}/adapter", f"run-{target.run_id[:8]}")

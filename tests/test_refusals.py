@@ -205,12 +205,46 @@ def test_train_refuses_to_resume_a_finished_training(tracking_uri, capsys):
     from loraflow import train
 
     with mlflow.start_run() as run:
-        mlflow.set_tags({"loraflow.job": "train", "registered_model_name": "viggo-tiny-lora"})
+        mlflow.set_tags({"loraflow.job": "train", "loraflow.registered_model": "viggo-tiny-lora"})
         mlflow.log_text(TINY_CONFIG.read_text(), "config/train_config.yaml")
     before = store_state()
     assert refused(train.main, ["--resume", run.info.run_id], capsys) == (
         f"resume={run.info.run_id}: that training finished (see its run); there is nothing to continue. "
         "Start a new training instead.")
+    assert store_state() == before
+
+
+@pytest.mark.parametrize("driver, message", [
+    (None, "that run is still marked RUNNING and records no driver process, so loraflow cannot tell whether it "
+           "still trains. Stop it first, or wait until it ends."),
+    ("another-host 4242 123", "that run is still marked RUNNING by a driver on host another-host; resume it there, "
+                              "where loraflow can check that the driver is gone."),
+    ("this process", "that training is still running (pid {pid} on this host); wait for it to end, or stop it "
+                     "(Ctrl-C, or kill that pid), then resume."),
+    ("continued", "run 0123456789abcdef already continues that training; resume that run instead, if it did not "
+                  "finish."),
+], ids=["no_driver", "driver_on_another_host", "driver_alive", "already_continued"])
+def test_train_refuses_to_resume_a_training_that_may_still_run(tracking_uri, capsys, driver, message):
+    """Without training first (test_train_job covers a live and a dead driver after a real one)."""
+    import mlflow
+
+    from loraflow import processes, train
+
+    tags = {"loraflow.job": "train", "loraflow.registered_model": "viggo-tiny-lora"}
+    if driver == "this process":
+        tags["loraflow.driver"] = processes.identity()
+    elif driver == "continued":
+        tags["loraflow.resumed_by"] = "0123456789abcdef"
+    elif driver is not None:
+        tags["loraflow.driver"] = driver
+    client = mlflow.MlflowClient()
+    run = client.create_run("0", tags=tags)  # RUNNING until ended
+    client.log_text(run.info.run_id, TINY_CONFIG.read_text(), "config/train_config.yaml")
+    if driver == "continued":
+        client.set_terminated(run.info.run_id, "KILLED")
+    before = store_state()
+    assert refused(train.main, ["--resume", run.info.run_id], capsys) == (
+        f"resume={run.info.run_id}: " + message.format(pid=os.getpid()))
     assert store_state() == before
 
 
@@ -293,36 +327,36 @@ TINY = "./.cache/models/tiny-smollm2"
 @pytest.mark.parametrize("kind", ["not_understood", "not_a_selector", "run_without_base_model",
                                   "version_without_base_model", "no_base_model_id", "base_model_not_here"])
 def test_evaluate_refuses_what_it_cannot_check_before_a_run(tracking_uri, tmp_path, capsys, kind):
-    from loraflow import evaluate, model_refs
+    from loraflow import evaluate
 
     text = "models:/viggo-eval/1"
     if kind == "not_understood":
         text, message = "viggo-eval/1", (
             "Model reference 'viggo-eval/1' is not understood: use models:/NAME/VERSION, models:/NAME@ALIAS, "
             "models:/NAME/STAGE (Staging, Production, Archived) or a run id.")
-        add_version(tmp_path, "viggo-eval", {"base_model": TINY})
+        add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY})
     elif kind == "not_a_selector":
         text, message = "models:/viggo-eval/latest", (
             "Model reference 'models:/viggo-eval/latest': 'latest' is neither a version number nor a stage.")
-        add_version(tmp_path, "viggo-eval", {"base_model": TINY})
+        add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY})
     elif kind == "run_without_base_model":
-        text = add_version(tmp_path, "viggo-eval", {"base_model": TINY}).run_id
-        message = f"{text!r} does not name a loraflow train run (its run has no base_model tag)."
+        text = add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY}).run_id
+        message = f"{text!r} does not name a loraflow train run (its run has no loraflow.base_model tag)."
     elif kind == "version_without_base_model":
         add_version(tmp_path, "viggo-eval", {})
-        message = f"{text!r} does not name a loraflow train run (its run has no base_model tag)."
+        message = f"{text!r} does not name a loraflow train run (its run has no loraflow.base_model tag)."
     elif kind == "no_base_model_id":
-        add_version(tmp_path, "viggo-eval", {"base_model": TINY})
-        message = (f"{text} has no {model_refs.BASE_MODEL_ID_TAG} tag, so its base model cannot be checked (it was "
+        add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY})
+        message = (f"{text} has no {registry.BASE_MODEL_ID_TAG} tag, so its base model cannot be checked (it was "
                    "registered by hand or by an older loraflow): train a new version.")
     else:
-        add_version(tmp_path, "viggo-eval", {"base_model": "./.cache/models/no-such-model",
-                                             model_refs.BASE_MODEL_ID_TAG: "no-such-model@sha256:0123456789abcdef"})
+        add_version(tmp_path, "viggo-eval", {"loraflow.base_model": "./.cache/models/no-such-model",
+                                             registry.BASE_MODEL_ID_TAG: "no-such-model@sha256:0123456789abcdef"})
         message = "Base model ./.cache/models/no-such-model is not on this machine; run ./setup.sh."
     before = store_state()
     assert refused(evaluate.main, ["--model", text, "--config", str(_eval_config(tmp_path, max_rows=4))],
                    capsys) == message
-    assert store_state() == before  # no evaluation run, no eval.* tags
+    assert store_state() == before  # no evaluation run, no loraflow.eval.* tags
 
 
 # -- serve: its config, the served version, the base model -------------------------------------
@@ -361,9 +395,10 @@ def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, change
 
 
 @pytest.mark.parametrize("tags, message", [
-    ({}, "viggo-serve v1 has no base_model tag: it was not registered by loraflow's train."),
-    ({"base_model": TINY}, "viggo-serve v1 has no loraflow.base_model_id tag, so its base model cannot be checked "
-                           "(it was registered by hand or by an older loraflow): train a new version."),
+    ({}, "viggo-serve v1 has no loraflow.base_model tag: it was not registered by loraflow's train."),
+    ({"loraflow.base_model": TINY}, "viggo-serve v1 has no loraflow.base_model_id tag, so its base model cannot "
+                                    "be checked (it was registered by hand or by an older loraflow): train a new "
+                                    "version."),
 ], ids=["no_base_model", "no_base_model_id"])
 def test_serve_refuses_a_version_it_cannot_check_before_starting_anything(tracking_uri, tmp_path, capsys,
                                                                           monkeypatch, tags, message):
@@ -412,7 +447,7 @@ def test_serve_refuses_a_model_source_other_than_the_versions_base_model():
 def test_promote_refuses_a_bad_gate_and_moves_nothing(tracking_uri, tmp_path, capsys, content, message):
     from loraflow import promote
 
-    add_version(tmp_path, "viggo-promote", {"base_model": TINY})
+    add_version(tmp_path, "viggo-promote", {"loraflow.base_model": TINY})
     path = tmp_path / "gates.yaml"
     path.write_text(content)
     before = store_state()
@@ -423,7 +458,7 @@ def test_promote_refuses_a_bad_gate_and_moves_nothing(tracking_uri, tmp_path, ca
 
 def test_the_promote_script_refuses_force_that_is_not_a_boolean(tracking_uri, tmp_path):
     """`-P force=maybe` through the process users start: exit 2 (not 1), nothing moved."""
-    add_version(tmp_path, "viggo-promote", {"base_model": TINY})
+    add_version(tmp_path, "viggo-promote", {"loraflow.base_model": TINY})
     before = store_state()
     proc = subprocess.run([sys.executable, str(ROOT / "mlproject/promote.py"), "--name", "viggo-promote",
                            "--version", "1", "--force", "maybe"], cwd=ROOT, capture_output=True, text=True,

@@ -4,7 +4,6 @@ by serve itself), queried with the real openai client over loopback."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -20,9 +19,9 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from conftest import ROOT, TINY_CONFIG
+from conftest import ROOT, copy_store
 from mlflow import MlflowClient
-from servers import free_port, mlflow_server
+from servers import Lines, MlflowServer, free_port
 
 from loraflow import promote
 
@@ -33,36 +32,26 @@ API_KEY = "test-key-123"
 GOOD = {"exact_match": 0.57, "parse_validity": 0.99, "slot_f1": 0.89, "rows": 1083}
 
 
-TRACKING_SERVER = contextlib.ExitStack()  # closed by the test that takes the registry away
-
-
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    """An `mlflow server` (so that it can be taken away while serving) holding viggo-tiny-lora v1
-    and v2, two trainings by the train entry point with different weights (another seed and
-    learning rate), both evaluated; v1 in Production."""
+def registry(tiny_trainings, tmp_path_factory):
+    """An `mlflow server` (so that a test can take it away while serving) on a copy of the session's
+    tiny trainings: viggo-tiny-lora v1 and v2, two trainings by the train entry point with different
+    weights, both evaluated; v1 in Production."""
     store = tmp_path_factory.mktemp("store")
-    uri = TRACKING_SERVER.enter_context(mlflow_server(f"sqlite:///{store / 'mlflow.db'}", str(store / "artifacts")))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    for overrides in ("{}", "{seed: 7, learning_rate: 3.0e-2}"):
-        proc = subprocess.run([sys.executable, str(ROOT / "mlproject/train.py"), "--config", str(TINY_CONFIG),
-                               "--overrides", overrides], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    import mlflow
+    with MlflowServer(copy_store(tiny_trainings, store), str(store / "artifacts")) as tracking:
+        import mlflow
 
-    environment = pytest.MonkeyPatch()  # this module's store, undone for the modules after it
-    environment.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
-    for version in ("1", "2"):
-        for key, value in GOOD.items():
-            client.set_model_version_tag(NAME, version, f"eval.{key}", str(value))
-    assert promote.main(["--name", NAME, "--version", "1"]) == 0
-    yield uri
-    TRACKING_SERVER.close()
-    environment.undo()
-    mlflow.set_tracking_uri(None)
+        environment = pytest.MonkeyPatch()  # this module's store, undone for the modules after it
+        environment.setenv("MLFLOW_TRACKING_URI", tracking.url)
+        mlflow.set_tracking_uri(tracking.url)
+        client = MlflowClient()
+        for version in ("1", "2"):
+            for key, value in GOOD.items():
+                client.set_model_version_tag(NAME, version, f"loraflow.eval.{key}", str(value))
+        assert promote.main(["--name", NAME, "--version", "1"]) == 0
+        yield tracking
+        environment.undo()
+        mlflow.set_tracking_uri(None)
 
 
 def _serve_config(tmp_path, port: int) -> str:
@@ -74,23 +63,49 @@ def _serve_config(tmp_path, port: int) -> str:
     return str(path)
 
 
+class ServeProcess:
+    """`serve` following the registry's Production alias; started again when a test stopped it."""
+
+    def __init__(self, registry: MlflowServer, folder: Path):
+        self.registry, self.folder, self.proc = registry, folder, None
+
+    def running(self) -> tuple[subprocess.Popen, int, Path]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.port, self.log = free_port(), self.folder / f"serve-{time.monotonic_ns()}.log"
+            env = {**os.environ, "MLFLOW_TRACKING_URI": self.registry.url, "LORAFLOW_TEST_API_KEY": API_KEY}
+            with open(self.log, "w") as out:
+                self.proc = subprocess.Popen([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME,
+                                              "--config", _serve_config(self.folder, self.port)], cwd=ROOT,
+                                             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 600
+            while '"serving"' not in self.log.read_text(errors="replace"):
+                assert self.proc.poll() is None, self.log.read_text(errors="replace")[-5000:]
+                assert time.monotonic() < deadline, "serve did not come up in 10 minutes"
+                time.sleep(2)
+        return self.proc, self.port, self.log
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
 @pytest.fixture(scope="module")
-def server(registry, tmp_path_factory):
-    port = free_port()
-    config = _serve_config(tmp_path_factory.mktemp("serve"), port)
-    log = tmp_path_factory.mktemp("log") / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry, "LORAFLOW_TEST_API_KEY": API_KEY}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME,
-                                 "--config", config], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while '"serving"' not in log.read_text(errors="replace"):
-        assert proc.poll() is None, log.read_text(errors="replace")[-5000:]
-        assert time.monotonic() < deadline, "serve did not come up in 10 minutes"
-        time.sleep(2)
-    yield proc, port, log
-    if proc.poll() is None:
-        proc.kill()
+def serve_process(registry, tmp_path_factory):
+    serving = ServeProcess(registry, tmp_path_factory.mktemp("serve"))
+    yield serving
+    serving.kill()
+
+
+@pytest.fixture
+def server(serve_process):
+    """The server, with v1 in Production and under the stable name: every test starts from there,
+    whichever tests ran before it (they promote, take the registry away, stop the server)."""
+    proc, port, log = serve_process.running()
+    if MlflowClient().get_model_version_by_alias(NAME, "production").version != "1":
+        assert promote.main(["--name", NAME, "--version", "1", "--reason", "serve test: start from v1"]) == 0
+    status = _wait_for_status(port, lambda s: (s["serving"], s["registry"]["state"]) == (f"{NAME}-v1", "ok"), 120)
+    assert (status["serving"], status["registry"]["state"]) == (f"{NAME}-v1", "ok"), status
+    return proc, port, log
 
 
 def client(port: int, key: str = API_KEY) -> openai.OpenAI:
@@ -123,6 +138,40 @@ def test_chat_answers_and_names_the_version(server):
 def test_an_adapter_can_be_asked_for_by_its_version_id(server):
     _, port, _ = server
     assert ask(port, model=f"{MODEL_ID}:{NAME}-v1").parse().model == f"{MODEL_ID}:{NAME}-v1"
+
+
+def test_mlflow_run_serve_with_a_version_serves_that_one_and_stops_on_ctrl_c(registry, tmp_path):
+    """`mlflow run . -e serve -P version=2`, while v1 is in Production: the stable name answers with
+    v2's own weights (the server does not follow the alias). Then Ctrl-C in its terminal (SIGINT to
+    the whole process group: mlflow run, serve, Ray's processes): serve shuts down, nothing prints
+    a traceback, the port is closed and no process of the group is left."""
+    assert MlflowClient().get_model_version_by_alias(NAME, "production").version == "1"
+    port = free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_cli), "run", ".", "-e", "serve", "--env-manager", "local", "-P", f"name={NAME}",
+         "-P", "version=2", "-P", f"config={_serve_config(tmp_path, port)}"], cwd=ROOT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": registry.url, "LORAFLOW_TEST_API_KEY": API_KEY},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = Lines(proc)
+    try:
+        started = json.loads(output.until(lambda line: line.startswith('{"serving"'), timeout=600))
+        assert (started["model"], started["version"]) == (f"{MODEL_ID}:{NAME}-v2", "2")
+        assert ask(port).parse().model == f"{MODEL_ID}:{NAME}-v2"
+        assert same_weights(answer_of(port, f"{MODEL_ID}:production"), answer_of(port, f"{MODEL_ID}:{NAME}-v2"))
+        assert _stable_status(port)["serving"] == f"{NAME}-v2"
+        [launched] = MlflowClient().search_runs(["0"], "tags.`loraflow.job` = 'serve'")
+        assert launched.info.run_name == f"serve-{NAME}-v2"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # mlflow run leads its own process group, as a shell's job does
+        log = output.all(timeout=120)
+    # mlflow run says it cancels the run and exits 1 (click's "Aborted!"); serve shuts down cleanly.
+    assert proc.wait(timeout=30) == 1, log[-3000:]
+    assert "=== Run (ID " in log and ") interrupted, cancelling run ===" in log and "Aborted!" in log, log[-3000:]
+    assert "shutting down" in log and "Traceback" not in log, log[-3000:]
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        pass
+    _assert_session_ends(proc.pid)
 
 
 def test_one_model_by_id_with_the_checks_of_completions(server):
@@ -216,11 +265,13 @@ def test_oversized_prompt_is_refused_with_the_limit(server):
 @pytest.mark.parametrize(
     "args, message",
     [(["--name", "no-such-model"], "There is no registered model 'no-such-model'"),
-     (["--name", NAME, "--alias", "staging"], "has no version with the alias 'staging' yet"),
-     (["--name", NAME, "--version", "7"], "has no version 7 yet")],
+     (["--name", NAME, "--alias", "staging"], f"{NAME} has no version with the alias 'staging' yet: promote one "
+                                              f"first, e.g. `mlflow run . -e promote -P name={NAME} -P version=N "
+                                              "-P stage=Staging`."),
+     (["--name", NAME, "--version", "7"], f"{NAME} has no version 7; it has versions 1, 2")],  # 3, ... if promoted
 )
 def test_nothing_to_serve_is_a_clear_error(registry, args, message):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry.url}
     proc = subprocess.run([sys.executable, str(ROOT / "mlproject/serve.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -241,7 +292,7 @@ def test_unsafe_serving_configs_are_refused(registry, tmp_path, changes, message
         yaml.safe_dump(raw, f)
     env = {k: v for k, v in os.environ.items() if k != "LORAFLOW_TEST_API_KEY"}
     proc = subprocess.run([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME, "--config", config],
-                          cwd=ROOT, env={**env, "MLFLOW_TRACKING_URI": registry}, capture_output=True, text=True,
+                          cwd=ROOT, env={**env, "MLFLOW_TRACKING_URI": registry.url}, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
@@ -255,7 +306,7 @@ def test_a_port_in_use_is_refused_before_anything_starts(registry, tmp_path):
         port = taken.getsockname()[1]
         proc = subprocess.run([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME,
                                "--config", _serve_config(tmp_path, port)], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": registry, "LORAFLOW_TEST_API_KEY": API_KEY},
+                              env={**os.environ, "MLFLOW_TRACKING_URI": registry.url, "LORAFLOW_TEST_API_KEY": API_KEY},
                               timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (f"Cannot listen on 127.0.0.1:{port} (Address already in use): another program uses that port, or the "
@@ -329,7 +380,7 @@ def test_1000_requests_across_a_promotion_fail_none(server, registry):
         if done == 100:
             promotion.append(subprocess.Popen(
                 [sys.executable, str(ROOT / "mlproject/promote.py"), "--name", NAME, "--version", "2",
-                 "--reason", "serve test"], cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": registry},
+                 "--reason", "serve test"], cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": registry.url},
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
     started = time.monotonic()
@@ -379,32 +430,32 @@ def _register_like(store: MlflowClient, v2, tmp_path, **changes) -> str:
     version = registry.register_adapter(NAME, run.info.run_id, {**v2.tags, **changes}, "serve test",
                                         registry.file_digests(local))
     for key, value in GOOD.items():
-        store.set_model_version_tag(NAME, version.version, f"eval.{key}", str(value))
+        store.set_model_version_tag(NAME, version.version, f"loraflow.eval.{key}", str(value))
     return str(version.version)
 
 
 @pytest.mark.parametrize("changes, refusal", [
     ({"loraflow.base_model_id": "another-model@sha256:0123456789abcdef"},
-     "was trained on another-model@sha256:0123456789abcdef, this server runs tiny-smollm2@sha256:"),
+     "was trained on another-model@sha256:0123456789abcdef, but the base model here is tiny-smollm2@sha256:"),
     ({"adapter_config": {"r": 64, "lora_alpha": 128}}, "failed to load"),  # rank 64 > the engine's max_lora_rank 16
 ], ids=["another-base-model", "fails-to-load"])
 def test_a_promoted_version_that_cannot_serve_is_refused_and_the_last_good_keeps_serving(
         server, registry, tmp_path, changes, refusal):
     """A version trained on another base model, or whose adapter the engine cannot load, is
     promoted: the watcher refuses it (the latter at the warm-up request), /v1/models says why,
-    and the stable name stays on v2; v2 is promoted again afterwards."""
+    and the stable name stays on v1; v1 is promoted again afterwards."""
     _, port, _ = server
     store = MlflowClient()
     bad = _register_like(store, store.get_model_version(NAME, "2"), tmp_path, **changes)
     assert promote.main(["--name", NAME, "--version", bad, "--reason", "serve test: a version that cannot serve"]) == 0
     status = _wait_for_status(port, lambda s: s["registry"]["state"] == "error", timeout=120)
     assert status["registry"]["state"] == "error" and refusal in status["registry"]["error"], status
-    assert f"{NAME}-v{bad}" in status["registry"]["error"] and status["serving"] == f"{NAME}-v2"
+    assert f"{NAME}-v{bad}" in status["registry"]["error"] and status["serving"] == f"{NAME}-v1"
     served, failures = _load(port, 10, 2)
-    assert failures == [] and {model for model, _ in served} == {f"{MODEL_ID}:{NAME}-v2"}
-    assert promote.main(["--name", NAME, "--version", "2", "--reason", "serve test: back to v2"]) == 0
+    assert failures == [] and {model for model, _ in served} == {f"{MODEL_ID}:{NAME}-v1"}
+    assert promote.main(["--name", NAME, "--version", "1", "--reason", "serve test: back to v1"]) == 0
     status = _wait_for_status(port, lambda s: s["registry"]["state"] == "ok")
-    assert (status["registry"]["state"], status["registry"]["version"], status["serving"]) == ("ok", "2", f"{NAME}-v2")
+    assert (status["registry"]["state"], status["registry"]["version"], status["serving"]) == ("ok", "1", f"{NAME}-v1")
 
 
 def _engine_replica_pids() -> list[int]:
@@ -454,28 +505,48 @@ def test_killed_engine_replica_is_replaced_and_requests_fail_cleanly(server):
     print(f"{len(outcomes)} requests, {failed} failed after the kill, all succeed again {recovered:.0f} s after it")
 
 
-def test_registry_unreachable_keeps_serving_and_reports_it(server):
+def test_registry_unreachable_keeps_serving_and_reports_it(server, registry):
     """The tracking server goes away: the last good adapter keeps answering, and /v1/models says
-    that the registry cannot be reached."""
+    that the registry cannot be reached; once it is back, the watcher says so."""
     _, port, _ = server
-    TRACKING_SERVER.close()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        listed = {m.id: m for m in client(port).models.list().data}
-        status = listed[f"{MODEL_ID}:production"].model_extra["metadata"]["loraflow"]
-        if status["registry"]["state"] == "error":
-            break
-        time.sleep(1)
-    assert status["registry"]["state"] == "error" and status["registry"]["error"], status
-    assert status["serving"] == f"{NAME}-v2"
-    served, failures = _load(port, 20, 2)
-    assert failures == [] and {model for model, _ in served} == {f"{MODEL_ID}:{NAME}-v2"}
+    registry.stop()
+    try:
+        status = _wait_for_status(port, lambda s: s["registry"]["state"] == "error")
+        assert status["registry"]["state"] == "error" and status["registry"]["error"], status
+        assert status["serving"] == f"{NAME}-v1"
+        served, failures = _load(port, 20, 2)
+        assert failures == [] and {model for model, _ in served} == {f"{MODEL_ID}:{NAME}-v1"}
+    finally:
+        registry.start()
+    status = _wait_for_status(port, lambda s: s["registry"]["state"] == "ok")
+    assert (status["registry"]["state"], status["serving"]) == ("ok", f"{NAME}-v1"), status
 
 
 def test_sigterm_shuts_down_cleanly(server):
+    """SIGTERM (what a service manager sends): Serve, Ray and the S3 server shut down, exit 0, the
+    port is closed, no process of serve's session is left."""
     proc, port, log = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
     assert "shutting down" in log.read_text(errors="replace")
+    assert "Traceback" not in log.read_text(errors="replace")
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
         pass
+    _assert_session_ends(proc.pid)
+
+
+def _assert_session_ends(session: int) -> None:
+    deadline = time.monotonic() + 30
+    while (left := _session_processes(session)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == [], f"processes of the session outlived it: {left}"
+
+
+def _session_processes(session: int) -> list[str]:
+    """The command lines of the processes in a session (field 6 of /proc/PID/stat)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fields = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[-1].split()
+        if len(fields) > 3 and int(fields[3]) == session:
+            found.append(_read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace"))
+    return found

@@ -10,6 +10,8 @@ from conftest import TINY_CONFIG
 from loraflow import train_config
 from loraflow.errors import UserError
 
+pytestmark = pytest.mark.unit  # pure logic: the fast tier (pytest -m unit)
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml"))
 
 

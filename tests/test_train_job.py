@@ -81,18 +81,18 @@ def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
     tags = {t.key: t.value for t in inputs["viggo-train"].tags}
     assert tags["mlflow.data.context"] == "training" and len(tags["sha256"]) == 64
     # portable: the project's folder relative to the project, plus what its files are
-    assert run.data.tags["base_model"] == "./.cache/models/tiny-smollm2"
+    assert run.data.tags["loraflow.base_model"] == "./.cache/models/tiny-smollm2"
     assert re.fullmatch(r"tiny-smollm2@sha256:[0-9a-f]{16}", run.data.tags["loraflow.base_model_id"])
-    assert run.data.tags["llamafactory_version"] == "0.9.5"
-    assert len(run.data.tags["git_commit"]) == 40
+    assert run.data.tags["loraflow.llamafactory_version"] == "0.9.5"
+    assert len(run.data.tags["loraflow.git_commit"]) == 40
 
     # one registered version, pointing at this run
     [version] = registered_versions()
     assert (version.name, str(version.version), version.run_id) == ("viggo-tiny-lora", "1", run_id)
     assert version.source == f"runs:/{run_id}/adapter"
-    assert version.tags["base_model"] == run.data.tags["base_model"]
+    assert version.tags["loraflow.base_model"] == run.data.tags["loraflow.base_model"]
     assert version.tags["loraflow.base_model_id"] == run.data.tags["loraflow.base_model_id"]
-    assert version.tags["data_digest"] == run.data.tags["data_digest"]
+    assert version.tags["loraflow.data_digest"] == run.data.tags["loraflow.data_digest"]
     downloaded = mlflow.artifacts.download_artifacts("models:/viggo-tiny-lora/1", dst_path=str(tmp_path / "v1"))
     assert (Path(downloaded) / "adapter_model.safetensors").is_file()
     # every adapter file's SHA-256 as registered, equal to what the artifact store returns
@@ -222,12 +222,18 @@ def _start_train(*args: str) -> subprocess.Popen:
 
 def _wait_for_step(proc: subprocess.Popen, step: int) -> str:
     """Wait until the (only) training run has logged the loss of `step`; returns its run id."""
+    return _wait_for_run_step(proc, lambda run: True, step)
+
+
+def _wait_for_run_step(proc: subprocess.Popen, which, step: int) -> str:
+    """Wait until the training run for which which(run) holds has logged the loss of `step`."""
     client = MlflowClient()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        runs = client.search_runs(["0"])
-        if runs and max((m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")), default=0) >= step:
-            return runs[0].info.run_id
+        for run in client.search_runs(["0"]):
+            if which(run) and max((m.step for m in client.get_metric_history(run.info.run_id, "loss")),
+                                  default=0) >= step:
+                return run.info.run_id
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.5)
     pytest.fail(f"training never reached step {step}")
@@ -239,6 +245,30 @@ def _loss_steps(run_id: str, after_ms: int = 0, until_ms: int | None = None) -> 
     return sorted(m.step for m in history if m.timestamp > after_ms and (until_ms is None or m.timestamp <= until_ms))
 
 
+def _kill_the_worker() -> None:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    [pid] = [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
+    os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> set[int]:
+    rows = [line.split() for line in subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True,
+                                                       text=True).stdout.splitlines()[1:]]
+    found, grew = {pid}, True
+    while grew:
+        more = {int(child) for child, parent in rows if int(parent) in found}
+        grew, found = not more <= found, found | more
+    return found - {pid}
+
+
+def _wait_until_gone(pids: set[int]) -> None:
+    """Ray's local processes share the fate of the driver that started them: wait for their end."""
+    deadline = time.monotonic() + 120
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, "Ray's processes outlived their driver by 2 minutes"
+        time.sleep(1)
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tracking_uri, tmp_path):
     """SIGKILL the Ray Train worker mid-run: Ray Train restarts it (ray_max_failures: 1), it
     continues from the last committed checkpoint, and the run stays one run with every step, one
@@ -246,9 +276,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tracki
     checkpoint of step 4 is known to survive the kill."""
     proc = _start_train("--overrides", LONGER)
     run_id = _wait_for_step(proc, 6)
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    [pid] = [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
-    os.kill(pid, signal.SIGKILL)
+    _kill_the_worker()
     killed_at_ms = int(time.time() * 1000)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
@@ -269,6 +297,18 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tracki
     print(f"worker killed after step {last}, resumed from the checkpoint at step {resumed_from}")
 
 
+def _assert_continued(first: str, checkpoint_at_least: int) -> str:
+    """The one registered version comes from a run that continued `first` from a checkpoint."""
+    [version] = registered_versions()
+    second = MlflowClient().get_run(version.run_id)
+    assert second.info.status == "FINISHED" and second.data.tags["loraflow.resumed_from"] == first
+    assert MlflowClient().get_run(first).data.tags["loraflow.resumed_by"] == second.info.run_id
+    resumed_from = int(second.data.tags["loraflow.resumed_from_step"])
+    assert resumed_from % 4 == 0 and resumed_from >= checkpoint_at_least
+    assert _loss_steps(second.info.run_id) == list(range(resumed_from + 1, 25))
+    return second.info.run_id
+
+
 def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, tmp_path):
     """The driver is stopped (SIGTERM): the run ends KILLED, nothing is registered. `--resume RUN`
     continues from its last checkpoint into a new run tagged with the first one's id."""
@@ -281,19 +321,54 @@ def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, tmp_
 
     done = run_train("--resume", first, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    [version] = registered_versions()
-    second = MlflowClient().get_run(version.run_id)
-    assert second.info.run_id != first and second.info.status == "FINISHED"
-    assert second.data.tags["loraflow.resumed_from"] == first
-    assert second.info.run_name.endswith("-resumed")
     # continued from the first run's last committed checkpoint (step 10 was logged, so the one
     # at step 8 at least), each later step once
-    resumed_from = int(second.data.tags["loraflow.resumed_from_step"])
-    assert resumed_from % 4 == 0 and resumed_from >= 8
-    assert _loss_steps(second.info.run_id) == list(range(resumed_from + 1, 25))
+    second = _assert_continued(first, checkpoint_at_least=8)
+    assert MlflowClient().get_run(second).info.run_name.endswith("-resumed")
 
-    again = run_train("--resume", second.info.run_id)  # a finished training is not resumed
+    again = run_train("--resume", second)  # a finished training is not resumed
     assert again.returncode == 2 and "there is nothing to continue" in again.stderr
+
+
+def test_resume_of_a_failed_run_and_of_a_dead_drivers_run(tracking_uri, tmp_path):
+    """A: a worker killed with no restarts left (ray_max_failures: 0) fails the run; resume is
+    refused while A's driver still lives. B resumes A; B's driver is SIGKILLed, which leaves B
+    RUNNING. C resumes B from its last checkpoint, ends B FAILED, finishes and registers; each run
+    is linked to the one it continues, and a run already continued is not resumed twice."""
+    proc = _start_train("--overrides", LONGER[:-1] + ", ray_max_failures: 0}")
+    a = _wait_for_step(proc, 6)
+    alive = run_train("--resume", a)
+    assert alive.returncode == 2, alive.stderr[-3000:]
+    assert alive.stderr.strip().splitlines()[-1] == (
+        f"error: resume={a}: that training is still running (pid {proc.pid} on this host); wait for it to end, "
+        "or stop it (Ctrl-C, or kill that pid), then resume.")
+    assert len(MlflowClient().search_runs(["0"])) == 1  # the refusal made no run
+    _kill_the_worker()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "error: training failed:" in stderr, stderr[-3000:]
+    assert MlflowClient().get_run(a).info.status == "FAILED" and registered_versions() == []
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "mlproject" / "train.py"), "--resume", a], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    b = _wait_for_run_step(proc, lambda run: run.data.tags.get("loraflow.resumed_from") == a, 10)
+    ray_processes = _descendants(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=60)
+    _wait_until_gone(ray_processes)
+    assert MlflowClient().get_run(b).info.status == "RUNNING"
+
+    done = run_train("--resume", b, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = _assert_continued(b, checkpoint_at_least=8)
+    assert MlflowClient().get_run(b).info.status == "FAILED"  # its driver died: ended by its continuation
+    assert MlflowClient().get_run(a).data.tags["loraflow.resumed_by"] == b
+    assert MlflowClient().get_run(c).data.tags["loraflow.ray_run"] == MlflowClient().get_run(a).data.tags[
+        "loraflow.ray_run"]  # one Ray Train run, whose checkpoints each continuation took up
+    again = run_train("--resume", a)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"error: resume={a}: run {b} already continues that training; resume that run instead, if it did not "
+        "finish.")
 
 
 @pytest.mark.parametrize("kind, message", [

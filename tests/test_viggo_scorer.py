@@ -7,6 +7,8 @@ import pytest
 
 from evaluation import viggo
 
+pytestmark = pytest.mark.unit  # pure logic: the fast tier (pytest -m unit)
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [json.loads(line) for line in (ROOT / "evaluation/golden/viggo_cases.jsonl").read_text().splitlines()]
 

@@ -27,10 +27,6 @@ ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 LOCAL_BUCKET = "loraflow-adapters"
 
 
-def adapter_id(version) -> str:
-    return f"{version.name}-v{version.version}"
-
-
 def is_valid_adapter_id(text: str) -> bool:
     """A folder name, nothing more: no slashes, no `..`, no scheme."""
     return bool(ADAPTER_ID.fullmatch(text)) and ".." not in text
@@ -67,7 +63,7 @@ class LoraStore:
     def publish(self, version) -> str:
         """Copy a registered version's adapter into the store once, checked against the digests
         recorded at registration; returns its adapter id."""
-        name = adapter_id(version)
+        name = registry.adapter_id(version)
         label = f"{version.name} v{version.version}"
         with tempfile.TemporaryDirectory() as tmp:
             local = registry.download_adapter(version.source, tmp, label)

@@ -24,7 +24,6 @@ _DEFAULT_SHAREGPT_COLUMNS = {"messages": "conversations"}
 @dataclass
 class DatasetFile:
     name: str  # the name in dataset_info.json, e.g. viggo-train
-    path: Path
     source: str  # where it came from: a local path or the remote URL
     sha256: str
     rows: list[dict]
@@ -104,7 +103,7 @@ def load_datasets(dataset_dir: str, names: list[str]) -> list[DatasetFile]:
         rows = _read_rows(path)
         _check_columns(name, path, rows, _required_columns(spec))
         source = _join(dataset_dir, spec["file_name"]) if is_remote(dataset_dir) else str(path)
-        files.append(DatasetFile(name, path, source, _sha256(path), rows))
+        files.append(DatasetFile(name, source, _sha256(path), rows))
     return files
 
 

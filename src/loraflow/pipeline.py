@@ -12,9 +12,9 @@ import os
 import subprocess
 import sys
 
-from loraflow import console, evaluate, promote, promotion_gates, tracking, train, train_config
+from loraflow import console, evaluate, promote, promotion_gates, registry, tracking, train, train_config
 from loraflow.envs import PROJECT_ROOT
-from loraflow.signals import run_job
+from loraflow.jobs import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def run(train_config_path: str, overrides: str, eval_config: str, promote_config
     # Bad input of a later step is refused before minutes of training (UserError, exit 2).
     evaluate.load_config(eval_config)
     promotion_gates.load(promote_config)
-    stage = promote.stage_named(stage)
+    stage = registry.stage_named(stage)
     uri = tracking.configure()
     version = train.train(train_config_path, train_config.parse_overrides(overrides))
     print(f"[pipeline] trained and registered {version.name} v{version.version}", flush=True)
@@ -53,7 +53,8 @@ def run(train_config_path: str, overrides: str, eval_config: str, promote_config
     if code == 0:
         from mlflow import MlflowClient
 
-        summary["eval_run_id"] = MlflowClient().get_model_version(version.name, version.version).tags["eval.run_id"]
+        evaluated = MlflowClient().get_model_version(version.name, version.version)
+        summary["eval_run_id"] = evaluated.tags[registry.EVAL_RUN_TAG]
         promotion = promote.promote(version.name, str(version.version), stage, "pipeline: gate passed", False,
                                     promote_config)
         print(f"[pipeline] not promoted: {promotion.message}" if promotion.refused else promotion.message, flush=True)

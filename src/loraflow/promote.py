@@ -18,16 +18,12 @@ from datetime import datetime, timezone
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 
 from loraflow import console, promotion_gates, registry, registry_lock, tracking
 from loraflow.errors import UserError
-from loraflow.signals import run_job
+from loraflow.jobs import run_job
 
-STAGES = ("Staging", "Production", "Archived")
-STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
-HISTORY_TAG = "loraflow.production_history"  # versions promoted to Production, oldest first
-HISTORY_LENGTH = 100
+HISTORY_LENGTH = 100  # of the Production history kept (registry.PRODUCTION_HISTORY_TAG), for rollback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> str:
         result = promote(args.name, args.version, args.stage, args.reason, _parse_bool("force", args.force),
                          args.config)
+        name = f"promote-{args.name}-v{int(args.version)}-{registry.stage_named(args.stage)}"
+        tracking.name_launch_run(name + ("-refused" if result.refused else ""), "promote")
         if result.refused:
             raise UserError(result.message)
         return result.message
@@ -64,7 +62,12 @@ def rollback_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reason", default="", help="why; recorded on the versions")
     console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    return _run(lambda: rollback(args.name, args.reason), args.verbose)
+    def action() -> str:
+        target, message = rollback(args.name, args.reason)
+        tracking.name_launch_run(f"rollback-{args.name}-to-v{target}", "rollback")
+        return message
+
+    return _run(action, args.verbose)
 
 
 def _run(action, verbose: str) -> int:
@@ -105,14 +108,14 @@ class Promotion:
 def promote(name: str, version: str, stage: str, reason: str, force: bool, config: str) -> Promotion:
     """Move a version to `stage` behind its gate. A refused gate is a result; bad input (a missing
     gate file, an unknown version, a lock held too long) raises UserError."""
-    stage = stage_named(stage)
+    stage = registry.stage_named(stage)
     gates = promotion_gates.load(config)
     if force and not reason.strip():
         raise UserError("force=true skips the promotion gate; give a reason (-P reason=...) to record.")
     client = MlflowClient()
-    _model_version(client, name, version)  # fail before taking the lock
+    registry.find_version(name, number=version, client=client)  # fail before taking the lock
     with registry_lock.locked(client, name):
-        candidate = _model_version(client, name, version)
+        candidate = registry.find_version(name, number=version, client=client)
         production = _production(client, name)
         if candidate.current_stage == stage:
             _sync_alias(client, candidate, stage)
@@ -143,9 +146,10 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
         return Promotion(False, gate, report, "\n".join(lines))
 
 
-def rollback(name: str, reason: str) -> str:
+def rollback(name: str, reason: str) -> tuple[str, str]:
+    """Return Production to the version before the current one; (that version, what was done)."""
     client = MlflowClient()
-    _registered_model(client, name)
+    registry.registered_model(client, name)
     with registry_lock.locked(client, name):
         production = _production(client, name)
         history = _history(client, name)
@@ -157,7 +161,7 @@ def rollback(name: str, reason: str) -> str:
             current = f"v{production.version}" if production is not None else "none"
             raise UserError(f"Nothing to roll back to: {name} has no earlier Production version "
                             f"(Production now: {current}).")
-        target = _model_version(client, name, str(history[-1]))
+        target = registry.find_version(name, number=str(history[-1]), client=client)
         registry.check_adapter_present(target)
         _transition(client, target, "Production")
         _sync_alias(client, target, "Production")
@@ -168,37 +172,7 @@ def rollback(name: str, reason: str) -> str:
             _note(client, production, f"rolled back: Production returned to v{target.version}"
                   + (f" ({reason})" if reason else ""))
             lines.append(f"{name} v{production.version}: Production -> Archived")
-        return "\n".join(lines)
-
-
-def stage_named(text: str) -> str:
-    for stage in STAGES:
-        if text.strip().lower() == stage.lower():
-            return stage
-    raise UserError(f"Unknown stage {text!r}: use one of {', '.join(STAGES)}.")
-
-
-def _registered_model(client: MlflowClient, name: str):
-    try:
-        return client.get_registered_model(name)
-    except MlflowException:
-        names = sorted(m.name for m in client.search_registered_models() if not m.name.endswith(".lock"))
-        raise UserError(
-            f"There is no registered model {name!r} in {tracking.configure()}; registered models: "
-            f"{', '.join(names) or 'none'}. Train one with `mlflow run . -e train`."
-        ) from None
-
-
-def _model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
-    _registered_model(client, name)
-    if not str(version).strip().isdigit():
-        raise UserError(f"Version must be a number, not {version!r}.")
-    try:
-        return client.get_model_version(name, str(int(version)))
-    except MlflowException:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        raise UserError(f"{name} has no version {version}; it has versions "
-                        f"{', '.join(map(str, versions)) or 'none'}.") from None
+        return str(target.version), "\n".join(lines)
 
 
 def _production(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -222,7 +196,7 @@ def _transition(client: MlflowClient, version: ModelVersion, stage: str) -> None
 
 def _sync_alias(client: MlflowClient, version: ModelVersion, stage: str) -> None:
     """The version carries the alias of its new stage and no longer that of its old one."""
-    for other_stage, alias in STAGE_ALIASES.items():
+    for other_stage, alias in registry.STAGE_ALIASES.items():
         if other_stage == stage:
             client.set_registered_model_alias(version.name, alias, version.version)
         elif alias in client.get_model_version(version.name, version.version).aliases:
@@ -230,11 +204,11 @@ def _sync_alias(client: MlflowClient, version: ModelVersion, stage: str) -> None
 
 
 def _history(client: MlflowClient, name: str) -> list[int]:
-    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+    return json.loads(client.get_registered_model(name).tags.get(registry.PRODUCTION_HISTORY_TAG, "[]"))
 
 
 def _set_history(client: MlflowClient, name: str, history: list[int]) -> None:
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_LENGTH:]))
+    client.set_registered_model_tag(name, registry.PRODUCTION_HISTORY_TAG, json.dumps(history[-HISTORY_LENGTH:]))
 
 
 def _audit(client: MlflowClient, version: ModelVersion, stage: str, reason: str, gate: str,
@@ -242,18 +216,18 @@ def _audit(client: MlflowClient, version: ModelVersion, stage: str, reason: str,
     """Who, when, why and on which evaluation, as tags (latest move) and a description line (all moves)."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     who = registry_lock.holder()
-    metrics = promotion_gates.version_metrics(version)
+    metrics = registry.eval_metrics(version)
     tags = {
-        "promotion.stage": stage,
-        "promotion.by": who,
-        "promotion.at": now,
-        "promotion.reason": reason,
-        "promotion.gate": gate,
-        "promotion.metrics": json.dumps(metrics, sort_keys=True),
-        "promotion.previous_production": f"v{previous.version}" if previous is not None else "",
+        "stage": stage,
+        "by": who,
+        "at": now,
+        "reason": reason,
+        "gate": gate,
+        "metrics": json.dumps(metrics, sort_keys=True),
+        "previous_production": f"v{previous.version}" if previous is not None else "",
     }
     for key, value in tags.items():
-        client.set_model_version_tag(version.name, version.version, key, value)
+        client.set_model_version_tag(version.name, version.version, registry.PROMOTION_TAG_PREFIX + key, value)
     _note(client, version, f"{version.current_stage} -> {stage} by {who}, gate {gate}"
           + (f": {reason}" if reason else ""), now)
 
@@ -268,7 +242,7 @@ def _note(client: MlflowClient, version: ModelVersion, text: str, when: str | No
 def _refusal(name: str, candidate: ModelVersion, report: promotion_gates.GateReport) -> str:
     text = (f"{name} v{candidate.version} does not pass the {report.stage} gate "
             f"({', '.join(sorted({c.metric for c in report.failures}))}):\n{report.table()}\n")
-    if not promotion_gates.version_metrics(candidate):
+    if not registry.eval_metrics(candidate):
         text += (f"v{candidate.version} has no evaluation yet: run "
                  f"`mlflow run . -e evaluate -P model=models:/{name}/{candidate.version}` first. ")
     return text + "To promote anyway, pass -P force=true with -P reason=... (both are recorded)."

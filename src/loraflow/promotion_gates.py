@@ -1,8 +1,8 @@
 """Promotion gates: the evaluation metrics a model version must reach before it enters a stage.
 
-The metrics are the version's `eval.*` tags, which the evaluate entry point writes (the latest
-evaluation of a version counts). A gate has minimums and, optionally, a comparison with the
-version that is in Production now.
+The metrics are the version's `loraflow.eval.*` tags (registry.eval_metrics), which the evaluate
+entry point writes (the latest evaluation of a version counts). A gate has minimums and,
+optionally, a comparison with the version that is in Production now.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import yaml
 
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
+from loraflow.registry import EVAL_METRICS, eval_metrics
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "promote" / "default.yaml"
-METRIC_TAG_PREFIX = "eval."
 GATED_STAGES = ("Staging", "Production")
-# The metrics evaluate writes onto versions (evaluate._tag_version).
-KNOWN_METRICS = ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "baseline_exact_match", "rows")
 
 
 @dataclass
@@ -99,20 +97,14 @@ def load(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _check_metric(where: str, metric: Any) -> None:
-    if metric not in KNOWN_METRICS:
-        raise UserError(f"{where}: unknown metric {metric!r}; evaluations record {', '.join(KNOWN_METRICS)}.")
-
-
-def version_metrics(version) -> dict[str, float]:
-    """The evaluation metrics recorded on a model version (empty when it was never evaluated)."""
-    return {key[len(METRIC_TAG_PREFIX):]: float(value) for key, value in version.tags.items()
-            if key.startswith(METRIC_TAG_PREFIX) and key[len(METRIC_TAG_PREFIX):] in KNOWN_METRICS}
+    if metric not in EVAL_METRICS:
+        raise UserError(f"{where}: unknown metric {metric!r}; evaluations record {', '.join(EVAL_METRICS)}.")
 
 
 def check(gate: dict[str, Any], stage: str, candidate, production) -> GateReport:
     """Check `candidate` (a ModelVersion) against a stage's gate; `production` may be None."""
-    ours = version_metrics(candidate)
-    theirs = version_metrics(production) if production is not None else {}
+    ours = eval_metrics(candidate)
+    theirs = eval_metrics(production) if production is not None else {}
     checks = []
     for metric, threshold in (gate.get("minimum") or {}).items():
         value = ours.get(metric)

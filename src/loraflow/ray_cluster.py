@@ -75,18 +75,22 @@ def bundles_that_fit(node: dict[str, float], bundle: dict[str, float]) -> int:
     return min(counts) if counts else 0
 
 
+def workers_that_fit(nodes: list[dict[str, float]], bundle: dict[str, float], strategy: str) -> int:
+    """How many workers of `bundle` a placement group of `strategy` can place on these nodes."""
+    fits = [bundles_that_fit(node, bundle) for node in nodes]
+    if strategy == "STRICT_SPREAD":  # one worker a node
+        return sum(1 for f in fits if f >= 1)
+    if strategy == "STRICT_PACK":  # all on one node
+        return max(fits, default=0)
+    return sum(fits)
+
+
 def check_feasible(num_workers: int, bundle: dict[str, float], strategy: str) -> None:
     """Raise UserError when no placement of `num_workers` x `bundle` exists on the alive nodes."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits = [bundles_that_fit(node, bundle) for node in nodes]
-    if strategy == "STRICT_SPREAD":
-        possible = sum(1 for f in fits if f >= 1)
-    elif strategy == "STRICT_PACK":
-        possible = max(fits, default=0)
-    else:
-        possible = sum(fits)
+    possible = workers_that_fit(nodes, bundle, strategy)
     if possible >= num_workers:
         return
     have = [

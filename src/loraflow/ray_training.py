@@ -24,10 +24,10 @@ from transformers.integrations import MLflowCallback
 
 from loraflow import console, ray_cluster
 from loraflow.errors import JobFailed, UserError
+from loraflow.registry import RESUMED_FROM_STEP_TAG
 from loraflow.train_config import RaySettings
 
 FINAL_MARKER = "loraflow_final.json"  # present only in the checkpoint that holds the finished adapter
-RESUMED_FROM_STEP_TAG = "loraflow.resumed_from_step"  # set when a restarted worker continues a run
 
 
 def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: dict[str, str]) -> Path:

@@ -1,10 +1,24 @@
-"""Registering trained adapters as versions of an MLflow registered model."""
+"""The registry contract: one home for what loraflow writes into the MLflow registry and onto its
+runs, and for reading it back; writers and readers import it from here.
+
+- The tag names: one namespace, `loraflow.` (docs/architecture.md "Registry contract" lists each,
+  and a test checks that the table and this module agree).
+- The stages, and the aliases kept in step with them (promote moves both).
+- The adapter id of a version, `<registered model>-v<version>`: its folder in a LoRA store and its
+  model id when served.
+- Finding the version a user means: a number, an alias, a stage, a `models:/` reference or a train
+  run id; a miss is a UserError that says what exists and what to run.
+- Registering an adapter, the SHA-256 of its files, and the checks of a copy before an engine loads it.
+- The base-model check: was the adapter trained on the base model an engine runs here?
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -15,13 +29,171 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from loraflow.errors import UserError
 
+# -- tags ---------------------------------------------------------------------------------------
+# On runs
+JOB_TAG = "loraflow.job"  # train, evaluate, promote, rollback, serve, pipeline
+REGISTERED_MODEL_TAG = "loraflow.registered_model"  # train run: the registered model its version joins
+REGISTERED_VERSION_TAG = "loraflow.registered_version"  # train run: NAME/N, once registered
+LLAMAFACTORY_VERSION_TAG = "loraflow.llamafactory_version"  # train run
+GIT_COMMIT_TAG = "loraflow.git_commit"  # train run: the project's commit
+DRIVER_TAG = "loraflow.driver"  # train run: processes.identity() of the process that trains
+RESUMED_FROM_TAG = "loraflow.resumed_from"  # train run: the run it continues
+RESUMED_BY_TAG = "loraflow.resumed_by"  # train run: the run that continues it
+RAY_RUN_TAG = "loraflow.ray_run"  # train run: the Ray Train run (checkpoints) it and its continuations share
+RESUMED_FROM_STEP_TAG = "loraflow.resumed_from_step"  # train run: the checkpoint a restarted worker continued
+MODEL_REF_TAG = "loraflow.model_ref"  # evaluate run: the reference it was given
+TRAIN_RUN_TAG = "loraflow.train_run"  # evaluate run: the train run of the adapter it scored
+# On train runs and versions
+BASE_MODEL_TAG = "loraflow.base_model"  # base_models.portable_base_model: where the base model is
+BASE_MODEL_ID_TAG = "loraflow.base_model_id"  # base_models.base_model_identity: what it is, on any machine
+DATA_DIGEST_TAG = "loraflow.data_digest"  # SHA-256 over the training data files
+# On versions
+ADAPTER_SHA256_TAG = "loraflow.adapter_sha256"  # JSON {relative path: SHA-256} of the adapter files
+LORA_RANK_TAG = "loraflow.lora_rank"
+TEMPLATE_TAG = "loraflow.template"  # LLaMA-Factory's chat template name
+TRAIN_LOSS_TAG = "loraflow.train_loss"
+EVAL_TAG_PREFIX = "loraflow.eval."  # + a metric of EVAL_METRICS: the latest evaluation's figure
+EVAL_RUN_TAG = "loraflow.eval.run_id"  # the evaluate run those figures come from
+PROMOTION_TAG_PREFIX = "loraflow.promotion."  # + stage, by, at, reason, gate, metrics, previous_production
+# On registered models
+PRODUCTION_HISTORY_TAG = "loraflow.production_history"  # JSON list of the versions promoted to Production
+LOCK_OWNER_TAG = "loraflow.lock.owner"  # on `<name>.lock`: the holder's token
+LOCK_HEARTBEAT_TAG = "loraflow.lock.heartbeat"  # on `<name>.lock`: the holder's last sign of life
+
+# The metrics evaluate records on a version (as EVAL_TAG_PREFIX + name), which promotion gates may check.
+EVAL_METRICS = ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "baseline_exact_match", "rows")
+
+# -- stages, aliases, adapter ids --------------------------------------------------------------
+STAGES = ("Staging", "Production", "Archived")  # where promote moves versions (a new one is in "None")
+STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
 ADAPTER_ARTIFACT_PATH = "adapter"  # where every train run logs its adapter
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a LoRA adapter
-# The SHA-256 of every adapter file, recorded at registration (JSON: {relative path: hex digest}):
-# what a copy in the LoRA store or the artifact store must still hold before an engine loads it.
-ADAPTER_SHA256_TAG = "loraflow.adapter_sha256"
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
+def stage_named(text: str) -> str:
+    for stage in STAGES:
+        if text.strip().lower() == stage.lower():
+            return stage
+    raise UserError(f"Unknown stage {text!r}: use one of {', '.join(STAGES)}.")
+
+
+def adapter_id(version: ModelVersion) -> str:
+    return f"{version.name}-v{version.version}"
+
+
+def eval_metrics(version: ModelVersion) -> dict[str, float]:
+    """The figures of a version's latest evaluation, by metric name."""
+    return {key[len(EVAL_TAG_PREFIX):]: float(value) for key, value in version.tags.items()
+            if key.startswith(EVAL_TAG_PREFIX) and key[len(EVAL_TAG_PREFIX):] in EVAL_METRICS}
+
+
+# -- finding the version meant ------------------------------------------------------------------
+def registered_model(client: MlflowClient, name: str):
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models() if not m.name.endswith(".lock"))
+        raise UserError(
+            f"There is no registered model {name!r} in {mlflow.get_tracking_uri()}; registered models: "
+            f"{', '.join(names) or 'none'}. Train one with `mlflow run . -e train`."
+        ) from None
+
+
+def find_version(name: str, number: str | None = None, alias: str | None = None, stage: str | None = None,
+                 client: MlflowClient | None = None) -> ModelVersion:
+    """The version of `name` with that number, alias or stage (exactly one of them)."""
+    client = client or MlflowClient()
+    registered_model(client, name)
+    if number is not None:
+        if not str(number).strip().isdigit():
+            raise UserError(f"Version must be a number, not {number!r}.")
+        try:
+            return client.get_model_version(name, str(int(number)))
+        except MlflowException:
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            raise UserError(f"{name} has no version {number}; it has versions "
+                            f"{', '.join(map(str, versions)) or 'none'}.") from None
+    if alias is not None:
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            stage = next((s for s, a in STAGE_ALIASES.items() if a == alias), "Production")
+            raise UserError(f"{name} has no version with the alias {alias!r} yet: promote one first, e.g. "
+                            f"`mlflow run . -e promote -P name={name} -P version=N -P stage={stage}`.") from None
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.current_stage == stage]
+    if not versions:
+        raise UserError(f"{name} has no version in stage {stage} yet: promote one first, e.g. "
+                        f"`mlflow run . -e promote -P name={name} -P version=N -P stage={stage}`.")
+    return max(versions, key=lambda v: int(v.version))
+
+
+@dataclass
+class AdapterRef:
+    """What a user named an adapter by, resolved."""
+
+    text: str  # what the user wrote
+    run_id: str  # the train run that produced the adapter
+    artifact_uri: str  # where its files are
+    base_model: str  # BASE_MODEL_TAG
+    base_model_id: str | None  # BASE_MODEL_ID_TAG; None for a run of an older loraflow
+    version: ModelVersion | None  # None when named by run id
+
+    @property
+    def label(self) -> str:
+        return f"run-{self.run_id[:8]}" if self.version is None else adapter_id(self.version)
+
+
+def resolve(text: str) -> AdapterRef:
+    """`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/NAME/STAGE` or a train run id."""
+    client = MlflowClient()
+    if _RUN_ID.fullmatch(text):
+        try:
+            run = client.get_run(text)
+        except MlflowException:
+            raise UserError(f"Model reference {text!r}: there is no run with that id in "
+                            f"{mlflow.get_tracking_uri()}.") from None
+        return AdapterRef(text, text, f"runs:/{text}/{ADAPTER_ARTIFACT_PATH}", _base_model(run.data.tags, text),
+                          run.data.tags.get(BASE_MODEL_ID_TAG), None)
+    version = find_version(*_parse_models_uri(text), client=client)
+    tags = {**client.get_run(version.run_id).data.tags, **version.tags}
+    return AdapterRef(text, version.run_id, version.source, _base_model(tags, text), tags.get(BASE_MODEL_ID_TAG),
+                      version)
+
+
+def _parse_models_uri(text: str) -> tuple[str, str | None, str | None, str | None]:
+    """(name, number, alias, stage) of a models:/ URI."""
+    if not text.startswith("models:/"):
+        raise UserError(f"Model reference {text!r} is not understood: use models:/NAME/VERSION, "
+                        f"models:/NAME@ALIAS, models:/NAME/STAGE ({', '.join(STAGES)}) or a run id.")
+    body = text[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, None, alias, None
+    name, _, selector = body.rpartition("/")
+    if selector.isdigit():
+        return name, selector, None, None
+    if selector in STAGES:
+        return name, None, None, selector
+    raise UserError(f"Model reference {text!r}: {selector!r} is neither a version number nor a stage.")
+
+
+def _base_model(tags: dict[str, str], text: str) -> str:
+    if BASE_MODEL_TAG not in tags:
+        raise UserError(f"{text!r} does not name a loraflow train run (its run has no {BASE_MODEL_TAG} tag).")
+    return tags[BASE_MODEL_TAG]
+
+
+def check_base_model(recorded: str | None, here: str, what: str, fix: str) -> None:
+    """Refuse an adapter unless it was trained on `here` (a base_model_identity), the model an engine runs."""
+    if recorded is None:
+        raise UserError(f"{what} has no {BASE_MODEL_ID_TAG} tag, so its base model cannot be checked (it was "
+                        "registered by hand or by an older loraflow): train a new version.")
+    if recorded != here:
+        raise UserError(f"{what} was trained on {recorded}, but the base model here is {here}; {fix}.")
+
+
+# -- registering and checking adapters ----------------------------------------------------------
 def file_digests(root: Path, items: Iterable[Path] | None = None) -> dict[str, str]:
     """SHA-256 of every file under `items` (default: all of `root`), keyed by path relative to root."""
     files = [f for item in (items if items is not None else [root])

@@ -28,11 +28,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from loraflow.errors import UserError
+from loraflow.registry import LOCK_HEARTBEAT_TAG, LOCK_OWNER_TAG
 
 STALE_AFTER_S = 300  # no heartbeat for this long: the holder crashed
 HEARTBEAT_S = 30
-OWNER_TAG = "loraflow.lock.owner"
-HEARTBEAT_TAG = "loraflow.lock.heartbeat"
 
 
 def holder() -> str:
@@ -47,7 +46,7 @@ def locked(client: MlflowClient, name: str, wait_s: float = 60.0):
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client.create_registered_model(lock, tags={OWNER_TAG: token, HEARTBEAT_TAG: str(time.time())},
+            client.create_registered_model(lock, tags={LOCK_OWNER_TAG: token, LOCK_HEARTBEAT_TAG: str(time.time())},
                                            description=f"Held by {holder()} while it changes {name}.")
             break
         except MlflowException as exc:
@@ -78,13 +77,13 @@ def locked(client: MlflowClient, name: str, wait_s: float = 60.0):
 def _heartbeat(client: MlflowClient, lock: str, token: str, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
         with contextlib.suppress(MlflowException):  # a missed beat is retried; STALE_AFTER_S is many beats
-            if client.get_registered_model(lock).tags.get(OWNER_TAG) == token:
-                client.set_registered_model_tag(lock, HEARTBEAT_TAG, str(time.time()))
+            if client.get_registered_model(lock).tags.get(LOCK_OWNER_TAG) == token:
+                client.set_registered_model_tag(lock, LOCK_HEARTBEAT_TAG, str(time.time()))
 
 
 def _release(client: MlflowClient, lock: str, token: str) -> None:
     with contextlib.suppress(MlflowException):  # already gone: nothing to release
-        if client.get_registered_model(lock).tags.get(OWNER_TAG) != token:
+        if client.get_registered_model(lock).tags.get(LOCK_OWNER_TAG) != token:
             print(f"warning: the registry lock {lock!r} was broken as stale while this process held it; "
                   "left to its new holder")
             return
@@ -97,7 +96,7 @@ def _break_if_stale(client: MlflowClient, lock: str) -> None:
         if time.time() - _last_heartbeat(model) <= STALE_AFTER_S:
             return
         again = client.get_registered_model(lock)  # the same holder, still silent: not one that took it since
-        same_holder = again.tags.get(OWNER_TAG) == model.tags.get(OWNER_TAG)
+        same_holder = again.tags.get(LOCK_OWNER_TAG) == model.tags.get(LOCK_OWNER_TAG)
         if same_holder and time.time() - _last_heartbeat(again) > STALE_AFTER_S:
             print(f"warning: removing a stale registry lock {lock!r} ({model.description})")
             client.delete_registered_model(lock)
@@ -105,7 +104,7 @@ def _break_if_stale(client: MlflowClient, lock: str) -> None:
 
 def _last_heartbeat(model) -> float:
     try:
-        return float(model.tags[HEARTBEAT_TAG])
+        return float(model.tags[LOCK_HEARTBEAT_TAG])
     except (KeyError, ValueError):  # a lock made by hand, or by an older loraflow
         return model.creation_timestamp / 1000
 

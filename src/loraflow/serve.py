@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from loraflow import adapter_store, console, model_refs, ray_cluster, tracking
+from loraflow import adapter_store, console, models, ray_cluster, registry, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
-from loraflow.signals import run_job
+from loraflow.jobs import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve" / "default.yaml"
 _KEYS = {"host", "port", "api_key_env", "allow_unauthenticated", "lora_store", "poll_interval_s", "ray_num_cpus",
@@ -100,27 +100,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def served_version(name: str, alias: str, version: str | None):
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise UserError(f"There is no registered model {name!r} in {tracking.configure()}; "
-                        "train one with `mlflow run . -e train`.") from None
-    try:
-        if version is not None:
-            return client.get_model_version(name, version)
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        what = f"version {version}" if version is not None else f"version with the alias {alias!r}"
-        stage = "Staging" if alias == "staging" else "Production"
-        raise UserError(f"{name} has no {what} yet: promote one first, e.g. "
-                        f"`mlflow run . -e promote -P name={name} -P version=N -P stage={stage}`.") from None
-
-
 def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> dict[str, Any]:
     """The LLMConfig fields: the file's, plus the base model and the LoRA store."""
     fields = copy.deepcopy(config["llm_config"])
@@ -128,7 +107,7 @@ def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> 
     if loading.get("model_source") not in (None, base_model):
         raise UserError(f"The served version was trained on {base_model}, but the serving config's "
                         f"model_source is {loading['model_source']}; set it to null or to {base_model}.")
-    loading["model_source"] = model_refs.base_model_source(base_model)
+    loading["model_source"] = models.base_model_source(base_model)
     fields.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_store_uri
     runtime_env = fields.setdefault("runtime_env", {})
     runtime_env["env_vars"] = {**adapter_store.s3_settings(), **runtime_env.get("env_vars", {})}
@@ -141,13 +120,18 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's proxy listens on its head node, not here
         _check_port_free(config["host"], config["port"])
     tracking_uri = tracking.configure()
-    first = served_version(name, alias, version)
-    base_model = first.tags.get("base_model")
+    first = registry.find_version(name, number=version) if version is not None else registry.find_version(
+        name, alias=alias)
+    tracking.name_launch_run(f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}",
+                             "serve")
+    base_model = first.tags.get(registry.BASE_MODEL_TAG)
     if not base_model:
-        raise UserError(f"{name} v{first.version} has no base_model tag: it was not registered by loraflow's train.")
+        raise UserError(f"{name} v{first.version} has no {registry.BASE_MODEL_TAG} tag: it was not registered by "
+                        "loraflow's train.")
     # What the engine runs; the watcher serves only later versions trained on the same.
-    base_model_id = model_refs.check_base_model(first.tags.get(model_refs.BASE_MODEL_ID_TAG), base_model,
-                                                f"{name} v{first.version}")
+    base_model_id = models.base_model_identity(base_model)
+    registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}",
+                              fix="give it the base model it was trained on (those files)")
     with contextlib.ExitStack() as stack:
         store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())
         store = adapter_store.LoraStore(store_uri)

@@ -27,7 +27,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import Response
 
-from loraflow import adapter_store, model_refs
+from loraflow import adapter_store, registry
 
 logger = logging.getLogger("loraflow.serve")
 ADAPTER_HEADER = "x-loraflow-adapter"
@@ -65,19 +65,14 @@ class LoraflowIngress(OpenAiIngress):
             self._watch_once(None, warm_up=True)
 
     def _watch_once(self, pinned_version: str | None, warm_up: bool) -> None:
-        from mlflow import MlflowClient
-
         try:
-            client = MlflowClient()
             if pinned_version is not None:
-                version = client.get_model_version(self._registered_model, pinned_version)
+                version = registry.find_version(self._registered_model, number=pinned_version)
             else:
-                version = client.get_model_version_by_alias(self._registered_model, self._alias)
-            adapter = adapter_store.adapter_id(version)
-            trained_on = version.tags.get(model_refs.BASE_MODEL_ID_TAG)
-            if trained_on != self._base_model_id:
-                raise RuntimeError(f"{adapter} was trained on {trained_on}, this server runs {self._base_model_id}; "
-                                   "restart serve to change the base model")
+                version = registry.find_version(self._registered_model, alias=self._alias)
+            adapter = registry.adapter_id(version)
+            registry.check_base_model(version.tags.get(registry.BASE_MODEL_ID_TAG), self._base_model_id, adapter,
+                                      fix="restart serve to change the base model")
             if adapter != self._target:
                 self._store.publish(version)
                 if warm_up and self._target is not None:

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
+from loraflow.registry import JOB_TAG
 
 # Names of settings that hold credentials (hub_token, swanlab_api_key, HF_TOKEN, AWS_SECRET_ACCESS_KEY,
 # MLFLOW_TRACKING_PASSWORD, a URI's ?token=...): their values must never reach MLflow or a message.
@@ -49,6 +50,20 @@ def configure() -> str:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def name_launch_run(name: str, job: str) -> None:
+    """`mlflow run` makes a run for every entry point it starts (MLFLOW_RUN_ID). The jobs that log
+    nothing into it (promote, rollback, serve) name it after what they did, so that the runs table
+    reads `promote-viggo-smollm2-lora-v2-Production` rather than a random name; started without
+    `mlflow run`, they make no run."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        client.set_tag(run_id, "mlflow.runName", name)
+        client.set_tag(run_id, JOB_TAG, job)
 
 
 def _check_reachable(uri: str) -> None:

@@ -17,11 +17,22 @@ from typing import Any
 
 import yaml
 
-from loraflow import console, datasets, model_refs, ray_cluster, ray_training, registry, tracking, train_config
+from loraflow import console, datasets, models, processes, ray_cluster, ray_training, registry, tracking, train_config
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
-from loraflow.registry import ADAPTER_ARTIFACT_PATH, register_adapter
-from loraflow.signals import run_job
+from loraflow.jobs import run_job
+from loraflow.registry import (
+    ADAPTER_ARTIFACT_PATH,
+    BASE_MODEL_ID_TAG,
+    BASE_MODEL_TAG,
+    DRIVER_TAG,
+    JOB_TAG,
+    RAY_RUN_TAG,
+    REGISTERED_MODEL_TAG,
+    RESUMED_BY_TAG,
+    RESUMED_FROM_TAG,
+    register_adapter,
+)
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "train" / "default.yaml"
 OUTPUTS_DIR = PROJECT_ROOT / "outputs"
@@ -61,9 +72,9 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
 
     tracking.configure()
     if resume:
-        cfg, config_path = _config_of_run(resume), f"runs:/{resume}/{_CONFIG_ARTIFACT}"
+        (cfg, ray_name), config_path = _continuation_of(resume), f"runs:/{resume}/{_CONFIG_ARTIFACT}"
     else:
-        cfg = train_config.load(config_path, overrides)
+        cfg, ray_name = train_config.load(config_path, overrides), None
     lf_args = _resolve_paths(cfg.llamafactory)
     if "://" not in cfg.ray.ray_storage_path:
         cfg.ray.ray_storage_path = str(Path(cfg.ray.ray_storage_path).expanduser().resolve())
@@ -71,16 +82,18 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
 
     with mlflow.start_run() as run:  # resumes the run `mlflow run` created (MLFLOW_RUN_ID)
         try:
-            if resume:
-                mlflow.set_tag("loraflow.resumed_from", resume)
-            return _train_in_run(run, cfg, lf_args, data, config_path, ray_owner=resume or run.info.run_id)
+            mlflow.set_tag(DRIVER_TAG, processes.identity())
+            # Ray Train continues a run of the same name from its last checkpoint: unique per
+            # training, kept by every run that continues it.
+            ray_name = ray_name or f"{cfg.ray.ray_run_name}-{run.info.run_id[:8]}"
+            return _train_in_run(run, cfg, lf_args, data, config_path, ray_name, resumes=resume)
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")
             raise
 
 
-def _config_of_run(run_id: str) -> train_config.TrainConfig:
-    """The config a killed or failed training ran with, to continue it."""
+def _continuation_of(run_id: str) -> tuple[train_config.TrainConfig, str]:
+    """The config a killed or failed training ran with, and its Ray Train run's name, to continue it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -91,20 +104,53 @@ def _config_of_run(run_id: str) -> train_config.TrainConfig:
         raise UserError(f"resume={run_id}: there is no training run with that id and a logged config in "
                         f"{mlflow.get_tracking_uri()}.") from None
     if run.info.status == "FINISHED":
-        registered = run.data.tags.get("registered_version", "see its run")
+        registered = run.data.tags.get(registry.REGISTERED_VERSION_TAG, "see its run")
         raise UserError(f"resume={run_id}: that training finished ({registered}); there is nothing to "
                         "continue. Start a new training instead.")
-    if "registered_model_name" not in run.data.tags or run.data.tags.get("loraflow.job") != "train":
+    if REGISTERED_MODEL_TAG not in run.data.tags or run.data.tags.get(JOB_TAG) != "train":
         raise UserError(f"resume={run_id}: that run was not started by loraflow's train (it has no "
-                        "registered_model_name tag), so it cannot be continued; start a new training instead.")
+                        f"{REGISTERED_MODEL_TAG} tag), so it cannot be continued; start a new training instead.")
+    if run.info.status == "RUNNING":
+        _refuse_unless_driver_gone(run)
+    if RESUMED_BY_TAG in run.data.tags:
+        raise UserError(f"resume={run_id}: run {run.data.tags[RESUMED_BY_TAG]} already continues that training; "
+                        "resume that run instead, if it did not finish.")
     raw = yaml.safe_load(text)
     raw.pop("output_dir", None)  # the new run gets its own
     raw["run_name"] = f"{run.info.run_name}-resumed"
-    raw["registered_model_name"] = run.data.tags["registered_model_name"]
-    return train_config.from_dict(raw, source=f"the config of run {run_id}")
+    raw["registered_model_name"] = run.data.tags[REGISTERED_MODEL_TAG]
+    ray_name = run.data.tags.get(RAY_RUN_TAG) or f"{raw.get('ray_run_name', 'lora_sft_ray')}-{run_id[:8]}"
+    return train_config.from_dict(raw, source=f"the config of run {run_id}"), ray_name
 
 
-def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
+def _refuse_unless_driver_gone(run) -> None:
+    """A RUNNING run is continued only once the process that ran it is known to be gone: two
+    drivers on one training would write the same checkpoints."""
+    run_id, driver = run.info.run_id, run.data.tags.get(DRIVER_TAG)
+    if driver is None:
+        raise UserError(f"resume={run_id}: that run is still marked RUNNING and records no driver process, so "
+                        "loraflow cannot tell whether it still trains. Stop it first, or wait until it ends.")
+    alive = processes.alive(driver)
+    if alive is None:
+        raise UserError(f"resume={run_id}: that run is still marked RUNNING by a driver on host "
+                        f"{processes.host_of(driver)}; resume it there, where loraflow can check that the "
+                        "driver is gone.")
+    if alive:
+        raise UserError(f"resume={run_id}: that training is still running (pid {processes.pid_of(driver)} on "
+                        "this host); wait for it to end, or stop it (Ctrl-C, or kill that pid), then resume.")
+
+
+def _hand_over(previous: str, run_id: str) -> None:
+    """Link the continued run to its continuation; one whose driver died is left RUNNING: end it FAILED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_tag(previous, RESUMED_BY_TAG, run_id)
+    if client.get_run(previous).info.status == "RUNNING":
+        client.set_terminated(previous, "FAILED")
+
+
+def _train_in_run(run, cfg, lf_args, data, config_path, ray_name: str, resumes: str | None):
     import llamafactory
     import mlflow
 
@@ -113,18 +159,19 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
     output_dir = Path(lf_args["output_dir"])
     _claim_output_dir(output_dir, run_id)
 
-    base_model = model_refs.portable_base_model(lf_args["model_name_or_path"])
-    base_model_id = model_refs.base_model_identity(lf_args["model_name_or_path"])
+    base_model = models.portable_base_model(lf_args["model_name_or_path"])
+    base_model_id = models.base_model_identity(lf_args["model_name_or_path"])
     data_digest = _combined_digest([d for d in data if d.name in datasets.split_names(lf_args["dataset"])])
     mlflow.set_tags({
         "mlflow.runName": lf_args["run_name"],
-        "loraflow.job": "train",
-        "base_model": base_model,
-        model_refs.BASE_MODEL_ID_TAG: base_model_id,
-        "llamafactory_version": llamafactory.__version__,
-        "git_commit": tracking.git_commit() or "unknown",
-        "registered_model_name": cfg.registered_model_name,
-        "data_digest": data_digest,
+        JOB_TAG: "train",
+        BASE_MODEL_TAG: base_model,
+        BASE_MODEL_ID_TAG: base_model_id,
+        registry.LLAMAFACTORY_VERSION_TAG: llamafactory.__version__,
+        registry.GIT_COMMIT_TAG: tracking.git_commit() or "unknown",
+        REGISTERED_MODEL_TAG: cfg.registered_model_name,
+        registry.DATA_DIGEST_TAG: data_digest,
+        RAY_RUN_TAG: ray_name,
     })
     mlflow.log_params(tracking.flatten(lf_args))
     # Worker environment variables by name only: values stay out of the params the UI shows and
@@ -134,6 +181,9 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
     mlflow.log_params(tracking.flatten(ray_params, prefix="ray."))
     _log_lineage(data, lf_args)
     mlflow.log_text(yaml.safe_dump({**lf_args, **vars(cfg.ray)}, sort_keys=False), _CONFIG_ARTIFACT)
+    if resumes:  # from here on this run can itself be resumed
+        mlflow.set_tag(RESUMED_FROM_TAG, resumes)
+        _hand_over(resumes, run_id)
 
     ray_cluster.connect()
     ray_cluster.check_feasible(
@@ -145,9 +195,6 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
         "MLFLOW_RUN_ID": run_id,
         "MLFLOW_MAX_LOG_PARAMS": "0",  # the config is logged above, under the user's own key names
     }
-    # Ray Train continues a run of the same name from its last checkpoint: unique per training,
-    # and the original's name when resuming one.
-    ray_name = f"{cfg.ray.ray_run_name}-{ray_owner[:8]}"
     finished = ray_training.run(lf_args, cfg.ray, ray_name, worker_env)
     try:
         results, adapter_sha256 = _log_outputs(finished)
@@ -158,18 +205,17 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_owner: str):
         cfg.registered_model_name,
         run_id,
         tags={
-            "run_id": run_id,
-            "base_model": base_model,
-            model_refs.BASE_MODEL_ID_TAG: base_model_id,
-            "data_digest": data_digest,
-            "lora_rank": str(lf_args.get("lora_rank", 8)),
-            "template": str(lf_args.get("template")),
-            "train_loss": str(results.get("train_loss")),
+            BASE_MODEL_TAG: base_model,
+            BASE_MODEL_ID_TAG: base_model_id,
+            registry.DATA_DIGEST_TAG: data_digest,
+            registry.LORA_RANK_TAG: str(lf_args.get("lora_rank", 8)),
+            registry.TEMPLATE_TAG: str(lf_args.get("template")),
+            registry.TRAIN_LOSS_TAG: str(results.get("train_loss")),
         },
         description=f"LoRA adapter on {base_model}, trained by run {run_id} from {config_path}.",
         adapter_sha256=adapter_sha256,
     )
-    mlflow.set_tag("registered_version", f"{version.name}/{version.version}")
+    mlflow.set_tag(registry.REGISTERED_VERSION_TAG, f"{version.name}/{version.version}")
     return version
 
 

@@ -21,8 +21,6 @@ import yaml
 from loraflow import tracking
 from loraflow.errors import UserError
 
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
 
 @dataclass
 class RaySettings:
@@ -47,7 +45,6 @@ class TrainConfig:
     llamafactory: dict[str, Any]  # arguments handed to llamafactory's run_exp
     ray: RaySettings
     registered_model_name: str
-    source: str  # where the config came from, for messages and lineage
 
 
 _LORAFLOW_KEYS = {"registered_model_name": str}
@@ -109,7 +106,6 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
         llamafactory=lf_args,
         ray=ray,
         registered_model_name=own.get("registered_model_name", "viggo-lora"),
-        source=source,
     )
 
 

@@ -1,0 +1,69 @@
+"""The registry contract (src/loraflow/registry.py) on its own: the documented tag table, the
+parsing of model references, stage names, adapter ids. Pure logic: no store, no Ray."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+from conftest import ROOT
+
+from loraflow import registry
+from loraflow.errors import UserError
+
+pytestmark = pytest.mark.unit  # pure logic: the fast tier (pytest -m unit)
+
+
+def _documented_tags() -> set[str]:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text[text.index("## Registry contract"):text.index("## Where state lives")]
+    return {name for row in table.splitlines() if row.startswith("| `loraflow.")
+            for name in re.findall(r"`(loraflow\.[a-z0-9_.<>]+)`", row.split("|")[1])}
+
+
+def test_the_contract_table_lists_every_tag_the_module_names():
+    names = {value for key, value in vars(registry).items() if key.endswith("_TAG") and isinstance(value, str)}
+    prefixes = {value + "<" for key, value in vars(registry).items() if key.endswith("_TAG_PREFIX")}
+    documented = _documented_tags()
+    assert all(name.startswith("loraflow.") for name in names | prefixes)  # one namespace
+    assert names <= documented, f"tags missing from docs/architecture.md: {sorted(names - documented)}"
+    assert {p for p in prefixes if not any(d.startswith(p) for d in documented)} == set()
+    documented_plain = {d for d in documented if "<" not in d}
+    assert documented_plain <= names, f"documented but not in registry.py: {sorted(documented_plain - names)}"
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("models:/viggo/3", ("viggo", "3", None, None)),
+    ("models:/viggo@production", ("viggo", None, "production", None)),
+    ("models:/viggo/Production", ("viggo", None, None, "Production")),
+    ("models:/team/viggo/2", ("team/viggo", "2", None, None)),
+])
+def test_model_references_name_a_number_an_alias_or_a_stage(text, parsed):
+    assert registry._parse_models_uri(text) == parsed
+
+
+@pytest.mark.parametrize("text, message", [
+    ("viggo/1", "Model reference 'viggo/1' is not understood: use models:/NAME/VERSION, models:/NAME@ALIAS, "
+                "models:/NAME/STAGE (Staging, Production, Archived) or a run id."),
+    ("models:/viggo/latest", "Model reference 'models:/viggo/latest': 'latest' is neither a version number nor a "
+                             "stage."),
+])
+def test_references_it_cannot_read_are_refused(text, message):
+    with pytest.raises(UserError) as refused:
+        registry._parse_models_uri(text)
+    assert str(refused.value) == message
+
+
+def test_stage_names_are_matched_without_case_and_unknown_ones_refused():
+    assert [registry.stage_named(s) for s in (" staging ", "PRODUCTION", "archived")] == list(registry.STAGES)
+    with pytest.raises(UserError, match=r"^Unknown stage 'Prod': use one of Staging, Production, Archived\.$"):
+        registry.stage_named("Prod")
+
+
+def test_a_versions_adapter_id_and_its_evaluation_figures():
+    version = SimpleNamespace(name="viggo-smollm2-lora", version="3", tags={
+        "loraflow.eval.exact_match": "0.505", "loraflow.eval.rows": "1083", "loraflow.eval.run_id": "abc",
+        "loraflow.eval.made_up": "1", "loraflow.lora_rank": "16"})
+    assert registry.adapter_id(version) == "viggo-smollm2-lora-v3"
+    assert registry.eval_metrics(version) == {"exact_match": 0.505, "rows": 1083.0}
