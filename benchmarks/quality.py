@@ -6,6 +6,16 @@ minutes, samples seen) and how long each job took. Run it in the train environme
 ./setup.sh, with nothing else running (the times are part of the result):
 
     .venvs/train/bin/python benchmarks/quality.py --config configs/train/default.yaml
+
+A store trained elsewhere (benchmarks/gpu_e2e.py's smollm2 part on a lent GPU brings its SQLite
+store back, at the path it had there) is evaluated here as it is, without training again:
+
+    cat smollm2-store.tar.part-* | tar xf - -C /
+    .venvs/train/bin/python benchmarks/quality.py --config configs/train/smollm2-gpu.yaml \
+        --store /tmp/loraflow-smollm2-e2e --experiment smollm2-gpu-e2e \
+        --train-machine "1x NVIDIA H200 (...)" --train-git-commit <commit> --out <result file>
+
+(--no-evaluate reports the version's last evaluation in the store instead of evaluating again.)
 """
 
 from __future__ import annotations
@@ -28,9 +38,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 HEADLINE = ("exact_match", "intent_accuracy", "slot_f1", "parse_validity", "rows", "rows_per_s")
 
 
-def run_job(entry: str, params: dict[str, str], env: dict, log) -> None:
+def run_job(entry: str, params: dict[str, str], env: dict, log, experiment: str | None = None) -> None:
     """One entry point through `mlflow run`, as README's commands start it."""
     command = [str(MLFLOW), "run", ".", "-e", entry, "--env-manager", "local"]
+    if experiment:
+        command += ["--experiment-name", experiment]
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
     done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -47,8 +59,26 @@ def recipe(config: str) -> dict:
     from loraflow import train_config
 
     lf = train_config.load(ROOT / config).llamafactory
-    return {k: lf[k] for k in ("max_samples", "learning_rate", "lora_rank", "lora_alpha",
+    return {k: lf.get(k) for k in ("max_samples", "learning_rate", "lora_rank", "lora_alpha",
                                "per_device_train_batch_size", "num_train_epochs", "bf16")}
+
+
+def trained_steps(run_id: str) -> int | None:
+    """The optimizer steps of a train run, from LLaMA-Factory's trainer_state.json in its artifacts."""
+    import mlflow
+
+    try:
+        state = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/training/trainer_state.json"))
+    except Exception:  # noqa: BLE001 - an older run without the file: no figure
+        return None
+    return state.get("max_steps") or state.get("global_step")
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from HEAD; None outside a git checkout."""
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    return bool(done.stdout.strip()) if done.returncode == 0 else None
 
 
 def machine() -> str:
@@ -65,8 +95,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/quality-<config name>.json")
     parser.add_argument("--store", type=Path, help="keep the MLflow store here (default: a temporary folder); "
                         "a store that already holds this script's trained version is evaluated again, not retrained")
+    parser.add_argument("--experiment", help="MLflow experiment of both jobs (default: the store's default one)")
+    parser.add_argument("--train-machine", help="where a store given with --store was trained, when not here")
+    parser.add_argument("--train-git-commit", help="the commit that trained it, when not this checkout's HEAD")
+    parser.add_argument("--no-evaluate", action="store_true", help="report the version's last evaluation in "
+                        "--store instead of running the evaluate job again")
     opts = parser.parse_args()
     out = opts.out or RESULTS / f"quality-{Path(opts.config).stem}.json"
+    import mlflow
     from mlflow import MlflowClient
 
     log_path = ROOT / ".cache" / f"{out.stem}.log"
@@ -77,32 +113,35 @@ def main() -> None:
         uri = f"sqlite:///{store}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         client = MlflowClient(uri)
+        mlflow.set_tracking_uri(uri)  # for trained_steps' artifact read
         if not (store / "mlflow.db").exists() or not client.search_model_versions():
-            run_job("train", {"config": opts.config, "overrides": f"{{output_dir: {store}/adapter}}"}, env, log)
+            run_job("train", {"config": opts.config, "overrides": f"{{output_dir: {store}/adapter}}"}, env, log,
+                    opts.experiment)
         [version] = client.search_model_versions()
         train_run = client.get_run(version.run_id)
-        run_job("evaluate", {"model": f"models:/{version.name}/{version.version}", "config": opts.eval_config},
-                env, log)
-        eval_run = client.get_run(client.get_model_version(version.name, version.version).tags["eval.run_id"])
+        if not opts.no_evaluate:
+            run_job("evaluate", {"model": f"models:/{version.name}/{version.version}", "config": opts.eval_config},
+                    env, log, opts.experiment)
+        tags = client.get_model_version(version.name, version.version).tags
+        eval_run = client.get_run(tags["loraflow.eval.run_id"])  # the version's last evaluation
     train_metrics, scores = train_run.data.metrics, eval_run.data.metrics
     report = {
         "config": opts.config,
         "eval_config": opts.eval_config,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip(),
-        "git_dirty": bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                         capture_output=True, text=True).stdout.strip()),
+        "git_commit": opts.train_git_commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,
+                                                               capture_output=True, text=True).stdout.strip(),
+        "git_dirty": git_dirty(),
         **{key: scores[key] for key in HEADLINE},
         "train_minutes": train_metrics["train_runtime"] / 60,  # LLaMA-Factory's training loop
         "train_run_minutes": run_minutes(train_run),  # the MLflow run: checks, Ray, training, registration
         "evaluate_run_minutes": run_minutes(eval_run),  # engine start, generation, scoring, logging
         "samples_seen": train_metrics["samples_seen"],  # the train run's own metric
         "recipe": recipe(opts.config),
-        "steps": int(train_metrics.get("total_steps", 0)) or None,
+        "steps": int(train_metrics.get("total_steps", 0)) or trained_steps(train_run.info.run_id),
         "train_loss": train_metrics.get("train_loss"),
         "exact_match_by_intent": {k[len("intent_"):-len("_exact_match")]: v for k, v in scores.items()
                                   if k.startswith("intent_") and k.endswith("_exact_match")},
-        "machine": machine(),
+        "machine": f"training: {opts.train_machine}; evaluation: {machine()}" if opts.train_machine else machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out.write_text(json.dumps(report, indent=1) + "\n")
