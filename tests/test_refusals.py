@@ -179,8 +179,14 @@ def test_train_refuses_a_remote_dataset_dir_that_cannot_be_downloaded(tracking_u
     ({"drop": ("model_name_or_path",)}, "",
      "model_name_or_path is missing from the config; set it to a model folder or hub id."),
     ({"drop": ("dataset",)}, "", "dataset is missing from the config; name datasets from dataset_info.json."),
+    # /sys refuses new folders even to root, as a read-only file system refuses everyone
+    (None, "{output_dir: /sys/loraflow-test/out}", "output_dir /sys/loraflow-test/out cannot be written (Operation "
+     "not permitted); set output_dir in the config to a folder this user can write to, with free space."),
+    (None, "{ray_storage_path: /sys/loraflow-test/ray}", "ray_storage_path /sys/loraflow-test/ray cannot be written "
+     "(Operation not permitted); set ray_storage_path in the config to a folder this user can write to, with free "
+     "space."),
 ], ids=["config_not_yaml", "config_not_a_mapping", "overrides_not_yaml", "no_workers", "max_failures",
-        "no_model", "no_dataset"])
+        "no_model", "no_dataset", "output_dir_not_writable", "ray_storage_not_writable"])
 def test_train_refuses_a_bad_config_before_a_run(tracking_uri, tmp_path, capsys, config, overrides, message):
     from loraflow import train
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
     lf_args = _resolve_paths(cfg.llamafactory)
     if "://" not in cfg.ray.ray_storage_path:
         cfg.ray.ray_storage_path = str(Path(cfg.ray.ray_storage_path).expanduser().resolve())
+        _check_writable(Path(cfg.ray.ray_storage_path), "ray_storage_path")
+    _check_writable(Path(lf_args["output_dir"]) if lf_args.get("output_dir") else OUTPUTS_DIR, "output_dir")
     data = _check_data(lf_args)
 
     with mlflow.start_run() as run:  # resumes the run `mlflow run` created (MLFLOW_RUN_ID)
@@ -245,6 +248,17 @@ def _resolve_paths(lf_args: dict[str, Any]) -> dict[str, Any]:
     if args.get("output_dir"):
         args["output_dir"] = str(Path(args["output_dir"]).expanduser().resolve())
     return args
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """A folder the training cannot write is refused before the run, not deep inside it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(f"{key} {folder} cannot be written ({exc.strerror}); set {key} in the config to a "
+                        "folder this user can write to, with free space.") from None
 
 
 def _check_data(lf_args: dict[str, Any]) -> list[datasets.DatasetFile]:
