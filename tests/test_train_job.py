@@ -373,7 +373,7 @@ def test_resume_of_a_failed_run_and_of_a_dead_drivers_run(tracking_uri, tmp_path
 
 @pytest.mark.parametrize("kind, message", [
     ("unknown", "there is no training run with that id and a logged config in"),
-    ("not_loraflow", "that run was not started by loraflow's train (it has no registered_model_name tag), so it "
+    ("not_loraflow", "that run was not started by loraflow's train (it has no loraflow.registered_model tag), so it "
                      "cannot be continued; start a new training instead."),
 ])
 def test_resume_of_what_is_not_a_loraflow_training_is_refused(tracking_uri, kind, message):
