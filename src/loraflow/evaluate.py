@@ -155,8 +155,7 @@ def _check_adapter(adapter_dir: Path, ref: registry.AdapterRef, config: dict[str
             f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in the evaluation config."
         )
     # The files at the recorded path must be the ones it was trained on (also when missing: fails early).
-    registry.check_base_model(ref.base_model_id, models.base_model_identity(ref.base_model), ref.text,
-                              fix="give it the base model it was trained on (those files)")
+    registry.check_base_model(ref.base_model_id, models.base_model_identity(ref.base_model), ref.text)
 
 
 def _passes(base_model: str, adapter_dir: Path, engine_adapter: tuple[str, str | None], workdir: Path,

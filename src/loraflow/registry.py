@@ -102,7 +102,7 @@ def registered_model(client: MlflowClient, name: str):
 
 def find_version(name: str, number: str | None = None, alias: str | None = None, stage: str | None = None,
                  client: MlflowClient | None = None) -> ModelVersion:
-    """The version of `name` with that number, alias or stage (exactly one of them)."""
+    """The version of `name` with that number; without one, the one with that alias, else the latest in that stage."""
     client = client or MlflowClient()
     registered_model(client, name)
     if number is not None:
@@ -184,7 +184,8 @@ def _base_model(tags: dict[str, str], text: str) -> str:
     return tags[BASE_MODEL_TAG]
 
 
-def check_base_model(recorded: str | None, here: str, what: str, fix: str) -> None:
+def check_base_model(recorded: str | None, here: str, what: str,
+                     fix: str = "give it the base model it was trained on (those files)") -> None:
     """Refuse an adapter unless it was trained on `here` (a base_model_identity), the model an engine runs."""
     if recorded is None:
         raise UserError(f"{what} has no {BASE_MODEL_ID_TAG} tag, so its base model cannot be checked (it was "

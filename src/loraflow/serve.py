@@ -120,8 +120,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's proxy listens on its head node, not here
         _check_port_free(config["host"], config["port"])
     tracking_uri = tracking.configure()
-    first = registry.find_version(name, number=version) if version is not None else registry.find_version(
-        name, alias=alias)
+    first = registry.find_version(name, number=version, alias=alias)
     tracking.name_launch_run(f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}",
                              "serve")
     base_model = first.tags.get(registry.BASE_MODEL_TAG)
@@ -130,8 +129,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                         "loraflow's train.")
     # What the engine runs; the watcher serves only later versions trained on the same.
     base_model_id = models.base_model_identity(base_model)
-    registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}",
-                              fix="give it the base model it was trained on (those files)")
+    registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
     with contextlib.ExitStack() as stack:
         store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())
         store = adapter_store.LoraStore(store_uri)

@@ -66,10 +66,7 @@ class LoraflowIngress(OpenAiIngress):
 
     def _watch_once(self, pinned_version: str | None, warm_up: bool) -> None:
         try:
-            if pinned_version is not None:
-                version = registry.find_version(self._registered_model, number=pinned_version)
-            else:
-                version = registry.find_version(self._registered_model, alias=self._alias)
+            version = registry.find_version(self._registered_model, number=pinned_version, alias=self._alias)
             adapter = registry.adapter_id(version)
             registry.check_base_model(version.tags.get(registry.BASE_MODEL_ID_TAG), self._base_model_id, adapter,
                                       fix="restart serve to change the base model")

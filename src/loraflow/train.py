@@ -122,7 +122,7 @@ def _continuation_of(run_id: str) -> tuple[train_config.TrainConfig, str]:
     raw.pop("output_dir", None)  # the new run gets its own
     raw["run_name"] = f"{run.info.run_name}-resumed"
     raw["registered_model_name"] = run.data.tags[REGISTERED_MODEL_TAG]
-    ray_name = run.data.tags.get(RAY_RUN_TAG) or f"{raw.get('ray_run_name', 'lora_sft_ray')}-{run_id[:8]}"
+    ray_name = run.data.tags[RAY_RUN_TAG]  # tagged with REGISTERED_MODEL_TAG, checked above
     return train_config.from_dict(raw, source=f"the config of run {run_id}"), ray_name
 
 
