@@ -206,7 +206,8 @@ def test_rollback_walks_back_through_production_history(store, model_name, tmp_p
         (["--name", "no-such-model", "--version", "1"], "There is no registered model 'no-such-model'"),
         (["--version", "99"], "has no version 99; it has versions 1"),
         (["--version", "one"], "Version must be a number, not 'one'"),
-        (["--version", "1", "--stage", "Prod"], "Unknown stage 'Prod': use one of Staging, Production, Archived"),
+        (["--version", "1", "--stage", "Prod"],
+         "Unknown stage 'Prod': use one of Staging, Production, Archived. Or Canary, for a live rollout."),
         (["--version", "1", "--config", "configs/promote/missing.yaml"], "does not exist"),
         (["--version", "1", "--force", "maybe"], "force must be true or false"),
     ],
@@ -231,7 +232,7 @@ def test_bad_promotion_requests_are_refused_clearly(args, message, tmp_path, mon
         ("stages: {Archived: {minimum: {exact_match: 1}}}", "only Staging, Production have gates"),
         ("stages: {Production: {minimum: {accuracy: 0.5}}}", "unknown metric 'accuracy'"),
         ("stages: {Production: {minimum: {exact_match: high}}}", "must be a number"),
-        ("gates: {}", "must hold one key, `stages`"),
+        ("gates: {}", "must hold the key `stages`, mapping stage names to gates, and may hold `rollout`"),
     ],
 )
 def test_bad_gate_configs_are_refused_clearly(content, message, tmp_path):

@@ -4,6 +4,7 @@ by serve itself), queried with the real openai client over loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,8 @@ from conftest import ROOT, copy_store
 from mlflow import MlflowClient
 from servers import Lines, MlflowServer, free_port
 
-from loraflow import promote
+from loraflow import canary, promote
+from loraflow import registry as registry_contract
 
 NAME = "viggo-tiny-lora"
 MODEL_ID = "tiny"
@@ -102,11 +104,25 @@ def server(serve_process):
     """The server, with v1 in Production and under the stable name: every test starts from there,
     whichever tests ran before it (they promote, take the registry away, stop the server)."""
     proc, port, log = serve_process.running()
+    _no_rollout()
     if MlflowClient().get_model_version_by_alias(NAME, "production").version != "1":
         assert promote.main(["--name", NAME, "--version", "1", "--reason", "serve test: start from v1"]) == 0
-    status = _wait_for_status(port, lambda s: (s["serving"], s["registry"]["state"]) == (f"{NAME}-v1", "ok"), 120)
-    assert (status["serving"], status["registry"]["state"]) == (f"{NAME}-v1", "ok"), status
+    status = _wait_for_status(port, lambda s: (s["serving"], s["registry"]["state"], s["canary"])
+                              == (f"{NAME}-v1", "ok", None), 120)
+    assert (status["serving"], status["registry"]["state"], status["canary"]) == (f"{NAME}-v1", "ok", None), status
     return proc, port, log
+
+
+def _no_rollout() -> None:
+    """No canary under way, and none's outcome left on v2 (the canary tests read it)."""
+    store = MlflowClient()
+    rollout = registry_contract.rollout(store, NAME)
+    if rollout is not None:
+        assert promote.main(["--name", NAME, "--version", rollout["version"], "--stage", "Canary",
+                             "--weight", "0"]) == 0
+    for key in store.get_model_version(NAME, "2").tags:
+        if key.startswith(registry_contract.CANARY_TAG_PREFIX):
+            store.delete_model_version_tag(NAME, "2", key)
 
 
 def client(port: int, key: str = API_KEY) -> openai.OpenAI:
@@ -532,6 +548,140 @@ def test_registry_unreachable_keeps_serving_and_reports_it(server, registry):
         registry.start()
     status = _wait_for_status(port, lambda s: s["registry"]["state"] == "ok")
     assert (status["registry"]["state"], status["serving"]) == ("ok", f"{NAME}-v1"), status
+
+
+def _canary_config(tmp_path: Path, **policy) -> str:
+    """configs/promote/default.yaml with these rollout settings."""
+    raw = yaml.safe_load((ROOT / "configs/promote/default.yaml").read_text())
+    raw["rollout"] = {**raw["rollout"], **policy}
+    path = tmp_path / "promote.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _start_canary(tmp_path: Path, weight: str, **policy) -> dict:
+    assert promote.main(["--name", NAME, "--version", "2", "--stage", "Canary", "--weight", weight,
+                         "--config", _canary_config(tmp_path, **policy), "--reason", "serve test"]) == 0
+    return registry_contract.rollout(MlflowClient(), NAME)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of serve's session: the machine losing the server, Ray and all."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fields = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[-1].split()
+        if len(fields) > 3 and int(fields[3]) == proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    _assert_session_ends(proc.pid)
+
+
+def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, serve_process, tmp_path):
+    """v2 as a 50% canary: 200 requests from 4 clients all succeed and are labelled, both versions
+    answer in about equal shares, a request key always lands on the same version, a version asked
+    for by its id is not split, /v1/models shows the rollout and each version's live figures. The
+    server is then SIGKILLed with all its processes: started again, it reads the same rollout from
+    the registry and splits again. weight=0 stops it."""
+    proc, port, _ = server
+    rollout = _start_canary(tmp_path, "0.5", min_requests=100_000)  # never judged here
+    status = _wait_for_status(port, lambda s: s["canary"] is not None)
+    assert status["canary"] == {"version": "2", "serving": f"{NAME}-v2", "weight": 0.5,
+                                "started_at": rollout["started_at"]}
+    assert MlflowClient().get_model_version_by_alias(NAME, registry_contract.CANARY_ALIAS).version == "2"
+    served, failures = _load(port, 200, 4)
+    assert failures == [] and len(served) == 200
+    share = sum(answer.model == f"{MODEL_ID}:{NAME}-v2" for answer in served) / 200
+    # 200 draws at 0.5: the standard deviation of the share is 0.035; 0.15 is over 4 of them.
+    assert {answer.model for answer in served} == {f"{MODEL_ID}:{NAME}-v1", f"{MODEL_ID}:{NAME}-v2"}
+    assert 0.35 <= share <= 0.65, share
+    for key in ("alice", "bob", "carol"):
+        side = f"{MODEL_ID}:{NAME}-v{2 if canary.takes_candidate(0.5, key) else 1}"
+        by_user = {ask(port, max_tokens=1, user=key).parse().model for _ in range(4)}
+        by_header = {ask(port, max_tokens=1, extra_headers={"x-loraflow-route-key": key}).parse().model
+                     for _ in range(4)}
+        assert by_user == by_header == {side}, (key, by_user, by_header)
+    assert {ask(port, model=f"{MODEL_ID}:{NAME}-v1", max_tokens=1).parse().model for _ in range(10)} \
+        == {f"{MODEL_ID}:{NAME}-v1"}
+
+    _kill_session(proc)
+    _, port, _ = serve_process.running()
+    status = _wait_for_status(port, lambda s: s["canary"] is not None)
+    assert status["canary"] == {"version": "2", "serving": f"{NAME}-v2", "weight": 0.5,
+                                "started_at": rollout["started_at"]}
+    served, failures = _load(port, 100, 4)
+    assert failures == [] and {answer.model for answer in served} == {f"{MODEL_ID}:{NAME}-v1", f"{MODEL_ID}:{NAME}-v2"}
+    live = _stable_status(port)["live"]
+    counted = {version: sum(answer.model == f"{MODEL_ID}:{NAME}-{version}" for answer in served)
+               for version in ("v1", "v2")}
+    for version, requests in counted.items():
+        figures = live[f"{NAME}-{version}"]  # since the restart: only these requests
+        assert (figures["requests"], figures["errors"], figures["output_tokens"], figures["scored"]) \
+            == (requests, 0, requests, requests), figures
+        assert figures["parse_validity"] == 0.0  # the tiny model's one-token answers are no meaning representation
+        assert 0 < figures["p50_ms"] <= figures["p95_ms"]
+
+    assert promote.main(["--name", NAME, "--version", "2", "--stage", "Canary", "--weight", "0",
+                         "--reason", "serve test: stop"]) == 0
+    assert _wait_for_status(port, lambda s: s["canary"] is None)["canary"] is None
+    assert {answer.model for answer in _load(port, 20, 2)[0]} == {f"{MODEL_ID}:{NAME}-v1"}
+    tags = MlflowClient().get_model_version(NAME, "2").tags
+    assert (tags["loraflow.canary.result"], tags["loraflow.canary.reason"]) == ("stopped", "serve test: stop")
+    assert registry_contract.rollout(MlflowClient(), NAME) is None
+
+
+def _wait_for_rollout_end(timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while registry_contract.rollout(MlflowClient(), NAME) is not None and time.monotonic() < deadline:
+        time.sleep(1)
+
+
+def test_a_canary_whose_answers_do_not_parse_is_rolled_back_while_clients_send(server, tmp_path):
+    """A policy that asks for half of the answers to parse: the candidate's do not (the tiny model's
+    one-token answers), so after 20 of them the server rolls it back, under load: no request fails,
+    the registry records the live figures and why, v2 keeps its stage, and v1 then answers all."""
+    _, port, _ = server
+    _start_canary(tmp_path, "0.5", min_requests=20, min_parse_validity=0.5, max_p95_ratio=100.0)
+    served, failures = _load(port, 200, 4)
+    _wait_for_rollout_end()
+    assert failures == [] and len(served) == 200
+    store = MlflowClient()
+    assert registry_contract.rollout(store, NAME) is None
+    v2 = store.get_model_version(NAME, "2")
+    assert registry_contract.CANARY_ALIAS not in v2.aliases and v2.current_stage != "Production"
+    assert v2.tags["loraflow.canary.result"] == "rolled back"
+    assert v2.tags["loraflow.canary.reason"] == "canary: parse validity 0.000 < 0.500"
+    live = json.loads(v2.tags["loraflow.canary.live"])
+    assert live["candidate"]["requests"] >= 20 and live["candidate"]["parse_validity"] == 0.0
+    assert live["production"]["requests"] > 0
+    assert "canary rolled back: canary: parse validity 0.000 < 0.500" in v2.description
+    assert store.get_model_version_by_alias(NAME, "production").version == "1"
+    status = _wait_for_status(port, lambda s: s["canary"] is None)
+    assert status["canary"] is None
+    assert {answer.model for answer in _load(port, 20, 2)[0]} == {f"{MODEL_ID}:{NAME}-v1"}
+
+
+def test_a_canary_that_holds_steps_up_and_is_promoted(server, tmp_path):
+    """A candidate that holds at 50% moves to 100%, holds again and is promoted to Production by the
+    server, through promote's gate and lock: v1 archived, the audit tags carry the live figures, the
+    stable name follows, no request fails."""
+    _, port, _ = server
+    _start_canary(tmp_path, "0.5", steps=[1.0], min_requests=20, min_parse_validity=0.0, max_validity_drop=1.0,
+                  max_p95_ratio=100.0)
+    served, failures = _load(port, 300, 4)
+    _wait_for_rollout_end()
+    assert failures == [] and len(served) == 300
+    store = MlflowClient()
+    v1, v2 = (store.get_model_version(NAME, version) for version in ("1", "2"))
+    assert (v1.current_stage, v2.current_stage) == ("Archived", "Production")
+    assert store.get_model_version_by_alias(NAME, "production").version == "2"
+    assert registry_contract.CANARY_ALIAS not in v2.aliases and registry_contract.rollout(store, NAME) is None
+    assert (v2.tags["loraflow.promotion.stage"], v2.tags["loraflow.promotion.gate"]) == ("Production", "passed")
+    assert v2.tags["loraflow.promotion.reason"].startswith("canary: held at 100% over ")
+    assert json.loads(v2.tags["loraflow.promotion.live"])["candidate"]["requests"] >= 20
+    assert v2.tags["loraflow.canary.result"] == "promoted"
+    assert "canary: 50% -> 100% (held at 50% over " in v2.description
+    assert _wait_for_status(port, lambda s: s["serving"] == f"{NAME}-v2")["serving"] == f"{NAME}-v2"
+    assert {answer.model for answer in _load(port, 20, 2)[0]} == {f"{MODEL_ID}:{NAME}-v2"}
 
 
 def test_sigterm_shuts_down_cleanly(server):

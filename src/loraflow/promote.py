@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from datetime import datetime, timezone
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
-from loraflow import console, promotion_gates, registry, registry_lock, tracking
+from loraflow import canary, console, promotion_gates, registry, registry_lock, tracking
 from loraflow.errors import UserError
 from loraflow.jobs import run_job
 
@@ -34,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", required=True, help="registered model name")
     parser.add_argument("--version", required=True, help="version number to move")
-    parser.add_argument("--stage", default="Production", help="Staging, Production or Archived")
+    parser.add_argument("--stage", default="Production", help="Staging, Production, Archived, or Canary (a share of "
+                        "the stable name's live requests, judged by the server; see --weight)")
+    parser.add_argument("--weight", default="", help="Canary: the share of requests, 0 < w <= 1 (default: the "
+                        "config's rollout weight); 0 stops the rollout")
     parser.add_argument("--reason", default="", help="why; recorded on the version (required with --force)")
     parser.add_argument("--force", default="false", help="true: promote even if the gate fails (recorded)")
     parser.add_argument("--config", default=str(promotion_gates.DEFAULT_CONFIG), help="gates YAML")
@@ -42,9 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> str:
-        result = promote(args.name, args.version, args.stage, args.reason, _parse_bool("force", args.force),
-                         args.config)
-        name = f"promote-{args.name}-v{int(args.version)}-{registry.stage_named(args.stage)}"
+        force = _parse_bool("force", args.force)
+        if args.stage.strip().lower() == CANARY:
+            result = start_canary(args.name, args.version, _parse_weight(args.weight), args.reason, force, args.config)
+            stage = "Canary"
+        else:
+            if args.weight:
+                raise UserError("weight is for stage=Canary only.")
+            try:
+                stage = registry.stage_named(args.stage)
+            except UserError as exc:
+                raise UserError(f"{exc} Or Canary, for a live rollout.") from None
+            result = promote(args.name, args.version, stage, args.reason, force, args.config)
+        name = f"promote-{args.name}-v{int(args.version)}-{stage}"
         tracking.name_launch_run(name + ("-refused" if result.refused else ""), "promote")
         if result.refused:
             raise UserError(result.message)
@@ -76,6 +91,18 @@ def _run(action, verbose: str) -> int:
         print(action())
 
     return run_job(job, "interrupted: the registry lock is released", verbose=verbose)
+
+
+def _parse_weight(text: str) -> float | None:
+    if not text.strip():
+        return None
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = -1.0
+    if weight != 0 and not canary.check_weight(weight):
+        raise UserError(f"weight must be a share between 0 and 1 (0 stops the rollout), not {text!r}.")
+    return weight
 
 
 def _parse_bool(name: str, text: str) -> bool:
@@ -110,40 +137,158 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
     gate file, an unknown version, a lock held too long) raises UserError."""
     stage = registry.stage_named(stage)
     gates = promotion_gates.load(config)
-    if force and not reason.strip():
-        raise UserError("force=true skips the promotion gate; give a reason (-P reason=...) to record.")
+    _check_force(force, reason)
     client = MlflowClient()
     registry.find_version(name, number=version, client=client)  # fail before taking the lock
     with registry_lock.locked(client, name):
+        return _move(client, name, version, stage, reason, force, gates)
+
+
+def _check_force(force: bool, reason: str) -> None:
+    if force and not reason.strip():
+        raise UserError("force=true skips the promotion gate; give a reason (-P reason=...) to record.")
+
+
+def _move(client: MlflowClient, name: str, version: str, stage: str, reason: str, force: bool,
+          gates: dict, live: dict | None = None) -> Promotion:
+    """promote's work, under the registry lock; `live` is a canary's figures, for the audit."""
+    candidate = registry.find_version(name, number=version, client=client)
+    production = _production(client, name)
+    if candidate.current_stage == stage:
+        _sync_alias(client, candidate, stage)
+        return Promotion(False, "none", None, f"{name} v{candidate.version} is already in {stage}; nothing to do.")
+    if stage != "Archived":
+        registry.check_adapter_present(candidate)
+    report, gate = None, "none"
+    if stage in gates:
+        report = promotion_gates.check(gates[stage], stage, candidate, production)
+        if not report.passed and not force:
+            return Promotion(True, "refused", report, _refusal(name, candidate, report))
+        gate = "passed" if report.passed else "overridden"
+    _transition(client, candidate, stage)
+    _sync_alias(client, candidate, stage)
+    history = _history(client, name)
+    if stage == "Production":
+        history.append(int(candidate.version))
+    elif production is not None and production.version == candidate.version:
+        history = [v for v in history if v != int(candidate.version)]  # Production is now empty
+    _set_history(client, name, history)
+    _audit(client, candidate, stage, reason, gate, production, live)
+    lines = [f"{name} v{candidate.version}: {candidate.current_stage} -> {stage} (gate: {gate})"]
+    if stage == "Production" and production is not None:
+        _note(client, production, f"archived: v{candidate.version} was promoted to Production")
+        lines.append(f"{name} v{production.version}: Production -> Archived")
+    rollout = registry.rollout(client, name)
+    if rollout is not None and rollout["version"] == str(candidate.version) and stage in ("Production", "Archived"):
+        result = "promoted" if stage == "Production" else "stopped"
+        lines.append(_end_rollout(client, name, rollout, result, reason or f"moved to {stage}", live))
+    if report is not None and report.checks:
+        lines.append(report.table())
+    return Promotion(False, gate, report, "\n".join(lines))
+
+
+# -- canary rollouts (canary.py) -------------------------------------------------------------------
+CANARY = "canary"
+
+
+def start_canary(name: str, version: str, weight: float | None, reason: str, force: bool,
+                 config: str) -> Promotion:
+    """Put a version on a share of the stable name's requests, behind the Staging gate; weight 0
+    stops the rollout of that version. The servers following `name` pick it up at their next poll."""
+    gates = promotion_gates.load(config)
+    policy = promotion_gates.load_rollout(config)
+    _check_force(force, reason)
+    client = MlflowClient()
+    registry.find_version(name, number=version, client=client)
+    with registry_lock.locked(client, name):
         candidate = registry.find_version(name, number=version, client=client)
+        rollout = registry.rollout(client, name)
+        ours = rollout is not None and rollout["version"] == str(candidate.version)
+        if weight == 0:
+            if not ours:
+                raise UserError(f"{name} v{candidate.version} is not the canary; nothing to stop.")
+            return Promotion(False, "none", None, _end_rollout(client, name, rollout, "stopped", reason or "stopped"))
         production = _production(client, name)
-        if candidate.current_stage == stage:
-            _sync_alias(client, candidate, stage)
-            return Promotion(False, "none", None, f"{name} v{candidate.version} is already in {stage}; nothing to do.")
-        if stage != "Archived":
-            registry.check_adapter_present(candidate)
-        report, gate = None, "none"
-        if stage in gates:
-            report = promotion_gates.check(gates[stage], stage, candidate, production)
+        if production is None:
+            raise UserError(f"{name} has no version in Production for a canary to be compared with: "
+                            "promote one first.")
+        if production.version == candidate.version:
+            raise UserError(f"{name} v{candidate.version} is in Production already; a canary is a candidate for it.")
+        if rollout is not None and not ours:
+            raise UserError(f"{name} v{rollout['version']} is the canary now: stop it first "
+                            f"(-P version={rollout['version']} -P stage=Canary -P weight=0), or promote it.")
+        registry.check_adapter_present(candidate)
+        weight = weight if weight is not None else policy.weight
+        gate, report = "none", None
+        if "Staging" in gates and not ours:
+            report = promotion_gates.check(gates["Staging"], "Staging", candidate, production)
             if not report.passed and not force:
                 return Promotion(True, "refused", report, _refusal(name, candidate, report))
             gate = "passed" if report.passed else "overridden"
-        _transition(client, candidate, stage)
-        _sync_alias(client, candidate, stage)
-        history = _history(client, name)
-        if stage == "Production":
-            history.append(int(candidate.version))
-        elif production is not None and production.version == candidate.version:
-            history = [v for v in history if v != int(candidate.version)]  # Production is now empty
-        _set_history(client, name, history)
-        _audit(client, candidate, stage, reason, gate, production)
-        lines = [f"{name} v{candidate.version}: {candidate.current_stage} -> {stage} (gate: {gate})"]
-        if stage == "Production" and production is not None:
-            _note(client, production, f"archived: v{candidate.version} was promoted to Production")
-            lines.append(f"{name} v{production.version}: Production -> Archived")
+        state = rollout if ours else {
+            "version": str(candidate.version), "started_at": _now(), "by": registry_lock.holder(),
+            "policy": dataclasses.asdict(policy), "gates": gates,
+        }
+        _set_rollout(client, name, {**state, "weight": weight})
+        client.set_registered_model_alias(name, registry.CANARY_ALIAS, candidate.version)
+        if not ours:
+            _audit(client, candidate, "Canary", reason, gate, production)
+        lines = [f"{name} v{candidate.version}: canary on {weight:.0%} of {name}@production's requests "
+                 f"(gate: {gate}); v{production.version} serves the rest"]
         if report is not None and report.checks:
             lines.append(report.table())
         return Promotion(False, gate, report, "\n".join(lines))
+
+
+def finish_canary(name: str, rollout: dict, verdict: canary.Verdict, live: dict) -> str:
+    """A server's judgement of the rollout it follows, carried out under the registry lock: a larger
+    share, Production (through promote's gates), or a rollback. Nothing is done when the rollout
+    changed meanwhile (a person stopped or changed it)."""
+    client = MlflowClient()
+    with registry_lock.locked(client, name):
+        now = registry.rollout(client, name)
+        if now is None or (now["version"], now["started_at"], now["weight"]) != \
+                (rollout["version"], rollout["started_at"], rollout["weight"]):
+            return f"{name}: the rollout changed meanwhile; nothing done"
+        why = "canary: " + "; ".join(verdict.reasons)
+        if verdict.decision == "step":
+            weight = canary.next_weight(canary.Policy(**_policy_fields(now)), now["weight"])
+            _set_rollout(client, name, {**now, "weight": weight})
+            _note(client, registry.find_version(name, number=now["version"], client=client),
+                  f"canary: {now['weight']:.0%} -> {weight:.0%} ({'; '.join(verdict.reasons)})")
+            return f"{name} v{now['version']}: canary {now['weight']:.0%} -> {weight:.0%}"
+        if verdict.decision == "promote":
+            result = _move(client, name, now["version"], "Production", why, False, now["gates"], live)
+            if not result.refused:
+                return result.message
+            why = f"canary held, but the Production gate refused it: {result.message}"
+        return _end_rollout(client, name, now, "rolled back", why, live)
+
+
+def _policy_fields(rollout: dict) -> dict:
+    return {**rollout["policy"], "steps": tuple(rollout["policy"]["steps"])}
+
+
+def _set_rollout(client: MlflowClient, name: str, rollout: dict) -> None:
+    client.set_registered_model_tag(name, registry.ROLLOUT_TAG, json.dumps(rollout, sort_keys=True))
+
+
+def _end_rollout(client: MlflowClient, name: str, rollout: dict, result: str, reason: str,
+                 live: dict | None = None) -> str:
+    """The candidate leaves the rollout: alias and rollout tag removed, the outcome tagged on it."""
+    client.delete_registered_model_tag(name, registry.ROLLOUT_TAG)
+    with contextlib.suppress(MlflowException):  # a person may have removed the alias already
+        client.delete_registered_model_alias(name, registry.CANARY_ALIAS)
+    version = rollout["version"]
+    tags = {"result": result, "reason": reason, "at": _now(), "live": json.dumps(live or {}, sort_keys=True)}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, registry.CANARY_TAG_PREFIX + key, value)
+    _note(client, registry.find_version(name, number=version, client=client), f"canary {result}: {reason}")
+    return f"{name} v{version}: canary {result} ({reason})"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def rollback(name: str, reason: str) -> tuple[str, str]:
@@ -212,9 +357,10 @@ def _set_history(client: MlflowClient, name: str, history: list[int]) -> None:
 
 
 def _audit(client: MlflowClient, version: ModelVersion, stage: str, reason: str, gate: str,
-           previous: ModelVersion | None) -> None:
-    """Who, when, why and on which evaluation, as tags (latest move) and a description line (all moves)."""
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+           previous: ModelVersion | None, live: dict | None = None) -> None:
+    """Who, when, why and on which evaluation (and live figures, after a canary), as tags (latest
+    move) and a description line (all moves)."""
+    now = _now()
     who = registry_lock.holder()
     metrics = registry.eval_metrics(version)
     tags = {
@@ -225,6 +371,7 @@ def _audit(client: MlflowClient, version: ModelVersion, stage: str, reason: str,
         "gate": gate,
         "metrics": json.dumps(metrics, sort_keys=True),
         "previous_production": f"v{previous.version}" if previous is not None else "",
+        "live": json.dumps(live or {}, sort_keys=True),
     }
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, registry.PROMOTION_TAG_PREFIX + key, value)
@@ -233,7 +380,7 @@ def _audit(client: MlflowClient, version: ModelVersion, stage: str, reason: str,
 
 
 def _note(client: MlflowClient, version: ModelVersion, text: str, when: str | None = None) -> None:
-    when = when or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = when or _now()
     current = client.get_model_version(version.name, version.version).description or ""
     client.update_model_version(version.name, version.version,
                                 description=f"{current}\n[{when}] {text}".strip())

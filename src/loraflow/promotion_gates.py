@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from loraflow import canary
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import EVAL_METRICS, eval_metrics
@@ -62,13 +63,8 @@ def _fmt(value: float | None) -> str:
 
 def load(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read and check a gates file; returns {stage: {"minimum": {...}, "compare_with_production": {...}}}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Promotion config {path} does not exist; see {DEFAULT_CONFIG.relative_to(PROJECT_ROOT)}.")
-    config = yaml.safe_load(path.read_text()) or {}
-    stages = config.get("stages") if isinstance(config, dict) else None
-    if not isinstance(stages, dict) or set(config) != {"stages"}:
-        raise UserError(f"Promotion config {path} must hold one key, `stages`, mapping stage names to gates.")
+    path, config = _read(path)
+    stages = config["stages"]
     for stage, gate in stages.items():
         where = f"Promotion config {path}, stage {stage!r}"
         if stage not in GATED_STAGES:
@@ -94,6 +90,24 @@ def load(path: str | Path) -> dict[str, dict[str, Any]]:
                 raise UserError(f"{where}: max_regression must be a number, not {slack!r}.")
         stages[stage] = gate
     return stages
+
+
+def load_rollout(path: str | Path) -> canary.Policy:
+    """The canary rollout policy of a gates file (its `rollout` key; the defaults without one)."""
+    path, config = _read(path)
+    return canary.load_policy(config.get("rollout"), f"Promotion config {path}")
+
+
+def _read(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Promotion config {path} does not exist; see {DEFAULT_CONFIG.relative_to(PROJECT_ROOT)}.")
+    config = yaml.safe_load(path.read_text()) or {}
+    stages = config.get("stages") if isinstance(config, dict) else None
+    if not isinstance(stages, dict) or set(config) - {"rollout"} != {"stages"}:
+        raise UserError(f"Promotion config {path} must hold the key `stages`, mapping stage names to gates, "
+                        "and may hold `rollout` (the canary policy).")
+    return path, config
 
 
 def _check_metric(where: str, metric: Any) -> None:

@@ -54,9 +54,11 @@ TEMPLATE_TAG = "loraflow.template"  # LLaMA-Factory's chat template name
 TRAIN_LOSS_TAG = "loraflow.train_loss"
 EVAL_TAG_PREFIX = "loraflow.eval."  # + a metric of EVAL_METRICS: the latest evaluation's figure
 EVAL_RUN_TAG = "loraflow.eval.run_id"  # the evaluate run those figures come from
-PROMOTION_TAG_PREFIX = "loraflow.promotion."  # + stage, by, at, reason, gate, metrics, previous_production
+PROMOTION_TAG_PREFIX = "loraflow.promotion."  # + stage, by, at, reason, gate, metrics, previous_production, live
+CANARY_TAG_PREFIX = "loraflow.canary."  # + result (promoted, rolled back, stopped), reason, live, at: a rollout's end
 # On registered models
 PRODUCTION_HISTORY_TAG = "loraflow.production_history"  # JSON list of the versions promoted to Production
+ROLLOUT_TAG = "loraflow.rollout"  # JSON: the canary rollout under way (canary.py), absent when none
 LOCK_OWNER_TAG = "loraflow.lock.owner"  # on `<name>.lock`: the holder's token
 LOCK_HEARTBEAT_TAG = "loraflow.lock.heartbeat"  # on `<name>.lock`: the holder's last sign of life
 
@@ -66,6 +68,7 @@ EVAL_METRICS = ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "
 # -- stages, aliases, adapter ids --------------------------------------------------------------
 STAGES = ("Staging", "Production", "Archived")  # where promote moves versions (a new one is in "None")
 STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
+CANARY_ALIAS = "canary"  # the candidate of a rollout; it keeps its stage until it is promoted
 ADAPTER_ARTIFACT_PATH = "adapter"  # where every train run logs its adapter
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a LoRA adapter
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -89,6 +92,12 @@ def eval_metrics(version: ModelVersion) -> dict[str, float]:
 
 
 # -- finding the version meant ------------------------------------------------------------------
+def rollout(client: MlflowClient, name: str) -> dict | None:
+    """The canary rollout under way on `name`: {version, weight, started_at, policy, gates}, or None."""
+    text = registered_model(client, name).tags.get(ROLLOUT_TAG)
+    return json.loads(text) if text else None
+
+
 def registered_model(client: MlflowClient, name: str):
     try:
         return client.get_registered_model(name)

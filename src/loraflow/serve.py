@@ -29,8 +29,8 @@ from loraflow.errors import UserError
 from loraflow.jobs import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve" / "default.yaml"
-_KEYS = {"host", "port", "api_key_env", "allow_unauthenticated", "lora_store", "poll_interval_s", "ray_num_cpus",
-         "llm_config"}
+_KEYS = {"host", "port", "api_key_env", "allow_unauthenticated", "lora_store", "poll_interval_s", "live_validity",
+         "ray_num_cpus", "llm_config"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +61,7 @@ def load_config(path: str) -> dict[str, Any]:
     if not isinstance(config["allow_unauthenticated"], bool):
         raise UserError(f"Serving config {path}: allow_unauthenticated must be true or false, "
                         f"got {config['allow_unauthenticated']!r}.")
+    _check_live_validity(path, config["live_validity"])
     return config
 
 
@@ -153,6 +154,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                     "lora_store_uri": store.uri, "base_model_id": base_model_id,
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
                     "poll_interval_s": config["poll_interval_s"], "tracking_uri": tracking_uri,
+                    "live_validity": config["live_validity"],
                 },
             },
             # Follow-the-registry state lives in each ingress replica; one keeps it simple on one machine.
@@ -174,6 +176,20 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         }), flush=True)
         while True:
             time.sleep(3600)
+
+
+def _check_live_validity(path: str, name: Any) -> None:
+    """`module:function`, checked here so that a typo fails before Ray starts rather than in a replica."""
+    import importlib
+
+    module, _, function = str(name).partition(":")
+    try:
+        found = callable(getattr(importlib.import_module(module), function, None)) if function else False
+    except ImportError:
+        found = False
+    if not found:
+        raise UserError(f"Serving config {path}: live_validity {name!r} is not a function named as module:function, "
+                        "such as evaluation.viggo:parse (it tells whether an answer is valid for the task).")
 
 
 def _shutdown() -> None:

@@ -7,6 +7,9 @@
   the adapter they started with, so a promotion fails no request;
 - every answer names the version that produced it: the response's `model` is
   `<model_id>:<registered model>-v<version>` and the header `x-loraflow-adapter` repeats it;
+- a canary rollout (canary.py): the registry's rollout sends a share of the stable name's requests
+  to a candidate (by the request's key, `x-loraflow-route-key` or the `user` field, else at random);
+  each version's live figures are counted, and the rollout is judged after each poll;
 - an API key (when configured; only its SHA-256 reaches the replicas);
 - adapter ids are checked: a plain folder name that exists in the LoRA store, nothing else.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
+import json
 import logging
 import os
 import threading
@@ -27,16 +32,17 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import Response
 
-from loraflow import adapter_store, registry
+from loraflow import adapter_store, canary, registry
 
 logger = logging.getLogger("loraflow.serve")
 ADAPTER_HEADER = "x-loraflow-adapter"
+ROUTE_KEY_HEADER = "x-loraflow-route-key"  # requests with the same key land on the same side of a canary
 
 
 class LoraflowIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
                  pinned_version: str | None, lora_store_uri: str, api_key_sha256: str | None,
-                 base_model_id: str, poll_interval_s: float, tracking_uri: str, **kwargs):
+                 base_model_id: str, poll_interval_s: float, tracking_uri: str, live_validity: str, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         import mlflow
 
@@ -54,6 +60,11 @@ class LoraflowIngress(OpenAiIngress):
         self._known: tuple[float, set[str]] = (0.0, set())  # (when listed, adapter ids in the store)
         self._registry = {"state": "starting", "version": None, "adapter": None, "error": None, "checked_at": None}
         self._target: str | None = None  # the adapter id the stable name routes to
+        self._canary: dict | None = None  # the rollout followed (registry.rollout) and its candidate's adapter id
+        module, function = live_validity.split(":")
+        self._is_valid = getattr(importlib.import_module(module), function)  # the task's grammar
+        self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
+        self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
         self._watch_once(pinned_version, warm_up=False)  # serve nothing until the first version is known
         if pinned_version is None:
             threading.Thread(target=self._watch, args=(poll_interval_s,), daemon=True).start()
@@ -77,10 +88,54 @@ class LoraflowIngress(OpenAiIngress):
                 logger.info("%s:%s now routes to %s (was %s)", self._base_id, self._alias, adapter, self._target)
                 self._target = adapter
             self._registry.update(state="ok", version=str(version.version), adapter=adapter, error=None)
+            if pinned_version is None:
+                self._follow_rollout(str(version.version), warm_up)
         except Exception as exc:  # noqa: BLE001 - keep serving the last good adapter, report why
             self._registry.update(state="error", error=str(exc)[:500])
             logger.warning("registry check failed, still serving %s: %s", self._target, exc)
         self._registry["checked_at"] = time.time()
+
+    def _follow_rollout(self, production_version: str, warm_up: bool) -> None:
+        """Route a share to the rollout's candidate (loaded and warmed up first), and judge it."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        rollout = registry.rollout(client, self._registered_model)
+        if rollout is None or rollout["version"] == production_version:
+            self._canary = None
+            return
+        followed = self._canary
+        if followed is None or followed["rollout"] != rollout:
+            try:
+                candidate = registry.find_version(self._registered_model, number=rollout["version"], client=client)
+                adapter = registry.adapter_id(candidate)
+                registry.check_base_model(candidate.tags.get(registry.BASE_MODEL_ID_TAG), self._base_model_id,
+                                          adapter, fix="a canary must be trained on the base model served")
+                if followed is None or followed["adapter"] != adapter:
+                    self._store.publish(candidate)
+                    if warm_up:
+                        self._warm_up(adapter)
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot serve is rolled back
+                self._finish(rollout, canary.Verdict("roll back", [f"it cannot be served: {exc}"[:1000]]))
+                return
+            self._judged = {}  # a new candidate or share: judge on what it serves from now on
+            self._canary = {"rollout": rollout, "adapter": adapter}
+            logger.info("%s:%s sends %.0f%% to the canary %s", self._base_id, self._alias, 100 * rollout["weight"],
+                        adapter)
+        figures = {side: self._stats(self._judged, name).figures()
+                   for side, name in (("candidate", self._canary["adapter"]), ("production", self._target))}
+        policy = canary.Policy(**{**rollout["policy"], "steps": tuple(rollout["policy"]["steps"])})
+        verdict = canary.verdict(policy, rollout["weight"], figures["candidate"], figures["production"])
+        if verdict.decision != "wait":
+            self._finish(rollout, verdict, figures)
+
+    def _finish(self, rollout: dict, verdict: canary.Verdict, figures: dict | None = None) -> None:
+        from loraflow import promote
+
+        logger.info("canary %s-v%s: %s (%s)", self._registered_model, rollout["version"], verdict.decision,
+                    "; ".join(verdict.reasons))
+        print(promote.finish_canary(self._registered_model, rollout, verdict, figures or {}), flush=True)
+        self._canary, self._judged = None, {}  # the next poll reads what the registry says now
 
     def _warm_up(self, adapter: str) -> None:
         """Load the new adapter on a replica before the stable name moves to it: a broken adapter
@@ -105,8 +160,9 @@ class LoraflowIngress(OpenAiIngress):
             raise OpenAIHTTPException(message="Missing or wrong API key: send `Authorization: Bearer <key>`.",
                                       status_code=401, type="AuthenticationError")
 
-    def _route(self, model: str | None) -> str | None:
-        """The model id to send to the engine for what the client asked for."""
+    def _route(self, model: str | None, split: bool = False, key: str | None = None) -> str | None:
+        """The model id to send to the engine for what the client asked for; `split`: a request
+        for the stable name may go to the canary."""
         if model is None or model == self._base_id or not model.startswith(f"{self._base_id}:"):
             return model  # base model, or a model that Ray's ingress will report as unknown
         adapter = model[len(self._base_id) + 1:]
@@ -114,6 +170,9 @@ class LoraflowIngress(OpenAiIngress):
             if self._target is None:
                 raise OpenAIHTTPException(message=f"No version of {self._registered_model} has the alias "
                                           f"{self._alias!r} yet.", status_code=503, type="ServiceUnavailable")
+            followed = self._canary
+            if split and followed is not None and canary.takes_candidate(followed["rollout"]["weight"], key):
+                return f"{self._base_id}:{followed['adapter']}"
             return f"{self._base_id}:{self._target}"
         if not adapter_store.is_valid_adapter_id(adapter):
             raise OpenAIHTTPException(message=f"Invalid adapter id {adapter!r}: use a name listed by /v1/models.",
@@ -134,7 +193,8 @@ class LoraflowIngress(OpenAiIngress):
 
     async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
         self._authorize(raw_request)
-        body.model = self._route(body.model)
+        key = (raw_request.headers.get(ROUTE_KEY_HEADER) if raw_request is not None else None) or body.user
+        body.model = self._route(body.model, split=True, key=key)
         if raw_request is not None:
             raw_request.state.loraflow_model = body.model
         try:
@@ -148,10 +208,42 @@ class LoraflowIngress(OpenAiIngress):
                 yield response
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return _label(await super().chat(body, request), request)
+        return await self._answer(super().chat(body, request), request)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return _label(await super().completions(body, request), request)
+        return await self._answer(super().completions(body, request), request)
+
+    async def _answer(self, answering, request: Request) -> Response:
+        """The engine's response, labelled with the version that produced it and counted in its
+        live figures."""
+        started = time.monotonic()
+        try:
+            response = await answering
+        except Exception:
+            self._record(request, time.monotonic() - started, error=True)
+            raise
+        self._record(request, time.monotonic() - started, error=False, response=response)
+        return _label(response, request)
+
+    def _record(self, request: Request, latency_s: float, error: bool, response: Response | None = None) -> None:
+        model = getattr(request.state, "loraflow_model", None)
+        if not model or ":" not in model:
+            return  # the base model, or refused before routing
+        adapter = model.split(":", 1)[1]
+        tokens, valid = 0, None
+        body = getattr(response, "body", None)  # absent on streamed answers: counted, not scored
+        if body:
+            answer = json.loads(body)
+            tokens = (answer.get("usage") or {}).get("completion_tokens") or 0
+            choice = answer["choices"][0]
+            text = choice["message"]["content"] if "message" in choice else choice.get("text")
+            valid = bool(self._is_valid(text or ""))
+        for stats in (self._live, self._judged):
+            self._stats(stats, adapter).record(latency_s, error, tokens, valid)
+
+    @staticmethod
+    def _stats(stats: dict[str, canary.LiveStats], adapter: str | None) -> canary.LiveStats:
+        return stats.setdefault(adapter, canary.LiveStats()) if adapter else canary.LiveStats()
 
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
@@ -175,8 +267,13 @@ class LoraflowIngress(OpenAiIngress):
         return stable
 
     def status(self) -> dict[str, Any]:
+        followed = self._canary
+        rollout = followed and {"version": followed["rollout"]["version"], "serving": followed["adapter"],
+                                "weight": followed["rollout"]["weight"],
+                                "started_at": followed["rollout"]["started_at"]}
         return {"registered_model": self._registered_model, "alias": self._alias, "serving": self._target,
-                "registry": dict(self._registry)}
+                "canary": rollout, "registry": dict(self._registry),
+                "live": {adapter: stats.figures() for adapter, stats in list(self._live.items())}}
 
 
 def _lost_lora_load_race(exc: Exception) -> bool:
