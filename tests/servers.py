@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -24,9 +25,18 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range and above Ray's worker ports (10002-19999):
+    a port from bind(0) can be handed out again to the next bind(0) (Ray starts a dozen services
+    that way) before the test's server binds it ("Failed to bind to address")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(20_000, low), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000-{low}")
 
 
 @contextlib.contextmanager

@@ -382,12 +382,14 @@ def _serve_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path
      "Serving config {path}: missing keys ['poll_interval_s'], unknown keys ['workers']; see "
      "configs/serve/default.yaml."),
     ("[host, port]", "Serving config {path}: missing keys ['allow_unauthenticated', 'api_key_env', 'host', "
-                     "'live_validity', 'llm_config', 'lora_store', 'poll_interval_s', 'port', 'ray_num_cpus'], "
-                     "unknown keys []; see configs/serve/default.yaml."),
+                     "'live_validity', 'llm_config', 'lora_store', 'metrics_interval_s', 'poll_interval_s', 'port', "
+                     "'ray_num_cpus'], unknown keys []; see configs/serve/default.yaml."),
     ({"live_validity": "evaluation.viggo:parse_it"},
      "Serving config {path}: live_validity 'evaluation.viggo:parse_it' is not a function named as module:function, "
      "such as evaluation.viggo:parse (it tells whether an answer is valid for the task)."),
-], ids=["missing", "keys", "not_a_mapping", "live_validity"])
+    ({"metrics_interval_s": 0},
+     "Serving config {path}: metrics_interval_s must be a number of seconds > 0, got 0."),
+], ids=["missing", "keys", "not_a_mapping", "live_validity", "metrics_interval"])
 def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
     from loraflow import serve
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import openai
 import pytest
 import yaml
+from browser import chromium, page_text
 from conftest import ROOT, copy_store
 from mlflow import MlflowClient
 from servers import Lines, MlflowServer, free_port
@@ -59,7 +60,7 @@ def registry(tiny_trainings, tmp_path_factory):
 
 def _serve_config(tmp_path, port: int) -> str:
     config = yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text())
-    config.update(port=port, api_key_env="LORAFLOW_TEST_API_KEY", poll_interval_s=1)
+    config.update(port=port, api_key_env="LORAFLOW_TEST_API_KEY", poll_interval_s=1, metrics_interval_s=1)
     config["llm_config"]["model_loading_config"]["model_id"] = MODEL_ID
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -177,7 +178,8 @@ def test_mlflow_run_serve_with_a_version_serves_that_one_and_stops_on_ctrl_c(reg
         assert ask(port).parse().model == f"{MODEL_ID}:{NAME}-v2"
         assert same_weights(answer_of(port, f"{MODEL_ID}:production"), answer_of(port, f"{MODEL_ID}:{NAME}-v2"))
         assert _stable_status(port)["serving"] == f"{NAME}-v2"
-        [launched] = MlflowClient().search_runs(["0"], "tags.`loraflow.job` = 'serve'")
+        [launched] = MlflowClient().search_runs(["0"], "tags.`mlflow.project.entryPoint` = 'serve'")
+        assert launched.data.tags["loraflow.job"] == "serve" and started["mlflow_run"] == launched.info.run_id
         assert launched.info.run_name == f"serve-{NAME}-v2"
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # mlflow run leads its own process group, as a shell's job does
@@ -576,7 +578,7 @@ def _kill_session(proc: subprocess.Popen) -> None:
     _assert_session_ends(proc.pid)
 
 
-def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, serve_process, tmp_path):
+def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, serve_process, registry, tmp_path):
     """v2 as a 50% canary: 200 requests from 4 clients all succeed and are labelled, both versions
     answer in about equal shares, a request key always lands on the same version, a version asked
     for by its id is not split, /v1/models shows the rollout and each version's live figures. The
@@ -588,6 +590,9 @@ def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, se
     assert status["canary"] == {"version": "2", "serving": f"{NAME}-v2", "weight": 0.5,
                                 "started_at": rollout["started_at"]}
     assert MlflowClient().get_model_version_by_alias(NAME, registry_contract.CANARY_ALIAS).version == "2"
+    with chromium() as browser:  # what a person sees in the MLflow UI (docs/canary.md shows it)
+        page_text(browser, f"{registry.url}/#/models/{NAME}", ["Version 1", "@ production", "@ canary"],
+                  "mlflow-canary-model.png")
     served, failures = _load(port, 200, 4)
     assert failures == [] and len(served) == 200
     share = sum(answer.model == f"{MODEL_ID}:{NAME}-v2" for answer in served) / 200
@@ -620,6 +625,15 @@ def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, se
         assert figures["parse_validity"] == 0.0  # the tiny model's one-token answers are no meaning representation
         assert 0 < figures["p50_ms"] <= figures["p95_ms"]
 
+    # The server's own MLflow run (it was not started by `mlflow run`) gets the figures over time.
+    run = _serving_run(serve_process.log)
+    assert (run.info.run_name, run.info.status, run.data.tags["loraflow.job"]) == \
+        (f"serve-{NAME}@production", "RUNNING", "serve")
+    for version, requests in counted.items():
+        history = _wait_for_metric(run.info.run_id, f"live.{NAME}-{version}.requests", requests)
+        assert history[-1].value == requests and [m.step for m in history] == sorted(m.step for m in history)
+    assert _wait_for_metric(run.info.run_id, "live.canary_weight", 0.5)[-1].value == 0.5
+
     assert promote.main(["--name", NAME, "--version", "2", "--stage", "Canary", "--weight", "0",
                          "--reason", "serve test: stop"]) == 0
     assert _wait_for_status(port, lambda s: s["canary"] is None)["canary"] is None
@@ -629,13 +643,26 @@ def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, se
     assert registry_contract.rollout(MlflowClient(), NAME) is None
 
 
+def _serving_run(log: Path):
+    started = next(line for line in log.read_text(errors="replace").splitlines() if line.startswith('{"serving"'))
+    return MlflowClient().get_run(json.loads(started)["mlflow_run"])
+
+
+def _wait_for_metric(run_id: str, key: str, value: float, timeout: float = 30) -> list:
+    deadline = time.monotonic() + timeout
+    while (not (history := MlflowClient().get_metric_history(run_id, key)) or history[-1].value != value) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    return history
+
+
 def _wait_for_rollout_end(timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while registry_contract.rollout(MlflowClient(), NAME) is not None and time.monotonic() < deadline:
         time.sleep(1)
 
 
-def test_a_canary_whose_answers_do_not_parse_is_rolled_back_while_clients_send(server, tmp_path):
+def test_a_canary_whose_answers_do_not_parse_is_rolled_back_while_clients_send(server, registry, tmp_path):
     """A policy that asks for half of the answers to parse: the candidate's do not (the tiny model's
     one-token answers), so after 20 of them the server rolls it back, under load: no request fails,
     the registry records the live figures and why, v2 keeps its stage, and v1 then answers all."""
@@ -654,6 +681,9 @@ def test_a_canary_whose_answers_do_not_parse_is_rolled_back_while_clients_send(s
     assert live["candidate"]["requests"] >= 20 and live["candidate"]["parse_validity"] == 0.0
     assert live["production"]["requests"] > 0
     assert "canary rolled back: canary: parse validity 0.000 < 0.500" in v2.description
+    with chromium() as browser:
+        page_text(browser, f"{registry.url}/#/models/{NAME}/versions/2",
+                  ["loraflow.canary.result", "rolled back", "canary rolled back"], "mlflow-canary-rolled-back.png")
     assert store.get_model_version_by_alias(NAME, "production").version == "1"
     status = _wait_for_status(port, lambda s: s["canary"] is None)
     assert status["canary"] is None
@@ -686,10 +716,11 @@ def test_a_canary_that_holds_steps_up_and_is_promoted(server, tmp_path):
 
 def test_sigterm_shuts_down_cleanly(server):
     """SIGTERM (what a service manager sends): Serve, Ray and the S3 server shut down, exit 0, the
-    port is closed, no process of serve's session is left."""
+    port is closed, no process of serve's session is left, its MLflow run ends FINISHED."""
     proc, port, log = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
+    assert _serving_run(log).info.status == "FINISHED"
     assert "shutting down" in log.read_text(errors="replace")
     assert "Traceback" not in log.read_text(errors="replace")
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):

@@ -30,7 +30,7 @@ from loraflow.jobs import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve" / "default.yaml"
 _KEYS = {"host", "port", "api_key_env", "allow_unauthenticated", "lora_store", "poll_interval_s", "live_validity",
-         "ray_num_cpus", "llm_config"}
+         "metrics_interval_s", "ray_num_cpus", "llm_config"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +61,9 @@ def load_config(path: str) -> dict[str, Any]:
     if not isinstance(config["allow_unauthenticated"], bool):
         raise UserError(f"Serving config {path}: allow_unauthenticated must be true or false, "
                         f"got {config['allow_unauthenticated']!r}.")
+    for key in ("poll_interval_s", "metrics_interval_s"):
+        if isinstance(config[key], bool) or not isinstance(config[key], (int, float)) or config[key] <= 0:
+            raise UserError(f"Serving config {path}: {key} must be a number of seconds > 0, got {config[key]!r}.")
     _check_live_validity(path, config["live_validity"])
     return config
 
@@ -122,8 +125,8 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         _check_port_free(config["host"], config["port"])
     tracking_uri = tracking.configure()
     first = registry.find_version(name, number=version, alias=alias)
-    tracking.name_launch_run(f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}",
-                             "serve")
+    run_name = f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}"
+    launched = tracking.name_launch_run(run_name, "serve")
     base_model = first.tags.get(registry.BASE_MODEL_TAG)
     if not base_model:
         raise UserError(f"{name} v{first.version} has no {registry.BASE_MODEL_TAG} tag: it was not registered by "
@@ -132,6 +135,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     base_model_id = models.base_model_identity(base_model)
     registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
     with contextlib.ExitStack() as stack:
+        serving_run = launched or _serving_run(stack, run_name)
         store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())
         store = adapter_store.LoraStore(store_uri)
         fields = llm_config(config, base_model, store.uri)  # refuses a model_source mismatch before publishing
@@ -154,7 +158,8 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                     "lora_store_uri": store.uri, "base_model_id": base_model_id,
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
                     "poll_interval_s": config["poll_interval_s"], "tracking_uri": tracking_uri,
-                    "live_validity": config["live_validity"],
+                    "live_validity": config["live_validity"], "serving_run_id": serving_run,
+                    "metrics_interval_s": config["metrics_interval_s"],
                 },
             },
             # Follow-the-registry state lives in each ingress replica; one keeps it simple on one machine.
@@ -169,13 +174,28 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
             raise UserError(f"The serving application failed to start: {exc}") from None
         model_id = fields["model_loading_config"]["model_id"]
         print(json.dumps({
-            "serving": f"http://{config['host']}:{config['port']}/v1",
+            "serving": f"http://{config['host']}:{config['port']}/v1", "mlflow_run": serving_run,
             "model": f"{model_id}:{alias if version is None else adapter}",
             "adapter": adapter, "registered_model": name, "version": str(first.version),
             "api_key_required": bool(api_key),
         }), flush=True)
         while True:
             time.sleep(3600)
+
+
+def _serving_run(stack: contextlib.ExitStack, name: str) -> str:
+    """The MLflow run this server logs its live figures into, when `mlflow run` made none: one per
+    server, ended FINISHED when it shuts down (a killed server's stays RUNNING)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        found = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
+        experiment = found.experiment_id if found else client.create_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+    run = client.create_run(experiment, run_name=name, tags={registry.JOB_TAG: "serve"})
+    stack.callback(client.set_terminated, run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 def _check_live_validity(path: str, name: Any) -> None:

@@ -42,7 +42,8 @@ ROUTE_KEY_HEADER = "x-loraflow-route-key"  # requests with the same key land on 
 class LoraflowIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
                  pinned_version: str | None, lora_store_uri: str, api_key_sha256: str | None,
-                 base_model_id: str, poll_interval_s: float, tracking_uri: str, live_validity: str, **kwargs):
+                 base_model_id: str, poll_interval_s: float, tracking_uri: str, live_validity: str,
+                 serving_run_id: str, metrics_interval_s: float, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         import mlflow
 
@@ -65,15 +66,40 @@ class LoraflowIngress(OpenAiIngress):
         self._is_valid = getattr(importlib.import_module(module), function)  # the task's grammar
         self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
         self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
+        self._serving_run, self._logged = serving_run_id, 0  # MLflow run of this server, figures logged so far
         self._watch_once(pinned_version, warm_up=False)  # serve nothing until the first version is known
-        if pinned_version is None:
-            threading.Thread(target=self._watch, args=(poll_interval_s,), daemon=True).start()
+        threading.Thread(target=self._watch, args=(pinned_version is None, poll_interval_s, metrics_interval_s),
+                         daemon=True).start()
 
     # -- the registry watcher ------------------------------------------------------------------
-    def _watch(self, interval: float) -> None:
+    def _watch(self, follow: bool, interval: float, metrics_interval: float) -> None:
+        logged_at = time.monotonic()
         while True:
-            time.sleep(interval)
-            self._watch_once(None, warm_up=True)
+            time.sleep(min(interval, metrics_interval))
+            if follow:
+                self._watch_once(None, warm_up=True)
+            if time.monotonic() - logged_at >= metrics_interval:
+                logged_at = time.monotonic()
+                self._log_live()
+
+    def _log_live(self) -> None:
+        """Each version's live figures (and the canary's weight) into this server's MLflow run, as
+        metrics `live.<adapter id>.<figure>` over time."""
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"live.{adapter}.{key}", float(value), now, self._logged)
+                   for adapter, stats in list(self._live.items())
+                   for key, value in stats.figures().items() if value is not None]
+        followed = self._canary
+        metrics.append(Metric("live.canary_weight", followed["rollout"]["weight"] if followed else 0.0, now,
+                              self._logged))
+        try:
+            MlflowClient().log_batch(self._serving_run, metrics=metrics)
+            self._logged += 1
+        except Exception as exc:  # noqa: BLE001 - figures are lost for this interval, serving goes on
+            logger.warning("could not log the live figures to run %s: %s", self._serving_run, exc)
 
     def _watch_once(self, pinned_version: str | None, warm_up: bool) -> None:
         try:

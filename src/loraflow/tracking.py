@@ -52,11 +52,11 @@ def configure() -> str:
     return uri
 
 
-def name_launch_run(name: str, job: str) -> None:
+def name_launch_run(name: str, job: str) -> str | None:
     """`mlflow run` makes a run for every entry point it starts (MLFLOW_RUN_ID). The jobs that log
-    nothing into it (promote, rollback, serve) name it after what they did, so that the runs table
-    reads `promote-viggo-smollm2-lora-v2-Production` rather than a random name; started without
-    `mlflow run`, they make no run."""
+    little or nothing into it (promote, rollback, serve) name it after what they did, so that the
+    runs table reads `promote-viggo-smollm2-lora-v2-Production` rather than a random name; started
+    without `mlflow run`, they make no run. Returns the run's id, if there is one."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         from mlflow import MlflowClient
@@ -64,6 +64,7 @@ def name_launch_run(name: str, job: str) -> None:
         client = MlflowClient()
         client.set_tag(run_id, "mlflow.runName", name)
         client.set_tag(run_id, JOB_TAG, job)
+    return run_id
 
 
 def _check_reachable(uri: str) -> None:
