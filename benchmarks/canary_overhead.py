@@ -7,14 +7,15 @@ Three phases of the same load (concurrent clients, one-token chat answers, clien
             serves the same mix of two adapters as under the canary, without the split.
 canary / stable is what a user sees when a rollout starts (two adapters in the engine included);
 canary / by_id is the cost of the routing and the live figures alone. The phases alternate
-(stable, canary, by_id, stable, ...) so that drift spreads over all three.
+and each round starts with another one, so that drift over the run favours none; the figures pool
+every round.
 
 By default two versions of the tiny test model (configs/train/tiny.yaml, two seeds) are trained
 into a fresh SQLite store first: its answers are fast, so loraflow's own per-request work weighs
 the most there. Writes benchmarks/results/canary-overhead-<label>.json. Run it in the train
 environment after ./setup.sh, with nothing else running (the times are the result):
 
-    .venvs/train/bin/python benchmarks/canary_overhead.py --label tiny --repeats 3
+    .venvs/train/bin/python benchmarks/canary_overhead.py --label tiny
 """
 
 from __future__ import annotations
@@ -121,9 +122,9 @@ def summary(latencies: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", required=True)
-    parser.add_argument("--requests", type=int, default=300, help="per phase")
+    parser.add_argument("--requests", type=int, default=200, help="per phase and round")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the three phases")
+    parser.add_argument("--repeats", type=int, default=6, help="rounds of the three phases (a multiple of 3)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="canary-bench-"))
@@ -153,18 +154,33 @@ def main() -> None:
         wait_for(port, lambda s: s["serving"] == f"{NAME}-v1", "come up", timeout=900)
         stable = [f"{MODEL_ID}:production"]
         by_id = [f"{MODEL_ID}:{NAME}-v1", f"{MODEL_ID}:{NAME}-v2"]
-        load(port, by_id, 40, args.clients)  # both adapters loaded and warm before anything is timed
-        phases: dict[str, list[float]] = {"stable": [], "canary": [], "by_id": []}
+        canary_config = str(work / "promote.yaml")
+
+        def run_phase(phase: str, requests: int) -> list[float]:
+            if phase == "canary":
+                promote("--version", "2", "--stage", "Canary", "--weight", "0.5", "--config", canary_config)
+                wait_for(port, lambda s: s["canary"] is not None, "start the canary")
+            latencies = load(port, by_id if phase == "by_id" else stable, requests, args.clients)
+            if phase == "canary":
+                promote("--version", "2", "--stage", "Canary", "--weight", "0")
+                wait_for(port, lambda s: s["canary"] is None, "stop the canary")
+            return latencies
+
+        order = ["stable", "canary", "by_id"]
+        for phase in order:  # warm-up: v2 published (by the canary) and both adapters loaded
+            run_phase(phase, 40)
+        phases: dict[str, list[float]] = {phase: [] for phase in order}
+        rounds = []
         for round_ in range(args.repeats):
-            phases["stable"] += load(port, stable, args.requests, args.clients)
-            promote("--version", "2", "--stage", "Canary", "--weight", "0.5", "--config", str(work / "promote.yaml"))
-            wait_for(port, lambda s: s["canary"] is not None, "start the canary")
-            phases["canary"] += load(port, stable, args.requests, args.clients)
-            promote("--version", "2", "--stage", "Canary", "--weight", "0")
-            wait_for(port, lambda s: s["canary"] is None, "stop the canary")
-            phases["by_id"] += load(port, by_id, args.requests, args.clients)
-            print(f"round {round_ + 1}: " + ", ".join(f"{k} p50 {summary(v)['p50_ms']} ms" for k, v in phases.items()),
-                  flush=True)
+            # Each round starts with another phase, so that drift over the run favours none.
+            rotated = order[round_ % 3:] + order[:round_ % 3]
+            medians = {}
+            for phase in rotated:
+                latencies = run_phase(phase, args.requests)
+                phases[phase] += latencies
+                medians[phase] = round(1000 * statistics.median(latencies), 2)
+            rounds.append({"order": rotated, "p50_ms": medians})
+            print(f"round {round_ + 1}: {rotated} p50 ms {medians}", flush=True)
         live = status(port)["live"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -174,7 +190,7 @@ def main() -> None:
         "what": "client-side latency of one-token chat answers on one server, three phases alternating",
         "machine": machine.describe(), "date": datetime.date.today().isoformat(),
         "model": "tiny (configs/train/tiny.yaml), two versions", "clients": args.clients,
-        "requests_per_phase_and_round": args.requests, "rounds": args.repeats, "phases": figures,
+        "requests_per_phase_and_round": args.requests, "rounds": rounds, "phases": figures,
         "ratios": {
             "canary_p50_over_stable_p50": round(figures["canary"]["p50_ms"] / figures["stable"]["p50_ms"], 3),
             "canary_p50_over_by_id_p50": round(figures["canary"]["p50_ms"] / figures["by_id"]["p50_ms"], 3),

@@ -135,7 +135,6 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     base_model_id = models.base_model_identity(base_model)
     registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
     with contextlib.ExitStack() as stack:
-        serving_run = launched or _serving_run(stack, run_name)
         store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())
         store = adapter_store.LoraStore(store_uri)
         fields = llm_config(config, base_model, store.uri)  # refuses a model_source mismatch before publishing
@@ -149,6 +148,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         serve.start(proxy_location="HeadOnly", http_options={"host": config["host"], "port": config["port"]})
         from ray.serve.llm import LLMConfig, build_openai_app
 
+        serving_run = launched or _serving_run(stack, run_name)
         app = build_openai_app({
             "llm_configs": [LLMConfig(**fields)],
             "ingress_cls_config": {
@@ -185,7 +185,8 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
 
 def _serving_run(stack: contextlib.ExitStack, name: str) -> str:
     """The MLflow run this server logs its live figures into, when `mlflow run` made none: one per
-    server, ended FINISHED when it shuts down (a killed server's stays RUNNING)."""
+    server, ended FINISHED when it shuts down, FAILED when it could not start (a killed server's
+    stays RUNNING)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -194,7 +195,12 @@ def _serving_run(stack: contextlib.ExitStack, name: str) -> str:
         found = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
         experiment = found.experiment_id if found else client.create_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
     run = client.create_run(experiment, run_name=name, tags={registry.JOB_TAG: "serve"})
-    stack.callback(client.set_terminated, run.info.run_id, "FINISHED")
+
+    def end(kind, exc, traceback) -> None:  # Ctrl-C and SIGTERM are how a server is meant to stop
+        stopped = kind is None or issubclass(kind, KeyboardInterrupt)
+        client.set_terminated(run.info.run_id, "FINISHED" if stopped else "FAILED")
+
+    stack.push(end)
     return run.info.run_id
 
 
