@@ -108,7 +108,6 @@ def canary_main(version: str, *extra: str) -> int:
     return promote.main(["--name", NAME, "--version", version, "--stage", "Canary", *extra])
 
 
-@pytest.mark.unit
 def test_a_canary_starts_changes_weight_and_stops(versions, capsys):
     assert canary_main("2", "--weight", "0.2", "--reason", "try v2") == 0
     assert f"{NAME} v2: canary on 20% of {NAME}@production's requests (gate: passed); v1 serves the rest" \
@@ -133,7 +132,6 @@ def test_a_canary_starts_changes_weight_and_stops(versions, capsys):
     assert stages(NAME) == {"1": "Production", "2": "None", "3": "None", "4": "None"}
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("version, extra, message", [
     ("3", (), f"{NAME} v2 is the canary now: stop it first (-P version=2 -P stage=Canary -P weight=0), "
               "or promote it."),
@@ -151,7 +149,6 @@ def test_bad_canary_requests_are_refused_and_change_nothing(versions, capsys, ve
     assert registry.rollout(versions, NAME) == before
 
 
-@pytest.mark.unit
 def test_a_weight_without_stage_canary_and_a_canary_without_production_are_refused(versions, capsys):
     assert promote.main(["--name", NAME, "--version", "2", "--weight", "0.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: weight is for stage=Canary only."
@@ -162,14 +159,12 @@ def test_a_weight_without_stage_canary_and_a_canary_without_production_are_refus
     assert registry.rollout(versions, NAME) is None
 
 
-@pytest.mark.unit
 def test_an_unevaluated_candidate_does_not_pass_the_staging_gate(versions, capsys):
     assert canary_main("4") == 2
     assert f"{NAME} v4 does not pass the Staging gate" in capsys.readouterr().err
     assert registry.rollout(versions, NAME) is None and "canary" not in versions.get_model_version(NAME, "4").aliases
 
 
-@pytest.mark.unit
 def test_promoting_the_candidate_by_hand_ends_its_rollout(versions, capsys):
     assert canary_main("2") == 0
     assert promote.main(["--name", NAME, "--version", "2", "--reason", "looks fine"]) == 0
@@ -179,7 +174,6 @@ def test_promoting_the_candidate_by_hand_ends_its_rollout(versions, capsys):
     assert versions.get_model_version(NAME, "2").tags["loraflow.canary.result"] == "promoted"
 
 
-@pytest.mark.unit
 def test_a_servers_verdicts_step_up_promote_and_roll_back(versions):
     live = {"candidate": figures(), "production": figures()}
     assert canary_main("2") == 0
@@ -207,7 +201,6 @@ def test_a_servers_verdicts_step_up_promote_and_roll_back(versions):
     assert stages(NAME) == {"1": "Archived", "2": "Production", "3": "None", "4": "None"}
 
 
-@pytest.mark.unit
 def test_a_candidate_that_holds_but_fails_the_production_gate_is_rolled_back(versions):
     versions.set_model_version_tag(NAME, "3", "loraflow.eval.exact_match", "0.40")  # Staging yes, Production no
     assert canary_main("3") == 0
