@@ -569,11 +569,9 @@ def _start_canary(tmp_path: Path, weight: str, **policy) -> dict:
 
 def _kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL every process of serve's session: the machine losing the server, Ray and all."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        fields = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[-1].split()
-        if len(fields) > 3 and int(fields[3]) == proc.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+    for pid in _session_pids(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     _assert_session_ends(proc.pid)
 
@@ -735,11 +733,17 @@ def _assert_session_ends(session: int) -> None:
     assert left == [], f"processes of the session outlived it: {left}"
 
 
-def _session_processes(session: int) -> list[str]:
-    """The command lines of the processes in a session (field 6 of /proc/PID/stat)."""
+def _session_pids(session: int) -> list[int]:
+    """The processes in a session (field 6 of /proc/PID/stat)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         fields = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[-1].split()
         if len(fields) > 3 and int(fields[3]) == session:
-            found.append(_read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace"))
+            found.append(int(pid))
     return found
+
+
+def _session_processes(session: int) -> list[str]:
+    """The command lines of the processes in a session."""
+    return [_read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
+            for pid in _session_pids(session)]

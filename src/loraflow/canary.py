@@ -14,10 +14,12 @@ live figures, then promoted to Production or rolled back.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import random
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +37,11 @@ class Policy:
     min_parse_validity: float = 0.0  # the share of its answers the task's grammar accepts
     max_validity_drop: float = 0.05  # below Production's share
     max_p95_ratio: float = 1.5  # its p95 latency over Production's
+
+    @classmethod
+    def of(cls, rollout: dict) -> Policy:
+        """The policy a rollout (registry.rollout) was started with."""
+        return cls(**{**rollout["policy"], "steps": tuple(rollout["policy"]["steps"])})
 
 
 def load_policy(raw: Any, where: str) -> Policy:
@@ -58,6 +65,17 @@ def load_policy(raw: Any, where: str) -> Policy:
     if not check_weight(values["weight"]):
         raise UserError(f"{where}: rollout weight must be a share in (0, 1], not {values['weight']!r}.")
     return Policy(**values)
+
+
+def validity_check(name: str) -> Callable[[str], Any] | None:
+    """The task's grammar named as `module:function` (e.g. evaluation.viggo:parse): a truthy result
+    means the answer is valid. None when there is no such function."""
+    module, _, function = str(name).partition(":")
+    try:
+        found = getattr(importlib.import_module(module), function, None) if function else None
+    except ImportError:
+        return None
+    return found if callable(found) else None
 
 
 def check_weight(weight: Any) -> bool:

@@ -144,6 +144,15 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
         return _move(client, name, version, stage, reason, force, gates)
 
 
+def _gate(gates: dict, stage: str, candidate: ModelVersion, production: ModelVersion | None,
+          force: bool) -> tuple[promotion_gates.GateReport | None, str]:
+    """The stage's gate checked: (report, none / passed / overridden / refused)."""
+    if stage not in gates:
+        return None, "none"
+    report = promotion_gates.check(gates[stage], stage, candidate, production)
+    return report, "passed" if report.passed else "overridden" if force else "refused"
+
+
 def _check_force(force: bool, reason: str) -> None:
     if force and not reason.strip():
         raise UserError("force=true skips the promotion gate; give a reason (-P reason=...) to record.")
@@ -159,12 +168,9 @@ def _move(client: MlflowClient, name: str, version: str, stage: str, reason: str
         return Promotion(False, "none", None, f"{name} v{candidate.version} is already in {stage}; nothing to do.")
     if stage != "Archived":
         registry.check_adapter_present(candidate)
-    report, gate = None, "none"
-    if stage in gates:
-        report = promotion_gates.check(gates[stage], stage, candidate, production)
-        if not report.passed and not force:
-            return Promotion(True, "refused", report, _refusal(name, candidate, report))
-        gate = "passed" if report.passed else "overridden"
+    report, gate = _gate(gates, stage, candidate, production, force)
+    if gate == "refused":
+        return Promotion(True, gate, report, _refusal(name, candidate, report))
     _transition(client, candidate, stage)
     _sync_alias(client, candidate, stage)
     history = _history(client, name)
@@ -178,8 +184,8 @@ def _move(client: MlflowClient, name: str, version: str, stage: str, reason: str
     if stage == "Production" and production is not None:
         _note(client, production, f"archived: v{candidate.version} was promoted to Production")
         lines.append(f"{name} v{production.version}: Production -> Archived")
-    rollout = registry.rollout(client, name)
-    if rollout is not None and rollout["version"] == str(candidate.version) and stage in ("Production", "Archived"):
+    rollout = registry.rollout(client, name) if stage in ("Production", "Archived") else None
+    if rollout is not None and rollout["version"] == str(candidate.version):
         result = "promoted" if stage == "Production" else "stopped"
         lines.append(_end_rollout(client, name, rollout, result, reason or f"moved to {stage}", live))
     if report is not None and report.checks:
@@ -219,12 +225,9 @@ def start_canary(name: str, version: str, weight: float | None, reason: str, for
                             f"(-P version={rollout['version']} -P stage=Canary -P weight=0), or promote it.")
         registry.check_adapter_present(candidate)
         weight = weight if weight is not None else policy.weight
-        gate, report = "none", None
-        if "Staging" in gates and not ours:
-            report = promotion_gates.check(gates["Staging"], "Staging", candidate, production)
-            if not report.passed and not force:
-                return Promotion(True, "refused", report, _refusal(name, candidate, report))
-            gate = "passed" if report.passed else "overridden"
+        report, gate = (None, "none") if ours else _gate(gates, "Staging", candidate, production, force)
+        if gate == "refused":
+            return Promotion(True, gate, report, _refusal(name, candidate, report))
         state = rollout if ours else {
             "version": str(candidate.version), "started_at": _now(), "by": registry_lock.holder(),
             "policy": dataclasses.asdict(policy), "gates": gates,
@@ -252,7 +255,7 @@ def finish_canary(name: str, rollout: dict, verdict: canary.Verdict, live: dict)
             return f"{name}: the rollout changed meanwhile; nothing done"
         why = "canary: " + "; ".join(verdict.reasons)
         if verdict.decision == "step":
-            weight = canary.next_weight(canary.Policy(**_policy_fields(now)), now["weight"])
+            weight = canary.next_weight(canary.Policy.of(now), now["weight"])
             _set_rollout(client, name, {**now, "weight": weight})
             _note(client, registry.find_version(name, number=now["version"], client=client),
                   f"canary: {now['weight']:.0%} -> {weight:.0%} ({'; '.join(verdict.reasons)})")
@@ -263,10 +266,6 @@ def finish_canary(name: str, rollout: dict, verdict: canary.Verdict, live: dict)
                 return result.message
             why = f"canary held, but the Production gate refused it: {result.message}"
         return _end_rollout(client, name, now, "rolled back", why, live)
-
-
-def _policy_fields(rollout: dict) -> dict:
-    return {**rollout["policy"], "steps": tuple(rollout["policy"]["steps"])}
 
 
 def _set_rollout(client: MlflowClient, name: str, rollout: dict) -> None:

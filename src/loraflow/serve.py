@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from loraflow import adapter_store, console, models, ray_cluster, registry, tracking
+from loraflow import adapter_store, canary, console, models, ray_cluster, registry, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.jobs import run_job
@@ -205,15 +205,8 @@ def _serving_run(stack: contextlib.ExitStack, name: str) -> str:
 
 
 def _check_live_validity(path: str, name: Any) -> None:
-    """`module:function`, checked here so that a typo fails before Ray starts rather than in a replica."""
-    import importlib
-
-    module, _, function = str(name).partition(":")
-    try:
-        found = callable(getattr(importlib.import_module(module), function, None)) if function else False
-    except ImportError:
-        found = False
-    if not found:
+    """Checked here so that a typo fails before Ray starts rather than in a replica."""
+    if canary.validity_check(name) is None:
         raise UserError(f"Serving config {path}: live_validity {name!r} is not a function named as module:function, "
                         "such as evaluation.viggo:parse (it tells whether an answer is valid for the task).")
 

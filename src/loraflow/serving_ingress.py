@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import json
 import logging
 import os
@@ -62,8 +61,7 @@ class LoraflowIngress(OpenAiIngress):
         self._registry = {"state": "starting", "version": None, "adapter": None, "error": None, "checked_at": None}
         self._target: str | None = None  # the adapter id the stable name routes to
         self._canary: dict | None = None  # the rollout followed (registry.rollout) and its candidate's adapter id
-        module, function = live_validity.split(":")
-        self._is_valid = getattr(importlib.import_module(module), function)  # the task's grammar
+        self._is_valid = canary.validity_check(live_validity)  # the task's grammar (serve checked the name)
         self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
         self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
         self._serving_run, self._logged = serving_run_id, 0  # MLflow run of this server, figures logged so far
@@ -150,8 +148,8 @@ class LoraflowIngress(OpenAiIngress):
                         adapter)
         figures = {side: self._stats(self._judged, name).figures()
                    for side, name in (("candidate", self._canary["adapter"]), ("production", self._target))}
-        policy = canary.Policy(**{**rollout["policy"], "steps": tuple(rollout["policy"]["steps"])})
-        verdict = canary.verdict(policy, rollout["weight"], figures["candidate"], figures["production"])
+        verdict = canary.verdict(canary.Policy.of(rollout), rollout["weight"], figures["candidate"],
+                                 figures["production"])
         if verdict.decision != "wait":
             self._finish(rollout, verdict, figures)
 
