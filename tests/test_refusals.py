@@ -382,14 +382,23 @@ def _serve_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path
      "Serving config {path}: missing keys ['poll_interval_s'], unknown keys ['workers']; see "
      "configs/serve/default.yaml."),
     ("[host, port]", "Serving config {path}: missing keys ['allow_unauthenticated', 'api_key_env', 'host', "
-                     "'live_validity', 'llm_config', 'lora_store', 'metrics_interval_s', 'poll_interval_s', 'port', "
-                     "'ray_num_cpus'], unknown keys []; see configs/serve/default.yaml."),
+                     "'live_validity', 'llm_config', 'lora_store', 'metrics_export_port', 'metrics_interval_s', "
+                     "'poll_interval_s', 'port', 'ray_num_cpus', 'traces'], unknown keys []; see "
+                     "configs/serve/default.yaml."),
     ({"live_validity": "evaluation.viggo:parse_it"},
      "Serving config {path}: live_validity 'evaluation.viggo:parse_it' is not a function named as module:function, "
      "such as evaluation.viggo:parse (it tells whether an answer is valid for the task)."),
     ({"metrics_interval_s": 0},
      "Serving config {path}: metrics_interval_s must be a number of seconds > 0, got 0."),
-], ids=["missing", "keys", "not_a_mapping", "live_validity", "metrics_interval"])
+    ({"metrics_export_port": "8080"},
+     "Serving config {path}: metrics_export_port must be a port number (or null: Ray picks one), got '8080'."),
+    ({"traces": {"sample_rate": 2, "redact": []}},
+     "Serving config {path}: traces sample_rate must be a share in [0, 1] (0: no traces), not 2."),
+    ({"traces": {"sample_rate": 0.1, "redact": ["[a-"]}},
+     "Serving config {path}: traces redact '[a-' is not a regular expression (unterminated character set at "
+     "position 0)."),
+], ids=["missing", "keys", "not_a_mapping", "live_validity", "metrics_interval", "metrics_port", "trace_rate",
+        "trace_redact"])
 def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
     from loraflow import serve
 

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +27,7 @@ from conftest import ROOT, copy_store
 from mlflow import MlflowClient
 from servers import Lines, MlflowServer, free_port
 
-from loraflow import canary, promote
+from loraflow import canary, promote, traces
 from loraflow import registry as registry_contract
 
 NAME = "viggo-tiny-lora"
@@ -61,6 +62,8 @@ def registry(tiny_trainings, tmp_path_factory):
 def _serve_config(tmp_path, port: int) -> str:
     config = yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text())
     config.update(port=port, api_key_env="LORAFLOW_TEST_API_KEY", poll_interval_s=1, metrics_interval_s=1)
+    config["traces"]["sample_rate"] = 1.0  # every answer traced: the traces test counts them
+    config["metrics_export_port"] = free_port()
     config["llm_config"]["model_loading_config"]["model_id"] = MODEL_ID
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -710,6 +713,80 @@ def test_a_canary_that_holds_steps_up_and_is_promoted(server, tmp_path):
     assert "canary: 50% -> 100% (held at 50% over " in v2.description
     assert _wait_for_status(port, lambda s: s["serving"] == f"{NAME}-v2")["serving"] == f"{NAME}-v2"
     assert {answer.model for answer in _load(port, 20, 2)[0]} == {f"{MODEL_ID}:{NAME}-v2"}
+
+
+def _prometheus(port: int, name: str, adapter: str, route: str) -> float:
+    """A series' value on Ray's metrics endpoint (0 before it exists)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") and f'adapter="{adapter}"' in line and f'route="{route}"' in line]
+    return sum(values)
+
+
+def test_live_figures_are_prometheus_metrics_on_rays_endpoint(server, serve_process):
+    """ray_loraflow_* series per version and route on the local Ray instance's metrics port: each
+    request counted once, the histogram's count with it, the validity as scored and valid answers."""
+    _, port, _ = server
+    metrics_port = yaml.safe_load((serve_process.folder / "serve.yaml").read_text())["metrics_export_port"]
+    series = [("ray_loraflow_requests_total", f"{NAME}-v1", "id"),
+              ("ray_loraflow_latency_ms_count", f"{NAME}-v1", "id"),
+              ("ray_loraflow_scored_answers_total", f"{NAME}-v1", "id"),
+              ("ray_loraflow_output_tokens_total", f"{NAME}-v1", "id"),
+              ("ray_loraflow_requests_total", f"{NAME}-v1", "production")]
+    before = [_prometheus(metrics_port, *one) for one in series]
+    for model in [f"{MODEL_ID}:{NAME}-v1"] * 3 + [f"{MODEL_ID}:production"] * 2:
+        ask(port, model=model, max_tokens=1).parse()
+    expected = [b + added for b, added in zip(before, (3, 3, 3, 3, 2))]
+    deadline = time.monotonic() + 60  # Ray exports every few seconds
+    while (now := [_prometheus(metrics_port, *one) for one in series]) != expected and time.monotonic() < deadline:
+        time.sleep(1)
+    assert now == expected
+    assert _prometheus(metrics_port, "ray_loraflow_valid_answers_total", f"{NAME}-v1", "id") == 0  # none parse
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    assert 'ray_loraflow_canary_weight{' in text and f'registered_model="{NAME}"' in text
+
+
+def test_served_requests_are_traced_with_the_version_and_export_to_a_dataset(server, registry, tmp_path):
+    """With traces.sample_rate 1: each answer is a trace of the server's run, tagged with the
+    version that answered, how the request reached it and the grammar's verdict, e-mail addresses
+    redacted; export_traces turns them into dataset rows: the prompt split as ViGGO's columns are,
+    the answer as served."""
+    _, port, log = server
+    since = datetime.now(timezone.utc)
+    prompt = "Blizzard North made Diablo II.\nMail ann.lee@example.com about it."
+    answers = []
+    for model in [f"{MODEL_ID}:production"] * 4 + [f"{MODEL_ID}:{NAME}-v1"] * 2:
+        answer = client(port).chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                      max_tokens=4, temperature=0.0)
+        answers.append((answer.model, answer.choices[0].message.content))
+    run = _serving_run(log)
+    wanted = (f"tags.`{registry_contract.TRACE_MODEL_TAG}` = '{NAME}' "
+              f"AND timestamp_ms >= {int(since.timestamp() * 1000)}")
+    deadline = time.monotonic() + 60
+    while len(logged := MlflowClient().search_traces(locations=[run.info.experiment_id], filter_string=wanted)) < 6 \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(logged) == 6
+    logged = sorted(logged, key=lambda trace: trace.info.request_time)
+    assert [(t.info.tags[registry_contract.TRACE_VERSION_TAG], t.info.tags[registry_contract.TRACE_ADAPTER_TAG],
+             t.info.tags[registry_contract.TRACE_ROUTE_TAG], t.info.tags[registry_contract.TRACE_VALID_TAG])
+            for t in logged] == [("1", f"{NAME}-v1", "production", "false")] * 4 \
+        + [("1", f"{NAME}-v1", "id", "false")] * 2
+    assert {t.info.trace_metadata["mlflow.sourceRun"] for t in logged} == {run.info.run_id}
+    span = logged[0].data.spans[0]
+    assert span.inputs == {"model": f"{MODEL_ID}:production", "max_tokens": 4, "temperature": 0.0,
+                           "messages": [{"role": "user", "content": prompt.replace("ann.lee@example.com",
+                                                                                   traces.REDACTED)}]}
+    assert [t.data.spans[0].outputs["text"] for t in logged] == [text for _, text in answers]
+    with chromium() as browser:  # what a person sees in the MLflow UI (docs/canary.md shows it)
+        page_text(browser, f"{registry.url}/#/experiments/{run.info.experiment_id}/traces",
+                  ["Traces", f"Mail {traces.REDACTED} ab"], "mlflow-served-traces.png")
+
+    out = tmp_path / "served"
+    assert traces.main(["--name", NAME, "--out", str(out), "--since", since.isoformat()]) == 0
+    rows = [json.loads(line) for line in (out / "served.jsonl").read_text().splitlines()]
+    assert rows == [{"instruction": "Blizzard North made Diablo II.", "input": f"Mail {traces.REDACTED} about it.",
+                     "output": text} for _, text in answers]
 
 
 def test_sigterm_shuts_down_cleanly(server):

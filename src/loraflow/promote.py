@@ -22,7 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from loraflow import canary, console, promotion_gates, registry, registry_lock, tracking
-from loraflow.errors import UserError
+from loraflow.errors import UserError, parse_bool
 from loraflow.jobs import run_job
 
 HISTORY_LENGTH = 100  # of the Production history kept (registry.PRODUCTION_HISTORY_TAG), for rollback
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> str:
-        force = _parse_bool("force", args.force)
+        force = parse_bool("force", args.force)
         if args.stage.strip().lower() == CANARY:
             result = start_canary(args.name, args.version, _parse_weight(args.weight), args.reason, force, args.config)
             stage = "Canary"
@@ -103,13 +103,6 @@ def _parse_weight(text: str) -> float | None:
     if weight != 0 and not canary.check_weight(weight):
         raise UserError(f"weight must be a share between 0 and 1 (0 stops the rollout), not {text!r}.")
     return weight
-
-
-def _parse_bool(name: str, text: str) -> bool:
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise UserError(f"{name} must be true or false, not {text!r}.")
-    return value in ("true", "1", "yes")
 
 
 @contextlib.contextmanager

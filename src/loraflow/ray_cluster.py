@@ -19,9 +19,10 @@ from loraflow.errors import UserError
 _MAX_TEMP_DIR_LEN = 40
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, metrics_export_port: int | None = None) -> None:
     """Join RAY_ADDRESS's cluster, or start a local instance (declaring `num_cpus` logical CPUs
-    when given: Ray's CPUs are scheduling slots, not cores)."""
+    when given: Ray's CPUs are scheduling slots, not cores; exporting metrics for Prometheus on
+    `metrics_export_port` when given)."""
     import ray
 
     if ray.is_initialized():
@@ -42,7 +43,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         # without spare cores the training and engine processes then lose the CPU to them at
         # every wake-up (a bf16 training step took 1.6x as long in a Ray task as outside).
         ray.init(num_cpus=num_cpus, _temp_dir=str(_local_temp_dir()), _system_config={"worker_niceness": 0},
-                 **output)
+                 _metrics_export_port=metrics_export_port, **output)
     console.quiet_loggers()
     signal.signal(signal.SIGTERM, sigterm_handler)
 

@@ -31,7 +31,7 @@ from loraflow.errors import UserError
 
 # -- tags ---------------------------------------------------------------------------------------
 # On runs
-JOB_TAG = "loraflow.job"  # train, evaluate, promote, rollback, serve, pipeline
+JOB_TAG = "loraflow.job"  # train, evaluate, promote, rollback, serve, pipeline, export_traces
 REGISTERED_MODEL_TAG = "loraflow.registered_model"  # train run: the registered model its version joins
 REGISTERED_VERSION_TAG = "loraflow.registered_version"  # train run: NAME/N, once registered
 LLAMAFACTORY_VERSION_TAG = "loraflow.llamafactory_version"  # train run
@@ -61,6 +61,12 @@ PRODUCTION_HISTORY_TAG = "loraflow.production_history"  # JSON list of the versi
 ROLLOUT_TAG = "loraflow.rollout"  # JSON: the canary rollout under way (canary.py), absent when none
 LOCK_OWNER_TAG = "loraflow.lock.owner"  # on `<name>.lock`: the holder's token
 LOCK_HEARTBEAT_TAG = "loraflow.lock.heartbeat"  # on `<name>.lock`: the holder's last sign of life
+# On traces of served requests (traces.py)
+TRACE_MODEL_TAG = "loraflow.trace.registered_model"  # the registered model the server follows
+TRACE_VERSION_TAG = "loraflow.trace.version"  # the version that answered
+TRACE_ADAPTER_TAG = "loraflow.trace.adapter"  # its adapter id
+TRACE_ROUTE_TAG = "loraflow.trace.route"  # how the request reached it: production (stable name), canary, id
+TRACE_VALID_TAG = "loraflow.trace.valid"  # whether the task's grammar accepts the answer: true, false, error
 
 # The metrics evaluate records on a version (as EVAL_TAG_PREFIX + name), which promotion gates may check.
 EVAL_METRICS = ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "baseline_exact_match", "rows")
@@ -83,6 +89,11 @@ def stage_named(text: str) -> str:
 
 def adapter_id(version: ModelVersion) -> str:
     return f"{version.name}-v{version.version}"
+
+
+def version_of_adapter(adapter: str) -> str:
+    """The version number in an adapter id (`<registered model>-v<version>`)."""
+    return adapter.rpartition("-v")[2]
 
 
 def eval_metrics(version: ModelVersion) -> dict[str, float]:

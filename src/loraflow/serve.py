@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -23,14 +24,14 @@ from typing import Any
 
 import yaml
 
-from loraflow import adapter_store, canary, console, models, ray_cluster, registry, tracking
+from loraflow import adapter_store, canary, console, models, ray_cluster, registry, traces, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.jobs import run_job
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve" / "default.yaml"
 _KEYS = {"host", "port", "api_key_env", "allow_unauthenticated", "lora_store", "poll_interval_s", "live_validity",
-         "metrics_interval_s", "ray_num_cpus", "llm_config"}
+         "metrics_interval_s", "traces", "ray_num_cpus", "metrics_export_port", "llm_config"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +66,11 @@ def load_config(path: str) -> dict[str, Any]:
         if isinstance(config[key], bool) or not isinstance(config[key], (int, float)) or config[key] <= 0:
             raise UserError(f"Serving config {path}: {key} must be a number of seconds > 0, got {config[key]!r}.")
     _check_live_validity(path, config["live_validity"])
+    port = config["metrics_export_port"]
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise UserError(f"Serving config {path}: metrics_export_port must be a port number (or null: Ray picks one), "
+                        f"got {port!r}.")
+    config["traces"] = traces.load_settings(config["traces"], f"Serving config {path}")
     return config
 
 
@@ -86,13 +92,13 @@ def take_api_key(config: dict[str, Any]) -> str:
     return ""
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, key: str = "port (or host)") -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
             probe.bind((host, port))
         except OSError as exc:
             raise UserError(f"Cannot listen on {host}:{port} ({exc.strerror}): another program uses that port, "
-                            "or the host is not this machine's. Set port (or host) in the serving config.") from None
+                            f"or the host is not this machine's. Set {key} in the serving config.") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -121,8 +127,10 @@ def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> 
 def serve_forever(name: str, alias: str, version: str | None, config_path: str) -> None:
     config = load_config(config_path)
     api_key = take_api_key(config)
-    if not os.environ.get("RAY_ADDRESS"):  # a cluster's proxy listens on its head node, not here
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster's proxy and metrics agents listen on its nodes, not here
         _check_port_free(config["host"], config["port"])
+        if config["metrics_export_port"] is not None:
+            _check_port_free("0.0.0.0", config["metrics_export_port"], "metrics_export_port")
     tracking_uri = tracking.configure()
     first = registry.find_version(name, number=version, alias=alias)
     run_name = f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}"
@@ -139,7 +147,8 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         store = adapter_store.LoraStore(store_uri)
         fields = llm_config(config, base_model, store.uri)  # refuses a model_source mismatch before publishing
         adapter = store.publish(first)
-        ray_cluster.connect(num_cpus=config["ray_num_cpus"])  # after the S3 settings: Ray workers inherit them
+        # After the S3 settings: Ray workers inherit them.
+        ray_cluster.connect(num_cpus=config["ray_num_cpus"], metrics_export_port=config["metrics_export_port"])
         from ray import serve
 
         stack.callback(_shutdown)
@@ -160,6 +169,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                     "poll_interval_s": config["poll_interval_s"], "tracking_uri": tracking_uri,
                     "live_validity": config["live_validity"], "serving_run_id": serving_run,
                     "metrics_interval_s": config["metrics_interval_s"],
+                    "traces_settings": dataclasses.asdict(config["traces"]),
                 },
             },
             # Follow-the-registry state lives in each ingress replica; one keeps it simple on one machine.

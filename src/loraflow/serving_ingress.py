@@ -10,6 +10,8 @@
 - a canary rollout (canary.py): the registry's rollout sends a share of the stable name's requests
   to a candidate (by the request's key, `x-loraflow-route-key` or the `user` field, else at random);
   each version's live figures are counted, and the rollout is judged after each poll;
+- a sample of the answered requests logged as MLflow traces (traces.py), when the config asks;
+- the live figures also as Ray Serve metrics, for Prometheus (serving_metrics.py);
 - an API key (when configured; only its SHA-256 reaches the replicas);
 - adapter ids are checked: a plain folder name that exists in the LoRA store, nothing else.
 """
@@ -31,7 +33,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import Response
 
-from loraflow import adapter_store, canary, registry
+from loraflow import adapter_store, canary, registry, serving_metrics, traces
 
 logger = logging.getLogger("loraflow.serve")
 ADAPTER_HEADER = "x-loraflow-adapter"
@@ -42,7 +44,7 @@ class LoraflowIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
                  pinned_version: str | None, lora_store_uri: str, api_key_sha256: str | None,
                  base_model_id: str, poll_interval_s: float, tracking_uri: str, live_validity: str,
-                 serving_run_id: str, metrics_interval_s: float, **kwargs):
+                 serving_run_id: str, metrics_interval_s: float, traces_settings: dict, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         import mlflow
 
@@ -65,6 +67,10 @@ class LoraflowIngress(OpenAiIngress):
         self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
         self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
         self._serving_run, self._logged = serving_run_id, 0  # MLflow run of this server, figures logged so far
+        settings = traces.Settings(**traces_settings)
+        experiment = mlflow.MlflowClient().get_run(serving_run_id).info.experiment_id if settings.sample_rate else ""
+        self._tracer = traces.Tracer(settings, registered_model, serving_run_id, experiment)
+        self._metrics = serving_metrics.ServingMetrics(registered_model)
         self._watch_once(pinned_version, warm_up=False)  # serve nothing until the first version is known
         threading.Thread(target=self._watch, args=(pinned_version is None, poll_interval_s, metrics_interval_s),
                          daemon=True).start()
@@ -76,6 +82,8 @@ class LoraflowIngress(OpenAiIngress):
             time.sleep(min(interval, metrics_interval))
             if follow:
                 self._watch_once(None, warm_up=True)
+            followed = self._canary
+            self._metrics.canary_weight(followed["rollout"]["weight"] if followed else 0.0)
             if time.monotonic() - logged_at >= metrics_interval:
                 logged_at = time.monotonic()
                 self._log_live()
@@ -218,9 +226,12 @@ class LoraflowIngress(OpenAiIngress):
     async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
         self._authorize(raw_request)
         key = (raw_request.headers.get(ROUTE_KEY_HEADER) if raw_request is not None else None) or body.user
-        body.model = self._route(body.model, split=True, key=key)
+        asked, body.model = body.model, self._route(body.model, split=True, key=key)
         if raw_request is not None:
             raw_request.state.loraflow_model = body.model
+            followed = self._canary
+            raw_request.state.loraflow_route = "id" if asked != f"{self._base_id}:{self._alias}" else \
+                "canary" if followed and body.model == f"{self._base_id}:{followed['adapter']}" else "production"
         try:
             async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
                 yield response
@@ -232,38 +243,46 @@ class LoraflowIngress(OpenAiIngress):
                 yield response
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._answer(super().chat(body, request), request)
+        return await self._answer(super().chat(body, request), request, body, "chat")
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._answer(super().completions(body, request), request)
+        return await self._answer(super().completions(body, request), request, body, "completions")
 
-    async def _answer(self, answering, request: Request) -> Response:
-        """The engine's response, labelled with the version that produced it and counted in its
-        live figures."""
-        started = time.monotonic()
+    async def _answer(self, answering, request: Request, body, endpoint: str) -> Response:
+        """The engine's response, labelled with the version that produced it, counted in its live
+        figures and offered to the trace sample."""
+        inputs = body.model_dump(include={"model", "messages", "prompt", "max_tokens", "temperature"},
+                                 exclude_none=True)  # before routing replaces the model asked for
+        started, started_ns = time.monotonic(), time.time_ns()
         try:
             response = await answering
-        except Exception:
-            self._record(request, time.monotonic() - started, error=True)
+        except Exception as exc:
+            self._record(request, endpoint, inputs, started, started_ns, error=exc)
             raise
-        self._record(request, time.monotonic() - started, error=False, response=response)
+        self._record(request, endpoint, inputs, started, started_ns, response=response)
         return _label(response, request)
 
-    def _record(self, request: Request, latency_s: float, error: bool, response: Response | None = None) -> None:
+    def _record(self, request: Request, endpoint: str, inputs: dict, started: float, started_ns: int,
+                error: Exception | None = None, response: Response | None = None) -> None:
+        latency_s = time.monotonic() - started
         model = getattr(request.state, "loraflow_model", None)
         if not model or ":" not in model:
             return  # the base model, or refused before routing
         adapter = model.split(":", 1)[1]
-        tokens, valid = 0, None
-        body = getattr(response, "body", None)  # absent on streamed answers: counted, not scored
+        tokens, valid, text = 0, None, None
+        body = getattr(response, "body", None)  # absent on streamed answers: counted, not scored or traced
         if body:
             answer = json.loads(body)
             tokens = (answer.get("usage") or {}).get("completion_tokens") or 0
             choice = answer["choices"][0]
-            text = choice["message"]["content"] if "message" in choice else choice.get("text")
-            valid = bool(self._is_valid(text or ""))
+            text = (choice["message"]["content"] if "message" in choice else choice.get("text")) or ""
+            valid = bool(self._is_valid(text))
         for stats in (self._live, self._judged):
-            self._stats(stats, adapter).record(latency_s, error, tokens, valid)
+            self._stats(stats, adapter).record(latency_s, error is not None, tokens, valid)
+        self._metrics.record(adapter, request.state.loraflow_route, latency_s, error is not None, tokens, valid)
+        if error is not None or text is not None:
+            self._tracer.offer(endpoint, inputs, text, adapter, request.state.loraflow_route, valid, started_ns,
+                               time.time_ns(), error=None if error is None else str(error)[:1000])
 
     @staticmethod
     def _stats(stats: dict[str, canary.LiveStats], adapter: str | None) -> canary.LiveStats:

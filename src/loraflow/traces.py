@@ -1,0 +1,246 @@
+"""Served requests as MLflow traces, and logged traces as the next dataset.
+
+- A server logs a sample of the requests it answers (serving config `traces`: `sample_rate`,
+  default 0, and `redact`: regular expressions whose matches are replaced by [REDACTED] in what is
+  logged) as MLflow 3 traces in its serving run, tagged with the version that answered, how the
+  request reached it and whether the task's grammar accepts the answer (registry.TRACE_*_TAG).
+  A background thread logs them: a request never waits on the tracking server, and when the queue
+  is full a trace is dropped rather than the request slowed.
+- `mlflow run . -e export_traces` writes a registered model's logged chat traces to a folder in
+  LLaMA-Factory's layout (dataset_info.json and a JSON Lines file with data/viggo's alpaca
+  columns), which `train` takes as its dataset_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import random
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from loraflow import console, registry, tracking
+from loraflow.errors import UserError, parse_bool
+from loraflow.jobs import run_job
+
+logger = logging.getLogger("loraflow.serve")
+REDACTED = "[REDACTED]"
+_QUEUE_SIZE = 1000  # traces waiting to be logged; beyond it they are dropped
+_ALPACA = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The serving config's `traces`."""
+
+    sample_rate: float = 0.0  # the share of answered requests logged as traces
+    redact: tuple[str, ...] = ()  # regular expressions: their matches never reach the tracking store
+
+
+def load_settings(raw: Any, where: str) -> Settings:
+    if not isinstance(raw, dict) or set(raw) != {"sample_rate", "redact"}:
+        raise UserError(f"{where}: traces must have the keys sample_rate and redact, such as "
+                        f"{{sample_rate: 0.01, redact: ['[\\\\w.+-]+@[\\\\w-]+\\\\.[\\\\w.]+']}}; got {raw!r}.")
+    rate = raw["sample_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise UserError(f"{where}: traces sample_rate must be a share in [0, 1] (0: no traces), not {rate!r}.")
+    patterns = raw["redact"] or []
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise UserError(f"{where}: traces redact must be a list of regular expressions, not {patterns!r}.")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"{where}: traces redact {pattern!r} is not a regular expression ({exc}).") from None
+    return Settings(float(rate), tuple(patterns))
+
+
+class Tracer:
+    """Logs a sample of a server's answered requests as traces of its MLflow run."""
+
+    def __init__(self, settings: Settings, registered_model: str, run_id: str, experiment_id: str):
+        self._settings, self._model, self._run, self._experiment = settings, registered_model, run_id, experiment_id
+        self._redact = [re.compile(pattern) for pattern in settings.redact]
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
+        self.dropped = 0
+        if settings.sample_rate > 0:
+            threading.Thread(target=self._log_queued, daemon=True).start()
+
+    def offer(self, endpoint: str, request: dict, answer: str | None, adapter: str, route: str, valid: bool | None,
+              started_ns: int, ended_ns: int, error: str | None = None) -> None:
+        """Queue this answered (or failed) request for logging, if the sample takes it."""
+        if random.random() >= self._settings.sample_rate:
+            return
+        try:
+            self._queue.put_nowait((endpoint, request, answer, adapter, route, valid, started_ns, ended_ns, error))
+        except queue.Full:
+            self.dropped += 1
+
+    def _log_queued(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        while True:
+            endpoint, request, answer, adapter, route, valid, started_ns, ended_ns, error = self._queue.get()
+            tags = {registry.TRACE_MODEL_TAG: self._model, registry.TRACE_ADAPTER_TAG: adapter,
+                    registry.TRACE_VERSION_TAG: registry.version_of_adapter(adapter), registry.TRACE_ROUTE_TAG: route,
+                    registry.TRACE_VALID_TAG: "error" if error else str(bool(valid)).lower()}
+            try:
+                span = client.start_trace(endpoint, span_type="LLM", inputs=self._scrub(request), tags=tags,
+                                          experiment_id=self._experiment, start_time_ns=started_ns, run_id=self._run)
+                client.end_trace(span.trace_id, outputs=None if error else {"text": self._scrub(answer)},
+                                 attributes={"error": self._scrub(error)} if error else None,
+                                 status="ERROR" if error else "OK", end_time_ns=ended_ns)
+            except Exception as exc:  # noqa: BLE001 - a trace is lost, serving goes on
+                logger.warning("could not log a trace to run %s: %s", self._run, exc)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued trace is written to the tracking store."""
+        import mlflow
+
+        self._queue.join()
+        mlflow.flush_trace_async_logging()
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for pattern in self._redact:
+                value = pattern.sub(REDACTED, value)
+            return value
+        if isinstance(value, dict):
+            return {key: self._scrub(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._scrub(item) for item in value]
+        return value
+
+
+# -- export -------------------------------------------------------------------------------------
+def export(name: str, out: str, version: str | None = None, since: str | None = None, valid_only: bool = False,
+           dataset: str = "served") -> dict[str, Any]:
+    """Write the registered model's logged chat traces to `out` in LLaMA-Factory's layout; returns
+    what was written. Nothing is written when no trace matches."""
+    from mlflow import MlflowClient
+
+    target = Path(out).expanduser().resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target} already exists and is not an empty folder: choose another out, or remove it.")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", dataset):
+        raise UserError(f"dataset {dataset!r} must be a plain name such as served (letters, digits, _ . -).")
+    client = MlflowClient()
+    registry.registered_model(client, name)
+    if version is not None:
+        registry.find_version(name, number=version, client=client)  # a version that does not exist is named
+    conditions = [f"tags.`{registry.TRACE_MODEL_TAG}` = '{name}'", "status = 'OK'"]
+    if version is not None:
+        conditions.append(f"tags.`{registry.TRACE_VERSION_TAG}` = '{int(version)}'")
+    if valid_only:
+        conditions.append(f"tags.`{registry.TRACE_VALID_TAG}` = 'true'")
+    if since:
+        conditions.append(f"timestamp_ms >= {_epoch_ms(since)}")
+    rows, skipped = [], 0
+    for trace in _search(client, " AND ".join(conditions)):
+        row = _alpaca_row(trace)
+        if row is None:
+            skipped += 1
+        else:
+            rows.append(row)
+    if not rows:
+        raise UserError(f"No logged chat traces of {name} match ({' AND '.join(conditions)}; {skipped} others). "
+                        "A server logs traces when its serving config sets traces.sample_rate above 0.")
+    rows.sort(key=lambda row: row.pop("_at"))
+    if any("system" in row for row in rows):  # a column that some rows have, every row has (empty: the default)
+        rows = [{**row, "system": row.get("system", "")} for row in rows]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with open(staging / f"{dataset}.jsonl", "w", encoding="utf-8") as written:
+            written.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        columns = {key: column for key, column in _ALPACA.items() if key != "system" or "system" in rows[0]}
+        info = {dataset: {"file_name": f"{dataset}.jsonl", "formatting": "alpaca", "columns": columns}}
+        (staging / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)  # a complete dataset, or none
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"dataset_dir": str(target), "dataset": dataset, "rows": len(rows), "skipped": skipped,
+            "filter": " AND ".join(conditions)}
+
+
+def _search(client, filter_string: str):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    token = None
+    while True:
+        page = client.search_traces(locations=experiments, filter_string=filter_string, max_results=500,
+                                    page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _alpaca_row(trace) -> dict | None:
+    """A single-turn chat (an optional system message, one user message) and its answer, in
+    data/viggo's columns: the user message splits at its last line break, as evaluate joins
+    instruction and input. None for what is not one (completions, multi-turn chats)."""
+    span = trace.data.spans[0] if trace.data.spans else None
+    messages = (span.inputs or {}).get("messages") if span else None
+    answer = (span.outputs or {}).get("text") if span else None
+    if not isinstance(messages, list) or not isinstance(answer, str):
+        return None
+    system = [m.get("content") for m in messages if m.get("role") == "system"]
+    users = [m.get("content") for m in messages if m.get("role") != "system"]
+    if len(users) != 1 or messages[-1].get("role") != "user" or not isinstance(users[0], str) or len(system) > 1:
+        return None
+    instruction, newline, query = users[0].rpartition("\n")
+    if not newline:
+        instruction, query = users[0], ""
+    row = {"instruction": instruction, "input": query, "output": answer, "_at": trace.info.request_time}
+    if system:
+        row["system"] = system[0]
+    return row
+
+
+def _epoch_ms(since: str) -> int:
+    try:
+        moment = datetime.fromisoformat(since)
+    except ValueError:
+        raise UserError(f"since {since!r} is not a time such as 2026-12-01 or 2026-12-01T09:30:00+00:00.") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # the local time zone, as a person typing it means
+    return int(moment.timestamp() * 1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mlflow run . -e export_traces",
+        description="Write a registered model's served chat requests, logged as MLflow traces by a server "
+        "with traces.sample_rate > 0, to a dataset folder in LLaMA-Factory's layout that train takes "
+        "(-P overrides='{dataset_dir: OUT, dataset: served}').",
+    )
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--out", required=True, help="the dataset folder to write (must not exist, or be empty)")
+    parser.add_argument("--version", default="", help="only the answers of this version")
+    parser.add_argument("--since", default="", help="only requests answered from this time (ISO 8601) on")
+    parser.add_argument("--valid-only", default="false", help="true: only answers the task's grammar accepts")
+    parser.add_argument("--dataset", default="served", help="the dataset's name in dataset_info.json")
+    console.add_verbose_flag(parser)
+    args = parser.parse_args(argv)
+
+    def job() -> None:
+        valid_only = parse_bool("valid-only", args.valid_only)
+        tracking.configure()
+        written = export(args.name, args.out, args.version or None, args.since or None, valid_only, args.dataset)
+        tracking.name_launch_run(f"export-traces-{args.name}", "export_traces")
+        print(json.dumps(written), flush=True)
+
+    return run_job(job, "interrupted", verbose=args.verbose)

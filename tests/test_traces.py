@@ -1,0 +1,183 @@
+"""Served requests as MLflow traces (traces.py): the settings and the row format (unit), and the
+Tracer's traces in a real SQLite store exported to a dataset that the train entry point trains
+on. test_serve_job.py checks the traces of a real server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, TINY_CONFIG, VIGGO, run_train
+from mlflow import MlflowClient
+from test_promote import GOOD, add_version
+
+from loraflow import datasets, registry, traces
+from loraflow.errors import UserError
+
+NAME = "viggo-traced"
+EMAIL = r"[\w.+-]+@[\w-]+(\.[\w-]+)+"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("raw, message", [
+    (None, "traces must have the keys sample_rate and redact"),
+    ({"sample_rate": 0.1}, "traces must have the keys sample_rate and redact"),
+    ({"sample_rate": 1.5, "redact": []}, "traces sample_rate must be a share in [0, 1] (0: no traces), not 1.5."),
+    ({"sample_rate": True, "redact": []}, "traces sample_rate must be a share in [0, 1] (0: no traces), not True."),
+    ({"sample_rate": 0.1, "redact": "x"}, "traces redact must be a list of regular expressions, not 'x'."),
+    ({"sample_rate": 0.1, "redact": ["(unclosed"]}, "traces redact '(unclosed' is not a regular expression"),
+])
+def test_bad_trace_settings_are_refused_with_what_to_write(raw, message):
+    with pytest.raises(UserError, match="^serve.yaml: ") as refused:
+        traces.load_settings(raw, "serve.yaml")
+    assert message in str(refused.value)
+
+
+@pytest.mark.unit
+def test_redaction_reaches_every_string_of_a_request():
+    tracer = traces.Tracer(traces.Settings(0.0, (EMAIL,)), NAME, "run", "0")
+    request = {"messages": [{"role": "user", "content": "ask ann.lee@example.co.uk, or bob@x.org"}], "max_tokens": 8}
+    assert tracer._scrub(request) == {"messages": [{"role": "user", "content": "ask [REDACTED], or [REDACTED]"}],
+                                      "max_tokens": 8}
+
+
+class _Trace:
+    def __init__(self, inputs, outputs, at=0):
+        span = type("Span", (), {"inputs": inputs, "outputs": outputs})
+        self.data = type("Data", (), {"spans": [span]})
+        self.info = type("Info", (), {"request_time": at})
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("messages, row", [
+    ([{"role": "user", "content": "Give the MR.\nDiablo II is good."}],
+     {"instruction": "Give the MR.", "input": "Diablo II is good."}),
+    ([{"role": "user", "content": "one line"}], {"instruction": "one line", "input": ""}),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb\nc"}],
+     {"instruction": "a\nb", "input": "c", "system": "Be brief."}),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+     None),  # multi-turn: not a row of this layout
+])
+def test_a_single_turn_chat_becomes_an_alpaca_row_that_joins_back_to_its_prompt(messages, row):
+    got = traces._alpaca_row(_Trace({"messages": messages}, {"text": "inform(name[Diablo II])"}))
+    if row is None:
+        assert got is None
+        return
+    assert got == {**row, "output": "inform(name[Diablo II])", "_at": 0}
+    assert "\n".join(part for part in (got["instruction"], got["input"]) if part) == messages[-1]["content"]
+
+
+@pytest.mark.unit
+def test_a_completion_is_no_chat_row():
+    assert traces._alpaca_row(_Trace({"prompt": "hi"}, {"text": "x"})) is None
+
+
+@pytest.fixture
+def traced(tracking_uri, tmp_path):
+    """Eight ViGGO test rows asked of v1 (five) and v2 (three) as the server asks them, one of them
+    with an e-mail address, and answered with their reference; plus one failed request and one
+    completion. Logged by the Tracer the server uses, into one serving run."""
+    versions = [add_version(NAME, GOOD, tmp_path) for _ in range(2)]
+    client = MlflowClient()
+    run = client.create_run("0", run_name=f"serve-{NAME}@production")
+    tracer = traces.Tracer(traces.Settings(1.0, (EMAIL,)), NAME, run.info.run_id, "0")
+    rows = [json.loads(line) for line in (VIGGO / "test.jsonl").read_text().splitlines()[:8]]
+    rows[2]["input"] += " Ask me at jo@example.com."
+    for index, row in enumerate(rows):
+        adapter = f"{NAME}-v{versions[0] if index < 5 else versions[1]}"
+        request = {"model": "smollm2:production",
+                   "messages": [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}]}
+        valid = index != 7
+        tracer.offer("chat", request, row["output"], adapter, "production" if index < 5 else "canary", valid,
+                     1_000_000 * (index + 1), 1_000_000 * (index + 1) + 500)
+    tracer.offer("chat", {"messages": [{"role": "user", "content": "x"}]}, None, f"{NAME}-v1", "id", None, 1, 2,
+                 error="engine died")
+    tracer.offer("completions", {"prompt": "hi"}, "there", f"{NAME}-v1", "id", False, 3, 4)
+    tracer.flush()
+    rows[2]["input"] = rows[2]["input"].replace("jo@example.com", "[REDACTED]")
+    return rows, run.info.run_id
+
+
+def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_train_trains_on(traced, tmp_path):
+    rows, run_id = traced
+    logged = MlflowClient().search_traces(locations=["0"], max_results=100)
+    assert len(logged) == 10
+    assert all(t.info.trace_metadata["mlflow.sourceRun"] == run_id for t in logged)
+    tags = sorted((t.info.tags[registry.TRACE_VERSION_TAG], t.info.tags[registry.TRACE_ROUTE_TAG],
+                   t.info.tags[registry.TRACE_VALID_TAG], t.info.state.value) for t in logged)
+    assert tags == sorted([("1", "production", "true", "OK")] * 5 + [("2", "canary", "true", "OK")] * 2
+                          + [("2", "canary", "false", "OK"), ("1", "id", "error", "ERROR"), ("1", "id", "false", "OK")])
+    assert all("jo@example.com" not in json.dumps(t.data.spans[0].inputs) for t in logged)
+
+    out = tmp_path / "served"
+    assert traces.main(["--name", NAME, "--out", str(out)]) == 0
+    exported = [json.loads(line) for line in (out / "served.jsonl").read_text().splitlines()]
+    assert exported == rows  # in the order they were asked; the completion and the failure are not rows
+    assert json.loads((out / "dataset_info.json").read_text()) == {"served": {
+        "file_name": "served.jsonl", "formatting": "alpaca",
+        "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}  # no row has a system message
+    assert [f.name for f in datasets.load_datasets(str(out), ["served"])] == ["served"]
+
+    by_version = tmp_path / "v2-valid"
+    assert traces.main(["--name", NAME, "--out", str(by_version), "--version", "2", "--valid-only", "true"]) == 0
+    assert [json.loads(line) for line in (by_version / "served.jsonl").read_text().splitlines()] == rows[5:7]
+
+    # The train entry point trains the tiny model on it, and registers what it trained.
+    config = tmp_path / "train.yaml"
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    raw.update(dataset="served", dataset_dir=str(out), registered_model_name="served-tiny-lora", max_samples=8,
+               output_dir=str(tmp_path / "train-out"))
+    for key in ("eval_dataset", "per_device_eval_batch_size", "eval_strategy", "eval_steps"):
+        raw.pop(key)
+    config.write_text(yaml.safe_dump(raw))
+    trained = run_train("--config", str(config))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    version = MlflowClient().get_model_version("served-tiny-lora", "1")
+    train_run = MlflowClient().get_run(version.run_id)
+    assert (train_run.data.params["dataset"], train_run.data.params["dataset_dir"]) == ("served", str(out))
+    assert train_run.data.metrics["samples_seen"] == 8
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--version", "9"], f"error: {NAME} has no version 9; it has versions 1, 2."),
+    (["--since", "yesterday"], "error: since 'yesterday' is not a time such as 2026-12-01"),
+    (["--since", "2999-01-01"], f"error: No logged chat traces of {NAME} match"),
+    (["--valid-only", "maybe"], "error: valid-only must be true or false, not 'maybe'."),
+    (["--dataset", "../x"], "error: dataset '../x' must be a plain name such as served"),
+])
+def test_an_export_that_cannot_be_made_is_refused_and_writes_nothing(traced, tmp_path, capsys, extra, message):
+    out = tmp_path / "served"
+    assert traces.main(["--name", NAME, "--out", str(out), *extra]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".served")) == []
+
+
+def test_an_export_never_writes_over_a_folder_that_holds_files(traced, tmp_path, capsys):
+    out = tmp_path / "served"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert traces.main(["--name", NAME, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out} already exists and is not an empty folder: choose another " \
+                                      "out, or remove it.\n"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_mlflow_run_export_traces_writes_the_dataset_in_a_named_run(traced, tmp_path):
+    """The command users run: its run is named after what it did and tagged with the job."""
+    out = tmp_path / "served"
+    proc = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", ".", "-e", "export_traces",
+                           "--env-manager", "local", "--experiment-name", "exports", "-P", f"name={NAME}",
+                           "-P", f"out={out}", "-P", "version=1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (written["rows"], written["dataset_dir"], written["skipped"]) == (5, str(out), 1)  # the completion
+    assert len((out / "served.jsonl").read_text().splitlines()) == 5
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("exports").experiment_id])
+    assert (run.info.run_name, run.info.status, run.data.tags["loraflow.job"]) == \
+        (f"export-traces-{NAME}", "FINISHED", "export_traces")
