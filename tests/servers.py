@@ -101,21 +101,12 @@ def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float 
         time.sleep(0.2)
 
 
-@contextlib.contextmanager
 def s3_server():
-    """moto's standalone S3 server process (real HTTP, S3 wire protocol) on 127.0.0.1."""
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for_port(port, proc, "moto_server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """moto's standalone S3 server process (real HTTP, S3 wire protocol) on 127.0.0.1: serve's own
+    (adapter_store.moto_s3_server), on a port no Ray service can take first."""
+    from loraflow import adapter_store
+
+    return adapter_store.moto_s3_server(free_port())
 
 
 def _postgres_bin(tool: str) -> str:

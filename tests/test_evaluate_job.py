@@ -123,11 +123,11 @@ def test_the_merged_model_holds_the_adapters_update(store, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from loraflow import adapter_merge, models
+    from loraflow import adapter_merge, base_models
 
     version = store.get_model_version("viggo-tiny-lora", "1")
     adapter = Path(store.download_artifacts(version.run_id, "adapter", str(tmp_path)))
-    base = models.base_model_source(version.tags["loraflow.base_model"])
+    base = base_models.base_model_source(version.tags["loraflow.base_model"])
     merged = adapter_merge.merge_into_base(base, adapter, tmp_path / "merged")
     lora = load_file(adapter / "adapter_model.safetensors")
     settings = json.loads((adapter / "adapter_config.json").read_text())

@@ -107,12 +107,13 @@ def s3_settings() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def local_s3_server():
-    """Start moto's S3 server on 127.0.0.1, point this process (and the Ray workers it starts) at it,
-    and yield the URI of an empty store in it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def moto_s3_server(port: int | None = None):
+    """moto's S3-compatible server (real HTTP, the S3 wire protocol) on 127.0.0.1, on `port` or a
+    free one; yields its endpoint URL."""
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
     proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -121,16 +122,24 @@ def local_s3_server():
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
                 break
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the local S3 server (moto_server) did not start")
+                raise RuntimeError(f"the local S3 server (moto_server) did not start on port {port}")
             time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def local_s3_server():
+    """Start moto's S3 server, point this process (and the Ray workers it starts) at it, and yield
+    the URI of an empty store in it."""
+    with moto_s3_server() as endpoint:
         # Credentials are required by the S3 protocol; moto accepts any. Ray's S3 reader needs a region.
-        os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "loraflow",
+        os.environ.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "loraflow",
                            "AWS_SECRET_ACCESS_KEY": "loraflow", "AWS_REGION": "us-east-1",
                            "AWS_DEFAULT_REGION": "us-east-1"})
         import boto3
 
         boto3.client("s3").create_bucket(Bucket=LOCAL_BUCKET)
         yield f"s3://{LOCAL_BUCKET}/adapters"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

@@ -19,9 +19,9 @@ import yaml
 from loraflow import (
     adapter_merge,
     adapter_store,
+    base_models,
     console,
     datasets,
-    models,
     ray_cluster,
     registry,
     tracking,
@@ -109,7 +109,7 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
         # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
         ray_cluster.connect(num_cpus=4)
         engine_adapter = _adapter_for_engines(ref, adapter_dir, config.get("lora_store"))
-        base_model = models.base_model_source(ref.base_model)
+        base_model = base_models.base_model_source(ref.base_model)
         started = time.monotonic()
         passes = _passes(base_model, adapter_dir, engine_adapter, workdir, config)
         merge_s = time.monotonic() - started
@@ -155,7 +155,7 @@ def _check_adapter(adapter_dir: Path, ref: registry.AdapterRef, config: dict[str
             f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in the evaluation config."
         )
     # The files at the recorded path must be the ones it was trained on (also when missing: fails early).
-    registry.check_base_model(ref.base_model_id, models.base_model_identity(ref.base_model), ref.text)
+    registry.check_base_model(ref.base_model_id, base_models.base_model_identity(ref.base_model), ref.text)
 
 
 def _passes(base_model: str, adapter_dir: Path, engine_adapter: tuple[str, str | None], workdir: Path,

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from loraflow import adapter_store, canary, console, models, ray_cluster, registry, traces, tracking
+from loraflow import adapter_store, base_models, canary, console, ray_cluster, registry, traces, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.jobs import run_job
@@ -117,7 +117,7 @@ def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> 
     if loading.get("model_source") not in (None, base_model):
         raise UserError(f"The served version was trained on {base_model}, but the serving config's "
                         f"model_source is {loading['model_source']}; set it to null or to {base_model}.")
-    loading["model_source"] = models.base_model_source(base_model)
+    loading["model_source"] = base_models.base_model_source(base_model)
     fields.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_store_uri
     runtime_env = fields.setdefault("runtime_env", {})
     runtime_env["env_vars"] = {**adapter_store.s3_settings(), **runtime_env.get("env_vars", {})}
@@ -140,7 +140,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         raise UserError(f"{name} v{first.version} has no {registry.BASE_MODEL_TAG} tag: it was not registered by "
                         "loraflow's train.")
     # What the engine runs; the watcher serves only later versions trained on the same.
-    base_model_id = models.base_model_identity(base_model)
+    base_model_id = base_models.base_model_identity(base_model)
     registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
     with contextlib.ExitStack() as stack:
         store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())

@@ -18,7 +18,17 @@ from typing import Any
 
 import yaml
 
-from loraflow import console, datasets, models, processes, ray_cluster, ray_training, registry, tracking, train_config
+from loraflow import (
+    base_models,
+    console,
+    datasets,
+    processes,
+    ray_cluster,
+    ray_training,
+    registry,
+    tracking,
+    train_config,
+)
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.jobs import run_job
@@ -162,8 +172,8 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_name: str, resumes: 
     output_dir = Path(lf_args["output_dir"])
     _claim_output_dir(output_dir, run_id)
 
-    base_model = models.portable_base_model(lf_args["model_name_or_path"])
-    base_model_id = models.base_model_identity(lf_args["model_name_or_path"])
+    base_model = base_models.portable_base_model(lf_args["model_name_or_path"])
+    base_model_id = base_models.base_model_identity(lf_args["model_name_or_path"])
     data_digest = _combined_digest([d for d in data if d.name in datasets.split_names(lf_args["dataset"])])
     mlflow.set_tags({
         "mlflow.runName": lf_args["run_name"],

