@@ -715,12 +715,25 @@ def test_a_canary_that_holds_steps_up_and_is_promoted(server, tmp_path):
     assert {answer.model for answer in _load(port, 20, 2)[0]} == {f"{MODEL_ID}:{NAME}-v2"}
 
 
-def _prometheus(port: int, name: str, adapter: str, route: str) -> float:
-    """A series' value on Ray's metrics endpoint (0 before it exists)."""
+def _prometheus(port: int, name: str, **labels: str) -> float:
+    """A series' value on Ray's metrics endpoint, summed over the lines with these labels (0 before
+    it exists)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(name + "{") and f'adapter="{adapter}"' in line and f'route="{route}"' in line]
+              if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items())]
     return sum(values)
+
+
+def _settled(read, interval: float = 12, timeout: float = 90):
+    """A reading that two reads one export interval apart agree on (Ray exports every few seconds:
+    the requests of the test before may not be in the first read)."""
+    deadline, last = time.monotonic() + timeout, read()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        if (now := read()) == last:
+            return now
+        last = now
+    raise AssertionError(f"metrics did not settle in {timeout} s: {last}")
 
 
 def test_live_figures_are_prometheus_metrics_on_rays_endpoint(server, serve_process):
@@ -728,22 +741,26 @@ def test_live_figures_are_prometheus_metrics_on_rays_endpoint(server, serve_proc
     request counted once, the histogram's count with it, the validity as scored and valid answers."""
     _, port, _ = server
     metrics_port = yaml.safe_load((serve_process.folder / "serve.yaml").read_text())["metrics_export_port"]
-    series = [("ray_loraflow_requests_total", f"{NAME}-v1", "id"),
-              ("ray_loraflow_latency_ms_count", f"{NAME}-v1", "id"),
-              ("ray_loraflow_scored_answers_total", f"{NAME}-v1", "id"),
-              ("ray_loraflow_output_tokens_total", f"{NAME}-v1", "id"),
-              ("ray_loraflow_requests_total", f"{NAME}-v1", "production")]
-    before = [_prometheus(metrics_port, *one) for one in series]
+    series = [("ray_loraflow_requests_total", "id"), ("ray_loraflow_latency_ms_count", "id"),
+              ("ray_loraflow_scored_answers_total", "id"), ("ray_loraflow_output_tokens_total", "id"),
+              ("ray_loraflow_requests_total", "production")]
+
+    def read() -> list[float]:
+        return [_prometheus(metrics_port, name, adapter=f"{NAME}-v1", route=route) for name, route in series]
+
+    before = _settled(read)
     for model in [f"{MODEL_ID}:{NAME}-v1"] * 3 + [f"{MODEL_ID}:production"] * 2:
         ask(port, model=model, max_tokens=1).parse()
     expected = [b + added for b, added in zip(before, (3, 3, 3, 3, 2))]
     deadline = time.monotonic() + 60  # Ray exports every few seconds
-    while (now := [_prometheus(metrics_port, *one) for one in series]) != expected and time.monotonic() < deadline:
+    while (now := read()) != expected and time.monotonic() < deadline:
         time.sleep(1)
     assert now == expected
-    assert _prometheus(metrics_port, "ray_loraflow_valid_answers_total", f"{NAME}-v1", "id") == 0  # none parse
+    assert _prometheus(metrics_port, "ray_loraflow_valid_answers_total", adapter=f"{NAME}-v1") == 0  # none parse
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    assert 'ray_loraflow_canary_weight{' in text and f'registered_model="{NAME}"' in text
+    [weight] = [line for line in text.splitlines()
+                if line.startswith("ray_loraflow_canary_weight{") and f'registered_model="{NAME}"' in line]
+    assert float(weight.rsplit(" ", 1)[1]) == 0.0  # no rollout (the fixture stopped any)
 
 
 def test_served_requests_are_traced_with_the_version_and_export_to_a_dataset(server, registry, tmp_path):

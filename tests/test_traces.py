@@ -39,7 +39,7 @@ def test_bad_trace_settings_are_refused_with_what_to_write(raw, message):
 
 @pytest.mark.unit
 def test_redaction_reaches_every_string_of_a_request():
-    tracer = traces.Tracer(traces.Settings(0.0, (EMAIL,)), NAME, "run", "0")
+    tracer = traces.Tracer(traces.Settings(0.0, (EMAIL,)), "run", "0")
     request = {"messages": [{"role": "user", "content": "ask ann.lee@example.co.uk, or bob@x.org"}], "max_tokens": 8}
     assert tracer._scrub(request) == {"messages": [{"role": "user", "content": "ask [REDACTED], or [REDACTED]"}],
                                       "max_tokens": 8}
@@ -72,8 +72,9 @@ def test_a_single_turn_chat_becomes_an_alpaca_row_that_joins_back_to_its_prompt(
 
 
 @pytest.mark.unit
-def test_a_completion_is_no_chat_row():
+def test_a_completion_or_an_empty_answer_is_no_row():
     assert traces._alpaca_row(_Trace({"prompt": "hi"}, {"text": "x"})) is None
+    assert traces._alpaca_row(_Trace({"messages": [{"role": "user", "content": "a"}]}, {"text": ""})) is None
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def traced(tracking_uri, tmp_path):
     versions = [add_version(NAME, GOOD, tmp_path) for _ in range(2)]
     client = MlflowClient()
     run = client.create_run("0", run_name=f"serve-{NAME}@production")
-    tracer = traces.Tracer(traces.Settings(1.0, (EMAIL,)), NAME, run.info.run_id, "0")
+    tracer = traces.Tracer(traces.Settings(1.0, (EMAIL,)), run.info.run_id, "0")
     rows = [json.loads(line) for line in (VIGGO / "test.jsonl").read_text().splitlines()[:8]]
     rows[2]["input"] += " Ask me at jo@example.com."
     for index, row in enumerate(rows):
@@ -97,6 +98,8 @@ def traced(tracking_uri, tmp_path):
     tracer.offer("chat", {"messages": [{"role": "user", "content": "x"}]}, None, f"{NAME}-v1", "id", None, 1, 2,
                  error="engine died")
     tracer.offer("completions", {"prompt": "hi"}, "there", f"{NAME}-v1", "id", False, 3, 4)
+    # Another registered model's adapter in the same store, asked for by its id: its own model's trace.
+    tracer.offer("chat", {"messages": [{"role": "user", "content": "a\nb"}]}, "c", "other-model-v3", "id", True, 5, 6)
     tracer.flush()
     rows[2]["input"] = rows[2]["input"].replace("jo@example.com", "[REDACTED]")
     return rows, run.info.run_id
@@ -105,7 +108,11 @@ def traced(tracking_uri, tmp_path):
 def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_train_trains_on(traced, tmp_path):
     rows, run_id = traced
     logged = MlflowClient().search_traces(locations=["0"], max_results=100)
-    assert len(logged) == 10
+    assert len(logged) == 11
+    [other] = [t for t in logged if t.info.tags[registry.TRACE_ADAPTER_TAG] == "other-model-v3"]
+    assert (other.info.tags[registry.TRACE_MODEL_TAG], other.info.tags[registry.TRACE_VERSION_TAG]) \
+        == ("other-model", "3")
+    logged = [t for t in logged if t is not other]
     assert all(t.info.trace_metadata["mlflow.sourceRun"] == run_id for t in logged)
     tags = sorted((t.info.tags[registry.TRACE_VERSION_TAG], t.info.tags[registry.TRACE_ROUTE_TAG],
                    t.info.tags[registry.TRACE_VALID_TAG], t.info.state.value) for t in logged)

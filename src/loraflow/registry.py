@@ -62,7 +62,7 @@ ROLLOUT_TAG = "loraflow.rollout"  # JSON: the canary rollout under way (canary.p
 LOCK_OWNER_TAG = "loraflow.lock.owner"  # on `<name>.lock`: the holder's token
 LOCK_HEARTBEAT_TAG = "loraflow.lock.heartbeat"  # on `<name>.lock`: the holder's last sign of life
 # On traces of served requests (traces.py)
-TRACE_MODEL_TAG = "loraflow.trace.registered_model"  # the registered model the server follows
+TRACE_MODEL_TAG = "loraflow.trace.registered_model"  # the registered model of the version that answered
 TRACE_VERSION_TAG = "loraflow.trace.version"  # the version that answered
 TRACE_ADAPTER_TAG = "loraflow.trace.adapter"  # its adapter id
 TRACE_ROUTE_TAG = "loraflow.trace.route"  # how the request reached it: production (stable name), canary, id
@@ -91,9 +91,10 @@ def adapter_id(version: ModelVersion) -> str:
     return f"{version.name}-v{version.version}"
 
 
-def version_of_adapter(adapter: str) -> str:
-    """The version number in an adapter id (`<registered model>-v<version>`)."""
-    return adapter.rpartition("-v")[2]
+def parse_adapter_id(adapter: str) -> tuple[str, str]:
+    """The registered model and version number of an adapter id (`<registered model>-v<version>`)."""
+    name, _, number = adapter.rpartition("-v")
+    return name, number
 
 
 def eval_metrics(version: ModelVersion) -> dict[str, float]:

@@ -168,6 +168,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
                     "poll_interval_s": config["poll_interval_s"], "tracking_uri": tracking_uri,
                     "live_validity": config["live_validity"], "serving_run_id": serving_run,
+                    "serving_experiment_id": _experiment_of(serving_run),
                     "metrics_interval_s": config["metrics_interval_s"],
                     "traces_settings": dataclasses.asdict(config["traces"]),
                 },
@@ -175,7 +176,10 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
             # Follow-the-registry state lives in each ingress replica; one keeps it simple on one machine.
             "ingress_deployment_config": {
                 "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                "ray_actor_options": {"runtime_env": {"env_vars": adapter_store.s3_settings()}},
+                # Traces are written by the Tracer's one thread, one at a time: MLflow's own async export
+                # sends up to 10 at once, which starved the registry watcher's calls to the tracking server.
+                "ray_actor_options": {"runtime_env": {"env_vars": {**adapter_store.s3_settings(),
+                                                                   "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}}},
             },
         })
         try:
@@ -212,6 +216,12 @@ def _serving_run(stack: contextlib.ExitStack, name: str) -> str:
 
     stack.push(end)
     return run.info.run_id
+
+
+def _experiment_of(run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_run(run_id).info.experiment_id
 
 
 def _check_live_validity(path: str, name: Any) -> None:

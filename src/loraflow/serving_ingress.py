@@ -44,7 +44,8 @@ class LoraflowIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
                  pinned_version: str | None, lora_store_uri: str, api_key_sha256: str | None,
                  base_model_id: str, poll_interval_s: float, tracking_uri: str, live_validity: str,
-                 serving_run_id: str, metrics_interval_s: float, traces_settings: dict, **kwargs):
+                 serving_run_id: str, serving_experiment_id: str, metrics_interval_s: float, traces_settings: dict,
+                 **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         import mlflow
 
@@ -67,9 +68,7 @@ class LoraflowIngress(OpenAiIngress):
         self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
         self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
         self._serving_run, self._logged = serving_run_id, 0  # MLflow run of this server, figures logged so far
-        settings = traces.Settings(**traces_settings)
-        experiment = mlflow.MlflowClient().get_run(serving_run_id).info.experiment_id if settings.sample_rate else ""
-        self._tracer = traces.Tracer(settings, registered_model, serving_run_id, experiment)
+        self._tracer = traces.Tracer(traces.Settings(**traces_settings), serving_run_id, serving_experiment_id)
         self._metrics = serving_metrics.ServingMetrics(registered_model)
         self._watch_once(pinned_version, warm_up=False)  # serve nothing until the first version is known
         threading.Thread(target=self._watch, args=(pinned_version is None, poll_interval_s, metrics_interval_s),
@@ -192,11 +191,13 @@ class LoraflowIngress(OpenAiIngress):
             raise OpenAIHTTPException(message="Missing or wrong API key: send `Authorization: Bearer <key>`.",
                                       status_code=401, type="AuthenticationError")
 
-    def _route(self, model: str | None, split: bool = False, key: str | None = None) -> str | None:
-        """The model id to send to the engine for what the client asked for; `split`: a request
-        for the stable name may go to the canary."""
+    def _route(self, model: str | None, split: bool = False, key: str | None = None) -> tuple[str | None, str | None]:
+        """The model id to send to the engine for what the client asked for, and how it got there
+        (production: the stable name; canary: the stable name, sent to the candidate; id: an
+        adapter asked for by its id; None: the base model, or a model Ray's ingress will report
+        as unknown). `split`: a request for the stable name may go to the canary."""
         if model is None or model == self._base_id or not model.startswith(f"{self._base_id}:"):
-            return model  # base model, or a model that Ray's ingress will report as unknown
+            return model, None
         adapter = model[len(self._base_id) + 1:]
         if adapter == self._alias:
             if self._target is None:
@@ -204,15 +205,15 @@ class LoraflowIngress(OpenAiIngress):
                                           f"{self._alias!r} yet.", status_code=503, type="ServiceUnavailable")
             followed = self._canary
             if split and followed is not None and canary.takes_candidate(followed["rollout"]["weight"], key):
-                return f"{self._base_id}:{followed['adapter']}"
-            return f"{self._base_id}:{self._target}"
+                return f"{self._base_id}:{followed['adapter']}", "canary"
+            return f"{self._base_id}:{self._target}", "production"
         if not adapter_store.is_valid_adapter_id(adapter):
             raise OpenAIHTTPException(message=f"Invalid adapter id {adapter!r}: use a name listed by /v1/models.",
                                       status_code=400, type="InvalidModel")
         if not self._in_store(adapter):
             raise OpenAIHTTPException(message=f"Unknown adapter {adapter!r}: /v1/models lists what is served.",
                                       status_code=404, type="InvalidModel")
-        return model
+        return model, "id"
 
     def _in_store(self, adapter: str) -> bool:
         """Whether the store holds this adapter. Folders are never removed, so a hit is cached for
@@ -226,12 +227,9 @@ class LoraflowIngress(OpenAiIngress):
     async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
         self._authorize(raw_request)
         key = (raw_request.headers.get(ROUTE_KEY_HEADER) if raw_request is not None else None) or body.user
-        asked, body.model = body.model, self._route(body.model, split=True, key=key)
+        body.model, route = self._route(body.model, split=True, key=key)
         if raw_request is not None:
-            raw_request.state.loraflow_model = body.model
-            followed = self._canary
-            raw_request.state.loraflow_route = "id" if asked != f"{self._base_id}:{self._alias}" else \
-                "canary" if followed and body.model == f"{self._base_id}:{followed['adapter']}" else "production"
+            raw_request.state.loraflow_model, raw_request.state.loraflow_route = body.model, route
         try:
             async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
                 yield response
@@ -264,11 +262,19 @@ class LoraflowIngress(OpenAiIngress):
 
     def _record(self, request: Request, endpoint: str, inputs: dict, started: float, started_ns: int,
                 error: Exception | None = None, response: Response | None = None) -> None:
-        latency_s = time.monotonic() - started
-        model = getattr(request.state, "loraflow_model", None)
-        if not model or ":" not in model:
-            return  # the base model, or refused before routing
-        adapter = model.split(":", 1)[1]
+        """Count the answer; a failure here is logged, never the request's."""
+        try:
+            self._count(request, endpoint, inputs, started, started_ns, error, response)
+        except Exception as exc:  # noqa: BLE001 - the figures miss one answer, the client gets it
+            logger.warning("could not count an answer: %s", exc)
+
+    def _count(self, request: Request, endpoint: str, inputs: dict, started: float, started_ns: int,
+               error: Exception | None, response: Response | None) -> None:
+        latency_s = time.monotonic() - started  # streamed answers: to the start of the stream
+        route = getattr(request.state, "loraflow_route", None)
+        if route is None:
+            return  # the base model, a model that is not ours, or refused before routing
+        adapter = request.state.loraflow_model.split(":", 1)[1]
         tokens, valid, text = 0, None, None
         body = getattr(response, "body", None)  # absent on streamed answers: counted, not scored or traced
         if body:
@@ -299,7 +305,7 @@ class LoraflowIngress(OpenAiIngress):
 
     async def model_data(self, model: str, request: Request) -> ModelCard:
         self._authorize(request)
-        routed = self._route(model)  # the id checks of completions: Ray reads {store}/{id}/adapter_config.json
+        routed, _ = self._route(model)  # the id checks of completions: Ray reads {store}/{id}/adapter_config.json
         card = await super().model_data(routed)
         return card if routed == model else self._stable_card(card)
 
@@ -316,7 +322,8 @@ class LoraflowIngress(OpenAiIngress):
                                 "started_at": followed["rollout"]["started_at"]}
         return {"registered_model": self._registered_model, "alias": self._alias, "serving": self._target,
                 "canary": rollout, "registry": dict(self._registry),
-                "live": {adapter: stats.figures() for adapter, stats in list(self._live.items())}}
+                "live": {adapter: stats.figures() for adapter, stats in list(self._live.items())},
+                "traces_dropped": self._tracer.dropped}
 
 
 def _lost_lora_load_race(exc: Exception) -> bool:

@@ -23,8 +23,8 @@ class ServingMetrics:
                                        "(streamed ones are not)", tag_keys=_BY_VERSION)
         self._valid = metrics.Counter("loraflow_valid_answers", "Answers the task's grammar accepts",
                                       tag_keys=_BY_VERSION)
-        self._latency = metrics.Histogram("loraflow_latency_ms", "Time to the whole answer", boundaries=_LATENCY_MS,
-                                          tag_keys=_BY_VERSION)
+        self._latency = metrics.Histogram("loraflow_latency_ms", "Time to the whole answer (streamed: to the "
+                                          "start of the stream)", boundaries=_LATENCY_MS, tag_keys=_BY_VERSION)
         self._weight = metrics.Gauge("loraflow_canary_weight", "The share of the stable name's requests the "
                                      "canary gets (0: no rollout)", tag_keys=("registered_model",))
 

@@ -4,8 +4,10 @@
   default 0, and `redact`: regular expressions whose matches are replaced by [REDACTED] in what is
   logged) as MLflow 3 traces in its serving run, tagged with the version that answered, how the
   request reached it and whether the task's grammar accepts the answer (registry.TRACE_*_TAG).
-  A background thread logs them: a request never waits on the tracking server, and when the queue
-  is full a trace is dropped rather than the request slowed.
+  One background thread logs them, one at a time (serve turns MLflow's own concurrent export off
+  in the ingress): a request never waits on the tracking server, the tracking server never gets
+  more than one trace at once from a server, and when the queue is full a trace is dropped
+  rather than a request slowed.
 - `mlflow run . -e export_traces` writes a registered model's logged chat traces to a folder in
   LLaMA-Factory's layout (dataset_info.json and a JSON Lines file with data/viggo's alpaca
   columns), which `train` takes as its dataset_dir.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import queue
@@ -66,8 +69,8 @@ def load_settings(raw: Any, where: str) -> Settings:
 class Tracer:
     """Logs a sample of a server's answered requests as traces of its MLflow run."""
 
-    def __init__(self, settings: Settings, registered_model: str, run_id: str, experiment_id: str):
-        self._settings, self._model, self._run, self._experiment = settings, registered_model, run_id, experiment_id
+    def __init__(self, settings: Settings, run_id: str, experiment_id: str):
+        self._settings, self._run, self._experiment = settings, run_id, experiment_id
         self._redact = [re.compile(pattern) for pattern in settings.redact]
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
         self.dropped = 0
@@ -90,9 +93,11 @@ class Tracer:
         client = MlflowClient()
         while True:
             endpoint, request, answer, adapter, route, valid, started_ns, ended_ns, error = self._queue.get()
-            tags = {registry.TRACE_MODEL_TAG: self._model, registry.TRACE_ADAPTER_TAG: adapter,
-                    registry.TRACE_VERSION_TAG: registry.version_of_adapter(adapter), registry.TRACE_ROUTE_TAG: route,
+            name, number = registry.parse_adapter_id(adapter)  # the adapter's own model: a store may hold others'
+            tags = {registry.TRACE_MODEL_TAG: name, registry.TRACE_VERSION_TAG: number,
+                    registry.TRACE_ADAPTER_TAG: adapter, registry.TRACE_ROUTE_TAG: route,
                     registry.TRACE_VALID_TAG: "error" if error else str(bool(valid)).lower()}
+            span = None
             try:
                 span = client.start_trace(endpoint, span_type="LLM", inputs=self._scrub(request), tags=tags,
                                           experiment_id=self._experiment, start_time_ns=started_ns, run_id=self._run)
@@ -101,6 +106,9 @@ class Tracer:
                                  status="ERROR" if error else "OK", end_time_ns=ended_ns)
             except Exception as exc:  # noqa: BLE001 - a trace is lost, serving goes on
                 logger.warning("could not log a trace to run %s: %s", self._run, exc)
+                if span is not None:  # not left IN_PROGRESS
+                    with contextlib.suppress(Exception):
+                        client.end_trace(span.trace_id, status="ERROR")
             finally:
                 self._queue.task_done()
 
@@ -135,6 +143,8 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
         raise UserError(f"{target} already exists and is not an empty folder: choose another out, or remove it.")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", dataset):
         raise UserError(f"dataset {dataset!r} must be a plain name such as served (letters, digits, _ . -).")
+    if "'" in name:
+        raise UserError(f"Registered model names with a quote cannot be searched for in traces: {name!r}.")
     client = MlflowClient()
     registry.registered_model(client, name)
     if version is not None:
@@ -177,7 +187,9 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
 
 
 def _search(client, filter_string: str):
-    experiments = [e.experiment_id for e in client.search_experiments()]
+    import mlflow
+
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]  # every page
     token = None
     while True:
         page = client.search_traces(locations=experiments, filter_string=filter_string, max_results=500,
@@ -195,8 +207,8 @@ def _alpaca_row(trace) -> dict | None:
     span = trace.data.spans[0] if trace.data.spans else None
     messages = (span.inputs or {}).get("messages") if span else None
     answer = (span.outputs or {}).get("text") if span else None
-    if not isinstance(messages, list) or not isinstance(answer, str):
-        return None
+    if not isinstance(messages, list) or not isinstance(answer, str) or not answer:
+        return None  # not a chat, or no text answered (a tool call)
     system = [m.get("content") for m in messages if m.get("role") == "system"]
     users = [m.get("content") for m in messages if m.get("role") != "system"]
     if len(users) != 1 or messages[-1].get("role") != "user" or not isinstance(users[0], str) or len(system) > 1:
@@ -230,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="registered model name")
     parser.add_argument("--out", required=True, help="the dataset folder to write (must not exist, or be empty)")
     parser.add_argument("--version", default="", help="only the answers of this version")
-    parser.add_argument("--since", default="", help="only requests answered from this time (ISO 8601) on")
+    parser.add_argument("--since", default="", help="only requests answered from this time (ISO 8601; local time "
+                        "without an offset) on")
     parser.add_argument("--valid-only", default="false", help="true: only answers the task's grammar accepts")
     parser.add_argument("--dataset", default="served", help="the dataset's name in dataset_info.json")
     console.add_verbose_flag(parser)
