@@ -77,6 +77,14 @@ def test_a_completion_or_an_empty_answer_is_no_row():
     assert traces._alpaca_row(_Trace({"messages": [{"role": "user", "content": "a"}]}, {"text": ""})) is None
 
 
+@pytest.mark.unit
+def test_a_model_name_with_a_quote_is_refused_before_any_search(tmp_path):
+    with pytest.raises(UserError) as refused:
+        traces.export("it's", str(tmp_path / "served"))
+    assert str(refused.value) == "Registered model names with a quote cannot be searched for in traces: \"it's\"."
+    assert not (tmp_path / "served").exists()
+
+
 @pytest.fixture
 def traced(tracking_uri, tmp_path):
     """Eight ViGGO test rows asked of v1 (five) and v2 (three) as the server asks them, one of them
