@@ -111,10 +111,10 @@ def bench_evaluate(work: Path, env: dict, log, repeats: int, version: str, rows:
     from loraflow import evaluate as project_evaluate
 
     config = project_evaluate.load_config(str(ROOT / "configs" / "evaluate" / "default.yaml"))
-    rows = rows or config["max_rows"]  # the default evaluation's rows unless told otherwise
-    config.update(max_rows=rows, baseline=False, guided_decoding=False)  # one pass: the adapter
+    rows = rows or config.max_rows  # the default evaluation's rows unless told otherwise
+    config = config.model_copy(update=dict(max_rows=rows, baseline=False, guided_decoding=False))  # the adapter only
     config_path = work / "eval.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path.write_text(yaml.safe_dump(config.model_dump()))
     adapter = _download_adapter(version, work / "adapter")
     project = [str(VENVS / "train/bin/mlflow"), "run", ".", "-e", "evaluate", "--env-manager", "local",
                "-P", f"model=models:/{_model_name()}/{version}", "-P", f"config={config_path}"]
@@ -133,12 +133,12 @@ def bare_evaluate(adapter: str, config_path: str) -> None:
 
     from loraflow import evaluate as project_evaluate
 
-    config = yaml.safe_load(Path(config_path).read_text())
+    config = project_evaluate.load_config(config_path)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # what the project's engines get
     rows = project_evaluate._test_rows(config)  # the project's own choice of rows, so they are the same
-    llm = LLM(model=str(BASE_MODEL), enable_lora=True, max_loras=1, **config["engine"])
+    llm = LLM(model=str(BASE_MODEL), enable_lora=True, max_loras=1, **config.engine)
     outputs = llm.chat([[{"role": "user", "content": f"{r['instruction']}\n{r['input']}"}] for r in rows],
-                       SamplingParams(**config["sampling"]), lora_request=LoRARequest("adapter", 1, adapter))
+                       SamplingParams(**config.sampling), lora_request=LoRARequest("adapter", 1, adapter))
     assert len(outputs) == len(rows)
 
 

@@ -13,9 +13,10 @@ from test_promote import GOOD, add_version, stages
 
 from loraflow import canary, promote, registry
 from loraflow.errors import UserError
+from loraflow.job_configs import RolloutPolicy
 
 NAME = "viggo-canary"
-POLICY = canary.Policy(weight=0.1, steps=(0.5,), min_requests=10, max_error_rate=0.01, min_parse_validity=0.9,
+POLICY = RolloutPolicy(weight=0.1, steps=(0.5,), min_requests=10, max_error_rate=0.01, min_parse_validity=0.9,
                        max_validity_drop=0.05, max_p95_ratio=1.5)
 
 
@@ -67,12 +68,12 @@ def test_live_stats_count_and_take_nearest_rank_percentiles():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("rollout, message", [
-    ({"share": 0.1}, "rollout may have the keys weight, steps, min_requests"),
-    ({"weight": 0}, "rollout weight must be a share in (0, 1], not 0"),
-    ({"weight": 1.5}, "rollout weight must be a share in (0, 1], not 1.5"),
-    ({"steps": [0.5, 0.2]}, "rollout steps must be increasing shares in (0, 1], such as [0.5, 1.0]; got [0.5, 0.2]"),
-    ({"min_requests": 0}, "rollout min_requests must be a whole number >= 1, not 0"),
-    ({"max_error_rate": "low"}, "rollout max_error_rate must be a number >= 0, not 'low'"),
+    ({"share": 0.1}, "rollout.share is not a known key"),
+    ({"weight": 0}, "rollout.weight should be greater than 0, got 0"),
+    ({"weight": 1.5}, "rollout.weight should be less than or equal to 1, got 1.5"),
+    ({"steps": [0.5, 0.2]}, "rollout.steps must be increasing shares in (0, 1], such as [0.5, 1.0]; got [0.5, 0.2]"),
+    ({"min_requests": 0}, "rollout.min_requests should be greater than or equal to 1, got 0"),
+    ({"max_error_rate": "low"}, "rollout.max_error_rate should be a valid number, got 'low'"),
 ])
 def test_bad_rollout_policies_are_refused(rollout, message, tmp_path):
     from loraflow import promotion_gates
@@ -81,8 +82,8 @@ def test_bad_rollout_policies_are_refused(rollout, message, tmp_path):
     path = tmp_path / "gates.yaml"
     path.write_text(yaml.safe_dump({**raw, "rollout": rollout}))
     with pytest.raises(UserError) as refused:
-        promotion_gates.load_rollout(path)
-    assert str(refused.value).startswith(f"Promotion config {path}: {message}")
+        promotion_gates.load(path)
+    assert str(refused.value) == f"Promotion config {path}: {message}; see configs/promote/default.yaml."
 
 
 @pytest.mark.unit
@@ -90,7 +91,7 @@ def test_the_shipped_policies_load():
     from loraflow import promotion_gates
 
     for config in ("default", "production"):
-        policy = promotion_gates.load_rollout(ROOT / f"configs/promote/{config}.yaml")
+        policy = promotion_gates.load(ROOT / f"configs/promote/{config}.yaml").rollout
         assert 0 < policy.weight < 1 and policy.steps and policy.min_requests >= 100
 
 

@@ -229,10 +229,16 @@ def test_bad_promotion_requests_are_refused_clearly(args, message, tmp_path, mon
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("stages: {Archived: {minimum: {exact_match: 1}}}", "only Staging, Production have gates"),
-        ("stages: {Production: {minimum: {accuracy: 0.5}}}", "unknown metric 'accuracy'"),
-        ("stages: {Production: {minimum: {exact_match: high}}}", "must be a number"),
-        ("gates: {}", "must hold the key `stages`, mapping stage names to gates, and may hold `rollout`"),
+        ("stages: {Archived: {minimum: {exact_match: 1}}}",
+         "stages.Archived (a key) should be 'Staging' or 'Production'; see configs/promote/default.yaml."),
+        ("stages: {Production: {minimum: {accuracy: 0.5}}}",
+         "stages.Production.minimum.accuracy (a key) should be 'exact_match', 'parse_validity', 'intent_accuracy', "
+         "'slot_f1', 'baseline_exact_match' or 'rows'; see configs/promote/default.yaml."),
+        ("stages: {Production: {minimum: {exact_match: high}}}",
+         "stages.Production.minimum.exact_match should be a valid number, got 'high'; see "
+         "configs/promote/default.yaml."),
+        ("gates: {}", "stages is missing (each gated stage (Staging, Production) and its gate; a stage not named has "
+                      "no checks); gates is not a known key; see configs/promote/default.yaml."),
     ],
 )
 def test_bad_gate_configs_are_refused_clearly(content, message, tmp_path):
@@ -240,8 +246,9 @@ def test_bad_gate_configs_are_refused_clearly(content, message, tmp_path):
 
     path = tmp_path / "gates.yaml"
     path.write_text(content)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError) as refused:
         promotion_gates.load(path)
+    assert str(refused.value) == f"Promotion config {path}: {message}"
 
 
 def test_a_version_whose_artifacts_were_deleted_is_refused(store, model_name, tmp_path, capsys):
@@ -411,7 +418,7 @@ def test_default_gates_pass_the_default_recipe_and_refuse_smaller_trainings():
     """configs/promote/default.yaml against the committed figures it cites."""
     from loraflow import promotion_gates
 
-    gates = promotion_gates.load(promotion_gates.DEFAULT_CONFIG)
+    gates = promotion_gates.load(promotion_gates.DEFAULT_CONFIG).stages
     results = ROOT / "benchmarks" / "results"
     default = json.loads((results / "quality-default.json").read_text())
     assert promotion_gates.check(gates["Production"], "Production", _measured(default), None).passed

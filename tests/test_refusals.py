@@ -279,25 +279,36 @@ def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
 
 
 @pytest.mark.parametrize("changes, message", [
-    ("missing", "Evaluation config {path} does not exist."),
-    ("- engine\n", "Evaluation config {path} must hold a mapping of keys to values."),
+    ("missing", "Evaluation config {path} does not exist; see configs/evaluate/default.yaml."),
+    ("- engine\n", "Evaluation config {path} must hold a mapping of keys to values; see "
+                   "configs/evaluate/default.yaml."),
+    ("engine: [16\n", "Evaluation config {path} is not valid YAML (while parsing a flow sequence); see "
+                      "configs/evaluate/default.yaml."),
     ({"drop": ("engine",), "engin": {"max_lora_rank": 16}},
-     "Evaluation config {path}: unknown keys ['engin'], missing keys ['engine']; see configs/evaluate/default.yaml "
-     "for the keys."),
-    ({"engine": "bfloat16"}, "Evaluation config {path}: engine must be a mapping of names to values, got "
-                             "'bfloat16'; see configs/evaluate/default.yaml."),
-    ({"engine_env": ["OMP_NUM_THREADS=1"]}, "Evaluation config {path}: engine_env must be a mapping of names to "
-                                            "values, got ['OMP_NUM_THREADS=1']; see configs/evaluate/default.yaml."),
+     "Evaluation config {path}: engine is missing (vLLM engine arguments; max_lora_rank (an integer) is required); "
+     "engin is not a known key; see configs/evaluate/default.yaml."),
+    ({"engine": "bfloat16"}, "Evaluation config {path}: engine should be a valid dictionary, got 'bfloat16'; see "
+                             "configs/evaluate/default.yaml."),
+    ({"engine_env": ["OMP_NUM_THREADS=1"]}, "Evaluation config {path}: engine_env should be a valid dictionary, got "
+                                            "['OMP_NUM_THREADS=1']; see configs/evaluate/default.yaml."),
     ({"engine_env": {"OMP_NUM_THREADS": 1}},
-     "Evaluation config {path}: engine_env values must be strings (quote numbers)."),
+     "Evaluation config {path}: engine_env.OMP_NUM_THREADS should be a valid string, got 1 (quote it); see "
+     "configs/evaluate/default.yaml."),
     ({"engine": {"max_lora_rank": "16", "dtype": "bfloat16"}},
-     "Evaluation config {path}: engine.max_lora_rank must be an integer."),
-    ({"merge_adapter": "yes"}, "Evaluation config {path}: merge_adapter must be true or false, got 'yes'."),
+     "Evaluation config {path}: engine needs max_lora_rank, a whole number >= 1 (the largest adapter rank served), "
+     "got '16'; see configs/evaluate/default.yaml."),
+    ({"merge_adapter": "yes"}, "Evaluation config {path}: merge_adapter should be a valid boolean, got 'yes'; see "
+                               "configs/evaluate/default.yaml."),
     ({"merge_adapter": True, "lora_store": "s3://bucket/adapters"},
      "Evaluation config {path}: merge_adapter: true evaluates on this machine's engines, lora_store sends the "
-     "adapter to engines on other nodes; set merge_adapter: false to evaluate through the LoRA store."),
-], ids=["missing", "not_a_mapping", "keys", "engine_not_a_mapping", "engine_env_not_a_mapping",
-        "engine_env_not_strings", "max_lora_rank", "merge_adapter_not_bool", "merge_adapter_with_lora_store"])
+     "adapter to engines on other nodes; set merge_adapter: false to evaluate through the LoRA store; see "
+     "configs/evaluate/default.yaml."),
+    ({"max_rows": 0, "batch_size": 64.5},
+     "Evaluation config {path}: max_rows should be greater than or equal to 1, got 0; batch_size should be a valid "
+     "integer, got 64.5; see configs/evaluate/default.yaml."),
+], ids=["missing", "not_a_mapping", "not_yaml", "keys", "engine_not_a_mapping", "engine_env_not_a_mapping",
+        "engine_env_not_strings", "max_lora_rank", "merge_adapter_not_bool", "merge_adapter_with_lora_store",
+        "numbers"])
 def test_evaluate_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
     from loraflow import evaluate
 
@@ -321,7 +332,7 @@ def test_the_evaluate_script_refuses_an_engine_that_is_not_a_mapping(tracking_ur
                            "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ.copy())
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.endswith(f"error: Evaluation config {path}: engine must be a mapping of names to values, got "
+    assert proc.stderr.endswith(f"error: Evaluation config {path}: engine should be a valid dictionary, got "
                                 "'bfloat16'; see configs/evaluate/default.yaml.\n"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     nothing_written()
@@ -379,26 +390,29 @@ def _serve_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path
 @pytest.mark.parametrize("changes, message", [
     ("missing", "Serving config {path} does not exist; see configs/serve/default.yaml."),
     ({"drop": ("poll_interval_s",), "workers": 2},
-     "Serving config {path}: missing keys ['poll_interval_s'], unknown keys ['workers']; see "
-     "configs/serve/default.yaml."),
-    ("[host, port]", "Serving config {path}: missing keys ['allow_unauthenticated', 'api_key_env', 'host', "
-                     "'live_validity', 'llm_config', 'lora_store', 'metrics_export_port', 'metrics_interval_s', "
-                     "'poll_interval_s', 'port', 'ray_num_cpus', 'traces'], unknown keys []; see "
-                     "configs/serve/default.yaml."),
+     "Serving config {path}: poll_interval_s is missing (seconds between the server's looks at the registry); "
+     "workers is not a known key; see configs/serve/default.yaml."),
+    ("[host, port]", "Serving config {path} must hold a mapping of keys to values; see configs/serve/default.yaml."),
     ({"live_validity": "evaluation.viggo:parse_it"},
      "Serving config {path}: live_validity 'evaluation.viggo:parse_it' is not a function named as module:function, "
-     "such as evaluation.viggo:parse (it tells whether an answer is valid for the task)."),
+     "such as evaluation.viggo:parse (it tells whether an answer is valid for the task); see "
+     "configs/serve/default.yaml."),
     ({"metrics_interval_s": 0},
-     "Serving config {path}: metrics_interval_s must be a number of seconds > 0, got 0."),
+     "Serving config {path}: metrics_interval_s should be greater than 0, got 0; see configs/serve/default.yaml."),
     ({"metrics_export_port": "8080"},
-     "Serving config {path}: metrics_export_port must be a port number (or null: Ray picks one), got '8080'."),
+     "Serving config {path}: metrics_export_port should be a valid integer, got '8080'; see "
+     "configs/serve/default.yaml."),
+    ({"allow_unauthenticated": "no", "port": 70000},
+     "Serving config {path}: port should be less than or equal to 65535, got 70000; allow_unauthenticated should "
+     "be a valid boolean, got 'no'; see configs/serve/default.yaml."),
     ({"traces": {"sample_rate": 2, "redact": []}},
-     "Serving config {path}: traces sample_rate must be a share in [0, 1] (0: no traces), not 2."),
+     "Serving config {path}: traces.sample_rate should be less than or equal to 1, got 2; see "
+     "configs/serve/default.yaml."),
     ({"traces": {"sample_rate": 0.1, "redact": ["[a-"]}},
-     "Serving config {path}: traces redact '[a-' is not a regular expression (unterminated character set at "
-     "position 0)."),
-], ids=["missing", "keys", "not_a_mapping", "live_validity", "metrics_interval", "metrics_port", "trace_rate",
-        "trace_redact"])
+     "Serving config {path}: traces.redact '[a-' is not a regular expression (unterminated character set at "
+     "position 0); see configs/serve/default.yaml."),
+], ids=["missing", "keys", "not_a_mapping", "live_validity", "metrics_interval", "metrics_port", "port_and_auth",
+        "trace_rate", "trace_redact"])
 def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
     from loraflow import serve
 
@@ -441,7 +455,7 @@ def test_serve_refuses_a_model_source_other_than_the_versions_base_model():
     from loraflow import serve
 
     config = serve.load_config(str(ROOT / "configs/serve/default.yaml"))
-    config["llm_config"]["model_loading_config"]["model_source"] = "/models/another-model"
+    config.llm_config["model_loading_config"]["model_source"] = "/models/another-model"
     with pytest.raises(UserError) as err:
         serve.llm_config(config, TINY, "s3://loraflow-adapters/adapters")
     assert str(err.value) == (
@@ -453,16 +467,17 @@ def test_serve_refuses_a_model_source_other_than_the_versions_base_model():
 
 @pytest.mark.parametrize("content, message", [
     ("stages: {Production: {maximum: {exact_match: 0.9}}}",
-     "Promotion config {path}, stage 'Production': allowed keys are `minimum` and `compare_with_production`."),
+     "Promotion config {path}: stages.Production.maximum is not a known key; see configs/promote/default.yaml."),
     ("stages: {Production: {compare_with_production: {max_regression: 0.05}}}",
-     "Promotion config {path}, stage 'Production': compare_with_production needs `metric` and may have "
-     "`max_regression`."),
+     "Promotion config {path}: stages.Production.compare_with_production.metric is missing (the metric compared "
+     "with the version in Production now); see configs/promote/default.yaml."),
     # These two were an AttributeError and a ValueError, each with a traceback:
     ("stages: {Production: {minimum: 0.5}}",
-     "Promotion config {path}, stage 'Production': minimum must map metrics to numbers, such as "
-     "{{exact_match: 0.45}}; got 0.5."),
+     "Promotion config {path}: stages.Production.minimum should be a valid dictionary, got 0.5; see "
+     "configs/promote/default.yaml."),
     ("stages: {Production: {compare_with_production: {metric: exact_match, max_regression: lots}}}",
-     "Promotion config {path}, stage 'Production': max_regression must be a number, not 'lots'."),
+     "Promotion config {path}: stages.Production.compare_with_production.max_regression should be a valid number, "
+     "got 'lots'; see configs/promote/default.yaml."),
 ], ids=["unknown_gate_key", "compare_without_metric", "minimum_not_a_mapping", "max_regression_not_a_number"])
 def test_promote_refuses_a_bad_gate_and_moves_nothing(tracking_uri, tmp_path, capsys, content, message):
     from loraflow import promote
@@ -492,7 +507,8 @@ def test_the_promote_script_refuses_force_that_is_not_a_boolean(tracking_uri, tm
 # -- pipeline: every step's config is checked before training --------------------------------
 
 @pytest.mark.parametrize("argument, value, message", [
-    ("--eval-config", "missing-eval.yaml", "Evaluation config {value} does not exist."),
+    ("--eval-config", "missing-eval.yaml",
+     "Evaluation config {value} does not exist; see configs/evaluate/default.yaml."),
     ("--promote-config", "missing-gates.yaml",
      "Promotion config {value} does not exist; see configs/promote/default.yaml."),
     ("--promote-stage", "Prod", "Unknown stage 'Prod': use one of Staging, Production, Archived."),

@@ -305,7 +305,8 @@ def test_nothing_to_serve_is_a_clear_error(registry, args, message):
     [({"host": "0.0.0.0"}, "Refusing to serve on 0.0.0.0 without an API key: anyone who can reach it could use "
                            "it. Set LORAFLOW_TEST_API_KEY to a key, or serve on 127.0.0.1, or set "
                            "allow_unauthenticated: true in the serving config."),
-     ({"allow_unauthenticated": "maybe"}, "allow_unauthenticated must be true or false, got 'maybe'.")],
+     ({"allow_unauthenticated": "maybe"}, "allow_unauthenticated should be a valid boolean, got 'maybe'; see "
+                                          "configs/serve/default.yaml.")],
 )
 def test_unsafe_serving_configs_are_refused(registry, tmp_path, changes, message):
     config = _serve_config(tmp_path, free_port())

@@ -25,7 +25,7 @@ CHECK_IN_INFER_ENV = textwrap.dedent("""
     kind, path, base_model = sys.argv[1:]
     if kind == "evaluate":
         config = evaluate.load_config(path)
-        lora = None if config.get("merge_adapter") else ("/tmp/adapter", config.get("lora_store"))
+        lora = None if config.merge_adapter else ("/tmp/adapter", config.lora_store)
         built = evaluate.processor_config(base_model, lora, base_model, config)
         assert isinstance(built, vLLMEngineProcessorConfig)
         print(json.dumps({"model_source": built.model_source, "engine_kwargs": built.engine_kwargs,
@@ -88,6 +88,6 @@ def test_each_serving_config_builds_ray_serve_llms_config(name, model_id, base_m
     ("production.yaml", {"Staging", "Production"}),
 ])
 def test_each_gates_file_loads(name, stages):
-    gates = promotion_gates.load(ROOT / "configs" / "promote" / name)
+    gates = promotion_gates.load(ROOT / "configs" / "promote" / name).stages
     assert set(gates) == stages
-    assert all(gate["minimum"] for gate in gates.values())
+    assert all(gate.minimum for gate in gates.values())

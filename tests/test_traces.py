@@ -15,8 +15,9 @@ from conftest import ROOT, TINY_CONFIG, VIGGO, run_train
 from mlflow import MlflowClient
 from test_promote import GOOD, add_version
 
-from loraflow import datasets, registry, traces
+from loraflow import datasets, job_configs, registry, traces
 from loraflow.errors import UserError
+from loraflow.job_configs import ServeConfig, TracesConfig
 
 NAME = "viggo-traced"
 EMAIL = r"[\w.+-]+@[\w-]+(\.[\w-]+)+"
@@ -24,22 +25,26 @@ EMAIL = r"[\w.+-]+@[\w-]+(\.[\w-]+)+"
 
 @pytest.mark.unit
 @pytest.mark.parametrize("raw, message", [
-    (None, "traces must have the keys sample_rate and redact"),
-    ({"sample_rate": 0.1}, "traces must have the keys sample_rate and redact"),
-    ({"sample_rate": 1.5, "redact": []}, "traces sample_rate must be a share in [0, 1] (0: no traces), not 1.5."),
-    ({"sample_rate": True, "redact": []}, "traces sample_rate must be a share in [0, 1] (0: no traces), not True."),
-    ({"sample_rate": 0.1, "redact": "x"}, "traces redact must be a list of regular expressions, not 'x'."),
-    ({"sample_rate": 0.1, "redact": ["(unclosed"]}, "traces redact '(unclosed' is not a regular expression"),
+    (None, "traces should be a valid dictionary, got None"),
+    ({"sample_rate": 0.1, "redact": [], "rate": 1}, "traces.rate is not a known key"),
+    ({"sample_rate": 1.5, "redact": []}, "traces.sample_rate should be less than or equal to 1, got 1.5"),
+    ({"sample_rate": True, "redact": []}, "traces.sample_rate should be a valid number, got True"),
+    ({"sample_rate": 0.1, "redact": "x"}, "traces.redact should be a valid tuple, got 'x'"),
+    ({"sample_rate": 0.1, "redact": ["(unclosed"]},
+     "traces.redact '(unclosed' is not a regular expression (missing ), unterminated subpattern at position 0)"),
 ])
-def test_bad_trace_settings_are_refused_with_what_to_write(raw, message):
-    with pytest.raises(UserError, match="^serve.yaml: ") as refused:
-        traces.load_settings(raw, "serve.yaml")
-    assert message in str(refused.value)
+def test_bad_trace_settings_are_refused_with_what_to_write(raw, message, tmp_path):
+    config = yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text())
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({**config, "traces": raw}))
+    with pytest.raises(UserError) as refused:
+        job_configs.load(ServeConfig, path)
+    assert str(refused.value) == f"Serving config {path}: {message}; see configs/serve/default.yaml."
 
 
 @pytest.mark.unit
 def test_redaction_reaches_every_string_of_a_request():
-    tracer = traces.Tracer(traces.Settings(0.0, (EMAIL,)), "run", "0")
+    tracer = traces.Tracer(TracesConfig(sample_rate=0.0, redact=(EMAIL,)), "run", "0")
     request = {"messages": [{"role": "user", "content": "ask ann.lee@example.co.uk, or bob@x.org"}], "max_tokens": 8}
     assert tracer._scrub(request) == {"messages": [{"role": "user", "content": "ask [REDACTED], or [REDACTED]"}],
                                       "max_tokens": 8}
@@ -93,7 +98,7 @@ def traced(tracking_uri, tmp_path):
     versions = [add_version(NAME, GOOD, tmp_path) for _ in range(2)]
     client = MlflowClient()
     run = client.create_run("0", run_name=f"serve-{NAME}@production")
-    tracer = traces.Tracer(traces.Settings(1.0, (EMAIL,)), run.info.run_id, "0")
+    tracer = traces.Tracer(TracesConfig(sample_rate=1.0, redact=(EMAIL,)), run.info.run_id, "0")
     rows = [json.loads(line) for line in (VIGGO / "test.jsonl").read_text().splitlines()[:8]]
     rows[2]["input"] += " Ask me at jo@example.com."
     for index, row in enumerate(rows):

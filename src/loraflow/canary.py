@@ -20,51 +20,15 @@ import random
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from loraflow.errors import UserError
+from loraflow.job_configs import RolloutPolicy
 
 
-@dataclass(frozen=True)
-class Policy:
-    """When a candidate holds (configs/promote/default.yaml `rollout`)."""
-
-    weight: float = 0.1  # the share of the stable name's requests the candidate starts with
-    steps: tuple[float, ...] = ()  # larger shares it moves to, one after each judgement it holds
-    min_requests: int = 100  # answers of the candidate (at the current share) before it is judged
-    max_error_rate: float = 0.01
-    min_parse_validity: float = 0.0  # the share of its answers the task's grammar accepts
-    max_validity_drop: float = 0.05  # below Production's share
-    max_p95_ratio: float = 1.5  # its p95 latency over Production's
-
-    @classmethod
-    def of(cls, rollout: dict) -> Policy:
-        """The policy a rollout (registry.rollout) was started with."""
-        return cls(**{**rollout["policy"], "steps": tuple(rollout["policy"]["steps"])})
-
-
-def load_policy(raw: Any, where: str) -> Policy:
-    if raw is None:
-        return Policy()
-    if not isinstance(raw, dict) or set(raw) - set(Policy.__dataclass_fields__):
-        raise UserError(f"{where}: rollout may have the keys {', '.join(Policy.__dataclass_fields__)}; got {raw!r}.")
-    values = {**asdict(Policy()), **raw}
-    for key in ("weight", "max_error_rate", "min_parse_validity", "max_validity_drop", "max_p95_ratio"):
-        if isinstance(values[key], bool) or not isinstance(values[key], (int, float)) or values[key] < 0:
-            raise UserError(f"{where}: rollout {key} must be a number >= 0, not {values[key]!r}.")
-    if isinstance(values["min_requests"], bool) or not isinstance(values["min_requests"], int) \
-            or values["min_requests"] < 1:
-        raise UserError(f"{where}: rollout min_requests must be a whole number >= 1, not {values['min_requests']!r}.")
-    steps = values["steps"]
-    if not isinstance(steps, (list, tuple)) or any(not check_weight(s) for s in steps) \
-            or list(steps) != sorted(set(steps)):
-        raise UserError(f"{where}: rollout steps must be increasing shares in (0, 1], such as [0.5, 1.0]; "
-                        f"got {steps!r}.")
-    values["steps"] = tuple(float(s) for s in steps)
-    if not check_weight(values["weight"]):
-        raise UserError(f"{where}: rollout weight must be a share in (0, 1], not {values['weight']!r}.")
-    return Policy(**values)
+def policy_of(rollout: dict) -> RolloutPolicy:
+    """The policy a rollout (registry.rollout) was started with."""
+    return RolloutPolicy.model_validate(rollout["policy"])
 
 
 def validity_check(name: str) -> Callable[[str], Any] | None:
@@ -140,7 +104,7 @@ class Verdict:
     reasons: list[str]  # why, for the audit tags
 
 
-def verdict(policy: Policy, weight: float, candidate: dict, production: dict) -> Verdict:
+def verdict(policy: RolloutPolicy, weight: float, candidate: dict, production: dict) -> Verdict:
     """Judge the candidate's figures at the current share against the policy and Production's
     figures over the same time."""
     if candidate["requests"] < policy.min_requests:
@@ -163,5 +127,5 @@ def verdict(policy: Policy, weight: float, candidate: dict, production: dict) ->
     return Verdict("step", held) if next_weight(policy, weight) is not None else Verdict("promote", held)
 
 
-def next_weight(policy: Policy, weight: float) -> float | None:
+def next_weight(policy: RolloutPolicy, weight: float) -> float | None:
     return next((step for step in policy.steps if step > weight), None)

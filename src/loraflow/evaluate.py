@@ -12,9 +12,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from loraflow import (
     adapter_merge,
@@ -22,15 +19,17 @@ from loraflow import (
     base_models,
     console,
     datasets,
+    job_configs,
     ray_cluster,
     registry,
     tracking,
 )
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
+from loraflow.job_configs import EvaluateConfig
 from loraflow.jobs import run_job
 
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "evaluate" / "default.yaml"
+DEFAULT_CONFIG = job_configs.shipped_default(EvaluateConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,40 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 LIGHT_STAGE = {"num_cpus": 0.25}  # Ray Data LLM's pre/post-processing and chat-template stages (see evaluate)
-_REQUIRED_KEYS = {"dataset_dir", "dataset", "sampling", "engine", "batch_size", "concurrency"}
-_OPTIONAL_KEYS = {"max_rows", "baseline", "guided_decoding", "accelerator_type", "resources_per_engine", "lora_store",
-                  "engine_env", "merge_adapter"}
 
 
-def load_config(path: str) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise UserError(f"Evaluation config {path} does not exist.")
-    config = yaml.safe_load(Path(path).read_text())
-    if not isinstance(config, dict):
-        raise UserError(f"Evaluation config {path} must hold a mapping of keys to values.")
-    unknown = set(config) - _REQUIRED_KEYS - _OPTIONAL_KEYS
-    missing = _REQUIRED_KEYS - set(config)
-    if unknown or missing:
-        raise UserError(
-            f"Evaluation config {path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
-            f"see configs/evaluate/default.yaml for the keys."
-        )
-    for key in ("engine", "engine_env"):
-        if not isinstance(config.get(key, {}), dict):
-            raise UserError(f"Evaluation config {path}: {key} must be a mapping of names to values, "
-                            f"got {config[key]!r}; see configs/evaluate/default.yaml.")
-    if not all(isinstance(v, str) for v in config.get("engine_env", {}).values()):
-        raise UserError(f"Evaluation config {path}: engine_env values must be strings (quote numbers).")
-    if not isinstance(config["engine"].get("max_lora_rank"), int):
-        raise UserError(f"Evaluation config {path}: engine.max_lora_rank must be an integer.")
-    if not isinstance(config.get("merge_adapter", False), bool):
-        raise UserError(f"Evaluation config {path}: merge_adapter must be true or false, "
-                        f"got {config['merge_adapter']!r}.")
-    if config.get("merge_adapter") and config.get("lora_store"):
-        raise UserError(f"Evaluation config {path}: merge_adapter: true evaluates on this machine's engines, "
-                        "lora_store sends the adapter to engines on other nodes; set merge_adapter: false "
-                        "to evaluate through the LoRA store.")
-    return config
+def load_config(path: str) -> EvaluateConfig:
+    return job_configs.load(EvaluateConfig, path)
 
 
 def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
@@ -108,7 +77,7 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
         # actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
         # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
         ray_cluster.connect(num_cpus=4)
-        engine_adapter = _adapter_for_engines(ref, adapter_dir, config.get("lora_store"))
+        engine_adapter = _adapter_for_engines(ref, adapter_dir, config.lora_store)
         base_model = base_models.base_model_source(ref.base_model)
         started = time.monotonic()
         passes = _passes(base_model, adapter_dir, engine_adapter, workdir, config)
@@ -123,10 +92,10 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
                     registry.BASE_MODEL_TAG: ref.base_model,
                     registry.TRAIN_RUN_TAG: ref.run_id,
                 })
-                mlflow.log_params(tracking.flatten(config))
+                mlflow.log_params(tracking.flatten(config.model_dump()))
                 predictions, seconds = _generate(rows, passes, base_model, config)
                 metrics = _score_and_log(predictions, seconds, viggo)
-                if config.get("merge_adapter"):
+                if config.merge_adapter:
                     mlflow.log_metric("adapter_merge_s", merge_s)
             except KeyboardInterrupt:
                 mlflow.end_run("KILLED")
@@ -138,18 +107,18 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _test_rows(config: dict[str, Any]) -> list[dict]:
-    location = config["dataset_dir"]
+def _test_rows(config: EvaluateConfig) -> list[dict]:
+    location = config.dataset_dir
     if not datasets.is_remote(location):
         location = str(PROJECT_ROOT / location)  # relative paths are the project's, as shipped
-    [split] = datasets.load_datasets(location, [config["dataset"]])
-    return split.rows[: config.get("max_rows") or None]
+    [split] = datasets.load_datasets(location, [config.dataset])
+    return split.rows[: config.max_rows]
 
 
-def _check_adapter(adapter_dir: Path, ref: registry.AdapterRef, config: dict[str, Any]) -> None:
+def _check_adapter(adapter_dir: Path, ref: registry.AdapterRef, config: EvaluateConfig) -> None:
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    max_rank = config["engine"]["max_lora_rank"]
-    if not config.get("merge_adapter") and adapter_config.get("r", 0) > max_rank:
+    max_rank = config.engine["max_lora_rank"]
+    if not config.merge_adapter and adapter_config.get("r", 0) > max_rank:
         raise UserError(
             f"{ref.text}: the adapter has LoRA rank {adapter_config['r']} but the engine's "
             f"max_lora_rank is {max_rank}; raise engine.max_lora_rank in the evaluation config."
@@ -159,24 +128,24 @@ def _check_adapter(adapter_dir: Path, ref: registry.AdapterRef, config: dict[str
 
 
 def _passes(base_model: str, adapter_dir: Path, engine_adapter: tuple[str, str | None], workdir: Path,
-            config: dict[str, Any]) -> list[tuple[str, str, tuple[str, str | None] | None]]:
+            config: EvaluateConfig) -> list[tuple[str, str, tuple[str, str | None] | None]]:
     """The passes to run, each (variant, the engine's model, the per-row adapter or None): the
     adapter, then the base model alone (baseline) and the guided adapter when configured."""
-    if config.get("merge_adapter"):
+    if config.merge_adapter:
         with console.progress_bar(None, "merging the adapter into the base model (LLaMA-Factory export)"):
             merged = str(adapter_merge.merge_into_base(base_model, adapter_dir, workdir / "merged"))
         adapter_pass = (merged, None)
     else:
         adapter_pass = (base_model, engine_adapter)
     passes = [("adapter", *adapter_pass)]
-    if config.get("baseline"):
+    if config.baseline:
         passes.append(("baseline", base_model, None))
-    if config.get("guided_decoding"):
+    if config.guided_decoding:
         passes.append(("guided", *adapter_pass))
     return passes
 
 
-def _generate(rows: list[dict], passes: list, base_model: str, config: dict[str, Any]):
+def _generate(rows: list[dict], passes: list, base_model: str, config: EvaluateConfig):
     """Run `rows` through each pass, one Ray Data LLM processor (and engine) each: vLLM 0.32's
     CPU LoRA kernels applied the adapter to rows without one when both kinds shared a batch
     (measured: baseline outputs identical to the adapter's)."""
@@ -186,7 +155,7 @@ def _generate(rows: list[dict], passes: list, base_model: str, config: dict[str,
 
     # Quiet mode shows loraflow's own bar of finished rows instead of Ray Data's per-stage ones.
     ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
-    sampling = dict(config["sampling"])
+    sampling = dict(config.sampling)
     # vLLM's structured outputs constrain generation to the task's grammar (no hand decoding).
     guided = {**sampling, "structured_outputs": {"regex": viggo.mr_regex()}}
     predictions, seconds = [], {}
@@ -196,7 +165,7 @@ def _generate(rows: list[dict], passes: list, base_model: str, config: dict[str,
         items = [{**row, "index": i, "variant": variant, "engine_model": engine_model}
                  for i, row in enumerate(rows)]
         # One block per batch, so that rows stream out (and the bar moves) every batch_size rows.
-        blocks = max(1, len(items) // config["batch_size"])
+        blocks = max(1, len(items) // config.batch_size)
         start = time.monotonic()
         with console.progress_bar(len(items), f"evaluating ({variant})", unit="row") as bar:
             for row in processor(ray.data.from_items(items, override_num_blocks=blocks)).iter_rows():
@@ -207,7 +176,7 @@ def _generate(rows: list[dict], passes: list, base_model: str, config: dict[str,
 
 
 def _processor(model_source: str, lora: tuple[str, str | None] | None, base_model: str, sampling: dict,
-               config: dict[str, Any]):
+               config: EvaluateConfig):
     """A Ray Data LLM processor whose engine holds `model_source`, with LoRA enabled when the
     rows name an adapter (`lora`: its path or id, and the store it is loaded from)."""
     from ray.data.llm import build_processor
@@ -231,11 +200,11 @@ def _processor(model_source: str, lora: tuple[str, str | None] | None, base_mode
 
 
 def processor_config(model_source: str, lora: tuple[str, str | None] | None, base_model: str,
-                     config: dict[str, Any]):
+                     config: EvaluateConfig):
     """Ray Data LLM's own config of one pass (its checks apply): `config` is an evaluation config."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    engine_kwargs = dict(config["engine"])
+    engine_kwargs = dict(config.engine)
     if lora:
         engine_kwargs.update(enable_lora=True, max_loras=1)
     else:
@@ -243,16 +212,16 @@ def processor_config(model_source: str, lora: tuple[str, str | None] | None, bas
     # A merged model folder is used for its weights only: prompts are templated and tokenized
     # by the base model's own tokenizer in every pass (the prompt training used).
     engine_kwargs["tokenizer"] = base_model
-    bundle = config.get("resources_per_engine")
+    bundle = config.resources_per_engine
     return vLLMEngineProcessorConfig(
         model_source=model_source,
         engine_kwargs=engine_kwargs,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **config.get("engine_env", {}),
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", **config.engine_env,
                                   **adapter_store.s3_settings()}},
         dynamic_lora_loading_path=lora[1] if lora else None,
-        batch_size=config["batch_size"],
-        concurrency=config["concurrency"],
-        accelerator_type=config.get("accelerator_type"),
+        batch_size=config.batch_size,
+        concurrency=config.concurrency,
+        accelerator_type=config.accelerator_type,
         # The default asks for a GPU per engine, which never comes on a CPU-only cluster.
         placement_group_config={"bundles": [bundle], "strategy": "PACK"} if bundle else None,
         chat_template_stage={**LIGHT_STAGE, "model_source": base_model},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from loraflow import canary, console, promotion_gates, registry, registry_lock, tracking
 from loraflow.errors import UserError, parse_bool
+from loraflow.job_configs import Gate
 from loraflow.jobs import run_job
 
 HISTORY_LENGTH = 100  # of the Production history kept (registry.PRODUCTION_HISTORY_TAG), for rollback
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Move a registered adapter version to Staging, Production or Archived. Staging and "
         "Production are gated on the version's evaluation metrics (configs/promote/default.yaml).",
     )
-    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--name", default=registry.DEFAULT_MODEL_NAME, help="registered model name")
     parser.add_argument("--version", required=True, help="version number to move")
     parser.add_argument("--stage", default="Production", help="Staging, Production, Archived, or Canary (a share of "
                         "the stable name's live requests, judged by the server; see --weight)")
@@ -73,7 +73,7 @@ def rollback_main(argv: list[str] | None = None) -> int:
         prog="mlflow run . -e rollback",
         description="Return Production to the version that was in Production before the current one.",
     )
-    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--name", default=registry.DEFAULT_MODEL_NAME, help="registered model name")
     parser.add_argument("--reason", default="", help="why; recorded on the versions")
     console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
@@ -129,7 +129,7 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
     """Move a version to `stage` behind its gate. A refused gate is a result; bad input (a missing
     gate file, an unknown version, a lock held too long) raises UserError."""
     stage = registry.stage_named(stage)
-    gates = promotion_gates.load(config)
+    gates = promotion_gates.load(config).stages
     _check_force(force, reason)
     client = MlflowClient()
     registry.find_version(name, number=version, client=client)  # fail before taking the lock
@@ -137,7 +137,7 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
         return _move(client, name, version, stage, reason, force, gates)
 
 
-def _gate(gates: dict, stage: str, candidate: ModelVersion, production: ModelVersion | None,
+def _gate(gates: dict[str, Gate], stage: str, candidate: ModelVersion, production: ModelVersion | None,
           force: bool) -> tuple[promotion_gates.GateReport | None, str]:
     """The stage's gate checked: (report, none / passed / overridden / refused)."""
     if stage not in gates:
@@ -152,7 +152,7 @@ def _check_force(force: bool, reason: str) -> None:
 
 
 def _move(client: MlflowClient, name: str, version: str, stage: str, reason: str, force: bool,
-          gates: dict, live: dict | None = None) -> Promotion:
+          gates: dict[str, Gate], live: dict | None = None) -> Promotion:
     """promote's work, under the registry lock; `live` is a canary's figures, for the audit."""
     candidate = registry.find_version(name, number=version, client=client)
     production = _production(client, name)
@@ -194,8 +194,8 @@ def start_canary(name: str, version: str, weight: float | None, reason: str, for
                  config: str) -> Promotion:
     """Put a version on a share of the stable name's requests, behind the Staging gate; weight 0
     stops the rollout of that version. The servers following `name` pick it up at their next poll."""
-    gates = promotion_gates.load(config)
-    policy = promotion_gates.load_rollout(config)
+    settings = promotion_gates.load(config)
+    gates, policy = settings.stages, settings.rollout
     _check_force(force, reason)
     client = MlflowClient()
     registry.find_version(name, number=version, client=client)
@@ -223,7 +223,7 @@ def start_canary(name: str, version: str, weight: float | None, reason: str, for
             return Promotion(True, gate, report, _refusal(name, candidate, report))
         state = rollout if ours else {
             "version": str(candidate.version), "started_at": _now(), "by": registry_lock.holder(),
-            "policy": dataclasses.asdict(policy), "gates": gates,
+            "policy": policy.model_dump(), "gates": {stage: gate.model_dump() for stage, gate in gates.items()},
         }
         _set_rollout(client, name, {**state, "weight": weight})
         client.set_registered_model_alias(name, registry.CANARY_ALIAS, candidate.version)
@@ -248,13 +248,14 @@ def finish_canary(name: str, rollout: dict, verdict: canary.Verdict, live: dict)
             return f"{name}: the rollout changed meanwhile; nothing done"
         why = "canary: " + "; ".join(verdict.reasons)
         if verdict.decision == "step":
-            weight = canary.next_weight(canary.Policy.of(now), now["weight"])
+            weight = canary.next_weight(canary.policy_of(now), now["weight"])
             _set_rollout(client, name, {**now, "weight": weight})
             _note(client, registry.find_version(name, number=now["version"], client=client),
                   f"canary: {now['weight']:.0%} -> {weight:.0%} ({'; '.join(verdict.reasons)})")
             return f"{name} v{now['version']}: canary {now['weight']:.0%} -> {weight:.0%}"
         if verdict.decision == "promote":
-            result = _move(client, name, now["version"], "Production", why, False, now["gates"], live)
+            gates = {stage: Gate.model_validate(gate) for stage, gate in now["gates"].items()}
+            result = _move(client, name, now["version"], "Production", why, False, gates, live)
             if not result.refused:
                 return result.message
             why = f"canary held, but the Production gate refused it: {result.message}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -19,19 +18,14 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from loraflow import adapter_store, base_models, canary, console, ray_cluster, registry, traces, tracking
-from loraflow.envs import PROJECT_ROOT
+from loraflow import adapter_store, base_models, console, job_configs, ray_cluster, registry, tracking
 from loraflow.errors import UserError
+from loraflow.job_configs import ServeConfig
 from loraflow.jobs import run_job
 
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "serve" / "default.yaml"
-_KEYS = {"host", "port", "api_key_env", "allow_unauthenticated", "lora_store", "poll_interval_s", "live_validity",
-         "metrics_interval_s", "traces", "ray_num_cpus", "metrics_export_port", "llm_config"}
+DEFAULT_CONFIG = job_configs.shipped_default(ServeConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve a registered LoRA adapter (the Production one by default) through Ray Serve LLM "
         "with an OpenAI-compatible API; later promotions are picked up without restart.",
     )
-    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--name", default=registry.DEFAULT_MODEL_NAME, help="registered model name")
     parser.add_argument("--alias", default="production", help="alias to follow (the stable model name's suffix)")
     parser.add_argument("--version", default="", help="serve this version instead, and do not follow the alias")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="serving YAML")
@@ -51,39 +45,20 @@ def main(argv: list[str] | None = None) -> int:
                    "shutting down", interrupted_code=0, verbose=args.verbose)
 
 
-def load_config(path: str) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise UserError(f"Serving config {path} does not exist; see configs/serve/default.yaml.")
-    config = yaml.safe_load(Path(path).read_text())
-    if not isinstance(config, dict) or set(config) != _KEYS:
-        found = set(config) if isinstance(config, dict) else set()
-        raise UserError(f"Serving config {path}: missing keys {sorted(_KEYS - found)}, unknown keys "
-                        f"{sorted(found - _KEYS)}; see configs/serve/default.yaml.")
-    if not isinstance(config["allow_unauthenticated"], bool):
-        raise UserError(f"Serving config {path}: allow_unauthenticated must be true or false, "
-                        f"got {config['allow_unauthenticated']!r}.")
-    for key in ("poll_interval_s", "metrics_interval_s"):
-        if isinstance(config[key], bool) or not isinstance(config[key], (int, float)) or config[key] <= 0:
-            raise UserError(f"Serving config {path}: {key} must be a number of seconds > 0, got {config[key]!r}.")
-    _check_live_validity(path, config["live_validity"])
-    port = config["metrics_export_port"]
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
-        raise UserError(f"Serving config {path}: metrics_export_port must be a port number (or null: Ray picks one), "
-                        f"got {port!r}.")
-    config["traces"] = traces.load_settings(config["traces"], f"Serving config {path}")
-    return config
+def load_config(path: str) -> ServeConfig:
+    return job_configs.load(ServeConfig, path)
 
 
-def take_api_key(config: dict[str, Any]) -> str:
+def take_api_key(config: ServeConfig) -> str:
     """The API key from the environment variable the config names, removed from this process's
     environment: Ray's processes inherit it, and only its SHA-256 is meant to reach them. Serving
     beyond loopback without a key is refused unless the config says allow_unauthenticated: true."""
-    name = config["api_key_env"]
+    name = config.api_key_env
     key = os.environ.pop(name, "") if name else ""
     if key:
         return key
-    host = config["host"]
-    if not _is_loopback(host) and not config["allow_unauthenticated"]:
+    host = config.host
+    if not _is_loopback(host) and not config.allow_unauthenticated:
         raise UserError(f"Refusing to serve on {host} without an API key: anyone who can reach it could use it. "
                         f"Set {name or 'the variable that api_key_env names'} to a key, or serve on 127.0.0.1, "
                         "or set allow_unauthenticated: true in the serving config.")
@@ -110,9 +85,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def llm_config(config: dict[str, Any], base_model: str, lora_store_uri: str) -> dict[str, Any]:
+def llm_config(config: ServeConfig, base_model: str, lora_store_uri: str) -> dict[str, Any]:
     """The LLMConfig fields: the file's, plus the base model and the LoRA store."""
-    fields = copy.deepcopy(config["llm_config"])
+    fields = copy.deepcopy(config.llm_config)
     loading = fields.setdefault("model_loading_config", {})
     if loading.get("model_source") not in (None, base_model):
         raise UserError(f"The served version was trained on {base_model}, but the serving config's "
@@ -128,9 +103,9 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     config = load_config(config_path)
     api_key = take_api_key(config)
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's proxy and metrics agents listen on its nodes, not here
-        _check_port_free(config["host"], config["port"])
-        if config["metrics_export_port"] is not None:
-            _check_port_free("0.0.0.0", config["metrics_export_port"], "metrics_export_port")
+        _check_port_free(config.host, config.port)
+        if config.metrics_export_port is not None:
+            _check_port_free("0.0.0.0", config.metrics_export_port, "metrics_export_port")
     tracking_uri = tracking.configure()
     first = registry.find_version(name, number=version, alias=alias)
     run_name = f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}"
@@ -143,18 +118,18 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     base_model_id = base_models.base_model_identity(base_model)
     registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
     with contextlib.ExitStack() as stack:
-        store_uri = config["lora_store"] or stack.enter_context(adapter_store.local_s3_server())
+        store_uri = config.lora_store or stack.enter_context(adapter_store.local_s3_server())
         store = adapter_store.LoraStore(store_uri)
         fields = llm_config(config, base_model, store.uri)  # refuses a model_source mismatch before publishing
         adapter = store.publish(first)
         # After the S3 settings: Ray workers inherit them.
-        ray_cluster.connect(num_cpus=config["ray_num_cpus"], metrics_export_port=config["metrics_export_port"])
+        ray_cluster.connect(num_cpus=config.ray_num_cpus, metrics_export_port=config.metrics_export_port)
         from ray import serve
 
         stack.callback(_shutdown)
         # One HTTP proxy, on the head node: the API's address is the one in the config, whatever
         # the number of nodes (put a load balancer in front for more).
-        serve.start(proxy_location="HeadOnly", http_options={"host": config["host"], "port": config["port"]})
+        serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port})
         from ray.serve.llm import LLMConfig, build_openai_app
 
         serving_run = launched or _serving_run(stack, run_name)
@@ -166,11 +141,11 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                     "registered_model": name, "alias": alias, "pinned_version": version,
                     "lora_store_uri": store.uri, "base_model_id": base_model_id,
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
-                    "poll_interval_s": config["poll_interval_s"], "tracking_uri": tracking_uri,
-                    "live_validity": config["live_validity"], "serving_run_id": serving_run,
+                    "poll_interval_s": config.poll_interval_s, "tracking_uri": tracking_uri,
+                    "live_validity": config.live_validity, "serving_run_id": serving_run,
                     "serving_experiment_id": _experiment_of(serving_run),
-                    "metrics_interval_s": config["metrics_interval_s"],
-                    "traces_settings": dataclasses.asdict(config["traces"]),
+                    "metrics_interval_s": config.metrics_interval_s,
+                    "traces_settings": config.traces.model_dump(),
                 },
             },
             # Follow-the-registry state lives in each ingress replica; one keeps it simple on one machine.
@@ -188,7 +163,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
             raise UserError(f"The serving application failed to start: {exc}") from None
         model_id = fields["model_loading_config"]["model_id"]
         print(json.dumps({
-            "serving": f"http://{config['host']}:{config['port']}/v1", "mlflow_run": serving_run,
+            "serving": f"http://{config.host}:{config.port}/v1", "mlflow_run": serving_run,
             "model": f"{model_id}:{alias if version is None else adapter}",
             "adapter": adapter, "registered_model": name, "version": str(first.version),
             "api_key_required": bool(api_key),
@@ -222,13 +197,6 @@ def _experiment_of(run_id: str) -> str:
     from mlflow import MlflowClient
 
     return MlflowClient().get_run(run_id).info.experiment_id
-
-
-def _check_live_validity(path: str, name: Any) -> None:
-    """Checked here so that a typo fails before Ray starts rather than in a replica."""
-    if canary.validity_check(name) is None:
-        raise UserError(f"Serving config {path}: live_validity {name!r} is not a function named as module:function, "
-                        "such as evaluation.viggo:parse (it tells whether an answer is valid for the task).")
 
 
 def _shutdown() -> None:

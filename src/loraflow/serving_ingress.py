@@ -34,6 +34,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from starlette.responses import Response
 
 from loraflow import adapter_store, canary, registry, serving_metrics, traces
+from loraflow.job_configs import TracesConfig
 
 logger = logging.getLogger("loraflow.serve")
 ADAPTER_HEADER = "x-loraflow-adapter"
@@ -68,7 +69,7 @@ class LoraflowIngress(OpenAiIngress):
         self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
         self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
         self._serving_run, self._logged = serving_run_id, 0  # MLflow run of this server, figures logged so far
-        self._tracer = traces.Tracer(traces.Settings(**traces_settings), serving_run_id, serving_experiment_id)
+        self._tracer = traces.Tracer(TracesConfig(**traces_settings), serving_run_id, serving_experiment_id)
         self._metrics = serving_metrics.ServingMetrics(registered_model)
         self._watch_once(pinned_version, warm_up=False)  # serve nothing until the first version is known
         threading.Thread(target=self._watch, args=(pinned_version is None, poll_interval_s, metrics_interval_s),
@@ -155,7 +156,7 @@ class LoraflowIngress(OpenAiIngress):
                         adapter)
         figures = {side: self._stats(self._judged, name).figures()
                    for side, name in (("candidate", self._canary["adapter"]), ("production", self._target))}
-        verdict = canary.verdict(canary.Policy.of(rollout), rollout["weight"], figures["candidate"],
+        verdict = canary.verdict(canary.policy_of(rollout), rollout["weight"], figures["candidate"],
                                  figures["production"])
         if verdict.decision != "wait":
             self._finish(rollout, verdict, figures)

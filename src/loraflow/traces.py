@@ -25,13 +25,13 @@ import re
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from loraflow import console, registry, tracking
 from loraflow.errors import UserError, parse_bool
+from loraflow.job_configs import TracesConfig
 from loraflow.jobs import run_job
 
 logger = logging.getLogger("loraflow.serve")
@@ -40,36 +40,10 @@ _QUEUE_SIZE = 1000  # traces waiting to be logged; beyond it they are dropped
 _ALPACA = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The serving config's `traces`."""
-
-    sample_rate: float = 0.0  # the share of answered requests logged as traces
-    redact: tuple[str, ...] = ()  # regular expressions: their matches never reach the tracking store
-
-
-def load_settings(raw: Any, where: str) -> Settings:
-    if not isinstance(raw, dict) or set(raw) != {"sample_rate", "redact"}:
-        raise UserError(f"{where}: traces must have the keys sample_rate and redact, such as "
-                        f"{{sample_rate: 0.01, redact: ['[\\\\w.+-]+@[\\\\w-]+\\\\.[\\\\w.]+']}}; got {raw!r}.")
-    rate = raw["sample_rate"]
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-        raise UserError(f"{where}: traces sample_rate must be a share in [0, 1] (0: no traces), not {rate!r}.")
-    patterns = raw["redact"] or []
-    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise UserError(f"{where}: traces redact must be a list of regular expressions, not {patterns!r}.")
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise UserError(f"{where}: traces redact {pattern!r} is not a regular expression ({exc}).") from None
-    return Settings(float(rate), tuple(patterns))
-
-
 class Tracer:
     """Logs a sample of a server's answered requests as traces of its MLflow run."""
 
-    def __init__(self, settings: Settings, run_id: str, experiment_id: str):
+    def __init__(self, settings: TracesConfig, run_id: str, experiment_id: str):
         self._settings, self._run, self._experiment = settings, run_id, experiment_id
         self._redact = [re.compile(pattern) for pattern in settings.redact]
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
@@ -239,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "with traces.sample_rate > 0, to a dataset folder in LLaMA-Factory's layout that train takes "
         "(-P overrides='{dataset_dir: OUT, dataset: served}').",
     )
-    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--name", default=registry.DEFAULT_MODEL_NAME, help="registered model name")
     parser.add_argument("--out", required=True, help="the dataset folder to write (must not exist, or be empty)")
     parser.add_argument("--version", default="", help="only the answers of this version")
     parser.add_argument("--since", default="", help="only requests answered from this time (ISO 8601; local time "

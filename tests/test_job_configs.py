@@ -1,0 +1,33 @@
+"""The jobs' config schemas (job_configs.py): every key described, and the reference in docs/configs.md
+generated from them. test_refusals.py checks each job's refusals of bad configs; test_shipped_configs.py
+that every shipped config loads and builds Ray's own config objects."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+
+from loraflow import job_configs
+
+pytestmark = pytest.mark.unit
+
+
+def _schemas():
+    found, todo = [], [job_configs.EvaluateConfig, job_configs.ServeConfig, job_configs.PromoteConfig]
+    while todo:
+        schema = todo.pop()
+        found.append(schema)
+        todo += [inner for field in schema.model_fields.values() for inner in job_configs._schemas_in(field.annotation)
+                 if inner not in found and inner not in todo]
+    return found
+
+
+@pytest.mark.parametrize("schema", _schemas(), ids=lambda schema: schema.__name__)
+def test_every_key_says_what_it_is_for(schema):
+    assert schema.__doc__
+    assert [name for name, field in schema.model_fields.items() if not field.description] == []
+
+
+def test_docs_configs_md_is_the_schemas_reference():
+    """Regenerate it with `python -m loraflow.job_configs > docs/configs.md`."""
+    assert (ROOT / "docs" / "configs.md").read_text() == job_configs.reference()
