@@ -36,7 +36,8 @@ def postgres_tracking_server(tmp_path_factory):
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request, tmp_path, monkeypatch) -> str:
-    """The tracking URI of a registry; each test uses its own model names in it."""
+    """The tracking URI of a registry; each test uses its own model names in it. Tests of concurrent
+    writers and of the lock run on both backends (their transactions differ); the rest on SQLite."""
     if request.param == "sqlite":
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     else:
@@ -46,6 +47,9 @@ def store(request, tmp_path, monkeypatch) -> str:
 
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+SQLITE_ONLY = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 
 
 @pytest.fixture
@@ -123,6 +127,7 @@ def test_promotion_moves_stage_and_alias_and_archives_the_previous(store, model_
     assert f"archived: v{v2} was promoted" in version_info(model_name, v1).description
 
 
+@SQLITE_ONLY
 def test_gate_refusal_shows_the_comparison_and_changes_nothing(store, model_name, tmp_path, capsys):
     v1 = add_version(model_name, GOOD, tmp_path)
     worse = add_version(model_name, {**GOOD, "exact_match": 0.5}, tmp_path)  # above 0.45, 0.07 below v1
@@ -147,6 +152,7 @@ def test_gate_refusal_shows_the_comparison_and_changes_nothing(store, model_name
     assert alias_target(model_name, "production") == worse
 
 
+@SQLITE_ONLY
 def test_unevaluated_version_is_refused_with_what_to_run(store, model_name, tmp_path, capsys):
     version = add_version(model_name, None, tmp_path)
     code, _, err = run_promote(capsys, model_name, version, "Staging")
@@ -155,6 +161,7 @@ def test_unevaluated_version_is_refused_with_what_to_run(store, model_name, tmp_
     assert stages(model_name) == {version: "None"}
 
 
+@SQLITE_ONLY
 def test_promoting_the_current_version_again_is_a_no_op(store, model_name, tmp_path, capsys):
     version = add_version(model_name, GOOD, tmp_path)
     assert run_promote(capsys, model_name, version)[0] == 0
@@ -165,6 +172,7 @@ def test_promoting_the_current_version_again_is_a_no_op(store, model_name, tmp_p
     assert version_info(model_name, version).description == described
 
 
+@SQLITE_ONLY
 def test_staging_then_production_then_archived_keep_aliases_in_step(store, model_name, tmp_path, capsys):
     version = add_version(model_name, GOOD, tmp_path)
     assert run_promote(capsys, model_name, version, "Staging")[0] == 0
@@ -179,6 +187,7 @@ def test_staging_then_production_then_archived_keep_aliases_in_step(store, model
     assert alias_target(model_name, "production") is None
 
 
+@SQLITE_ONLY
 def test_rollback_walks_back_through_production_history(store, model_name, tmp_path, capsys):
     versions = [add_version(model_name, {**GOOD, "exact_match": 0.55 + i / 100}, tmp_path) for i in range(3)]
     for version in versions:
@@ -251,6 +260,7 @@ def test_bad_gate_configs_are_refused_clearly(content, message, tmp_path):
     assert str(refused.value) == f"Promotion config {path}: {message}"
 
 
+@SQLITE_ONLY
 def test_a_version_whose_artifacts_were_deleted_is_refused(store, model_name, tmp_path, capsys):
     from mlflow import MlflowClient
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -434,6 +444,7 @@ def test_default_gates_pass_the_default_recipe_and_refuse_smaller_trainings():
         assert "exact_match" in [c.metric for c in report.failures], name
 
 
+@SQLITE_ONLY
 def test_every_way_of_naming_a_version_resolves_to_it(store, model_name, tmp_path):
     """What evaluate accepts: models:/NAME/N, models:/NAME@ALIAS, models:/NAME/STAGE and the train
     run's id all name the promoted version's adapter (a run id: the run's own artifacts)."""
