@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loraflow import tracking
+from loraflow import registry, tracking
 from loraflow.errors import UserError
 
 
@@ -105,7 +105,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     return TrainConfig(
         llamafactory=lf_args,
         ray=ray,
-        registered_model_name=own.get("registered_model_name", "viggo-lora"),
+        registered_model_name=own.get("registered_model_name", registry.DEFAULT_MODEL_NAME),
     )
 
 
