@@ -5,6 +5,8 @@ so we run its `run_exp` as the training function of a TorchTrainer: Ray Train se
 process group, restarts failed workers (FailureConfig) and persists checkpoints
 (RayTrainReportCallback) under RunConfig's storage path. The finished adapter comes back to the
 driver as the last reported checkpoint, which also works when workers live on other nodes.
+transformers is imported on the workers only: the driver has no use for it, and its import took
+16 s of the driver's start-up on the lent H200 machine (benchmarks/gpu_e2e.py --stacks).
 """
 
 from __future__ import annotations
@@ -17,10 +19,6 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any
-
-from ray.train.huggingface.transformers import RayTrainReportCallback
-from transformers import TrainerCallback
-from transformers.integrations import MLflowCallback
 
 from loraflow import console, ray_cluster
 from loraflow.errors import JobFailed, UserError
@@ -84,6 +82,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from llamafactory.train.tuner import run_exp
     from ray.train import Checkpoint
+    from ray.train.huggingface.transformers import RayTrainReportCallback
 
     from loraflow.datasets import materialize
 
@@ -94,13 +93,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     if resume is not None:  # a restarted worker continues from the last committed checkpoint
         local = Path(tempfile.mkdtemp(prefix="loraflow-resume-"))
         resume.to_directory(str(local))
-        args["resume_from_checkpoint"] = str(local / _CommittedReportCallback.CHECKPOINT_NAME)
+        args["resume_from_checkpoint"] = str(local / RayTrainReportCallback.CHECKPOINT_NAME)
         _record_resumed_step(Path(args["resume_from_checkpoint"]))
 
-    callbacks = [_CommittedReportCallback(), _RunKeepingMLflowCallback()]
-    if config["progress"] is not None:
-        callbacks.append(_ProgressCallback(config["progress"]))
-    run_exp(args, callbacks=callbacks)
+    run_exp(args, callbacks=_worker_callbacks(config["progress"]))
     import mlflow
 
     if mlflow.active_run():  # rank 0 logged into the driver's run; hand it back to the driver
@@ -116,17 +112,50 @@ def _train_worker(config: dict[str, Any]) -> None:
         ray.train.report({"finished": 1}, checkpoint=Checkpoint.from_directory(staging))
 
 
-class _CommittedReportCallback(RayTrainReportCallback):
-    """Ray Train's report callback, then a wait until the controller has committed the
-    checkpoint. A report only queues the checkpoint; the controller takes it on its next poll
-    (every 2 s), so a worker killed in between restarted from an older checkpoint, or from
-    step 0. Waiting here makes every later step's log a promise that this checkpoint counts."""
+def _worker_callbacks(progress) -> list:
+    """The worker's Trainer callbacks: checkpoints through Ray Train, metrics into the run, progress."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import TrainerCallback
+    from transformers.integrations import MLflowCallback
 
-    def on_save(self, args, state, control, **kwargs):
-        super().on_save(args, state, control, **kwargs)
-        import ray.train
+    class CommittedReportCallback(RayTrainReportCallback):
+        """Ray Train's report callback, then a wait until the controller has committed the
+        checkpoint. A report only queues the checkpoint; the controller takes it on its next poll
+        (every 2 s), so a worker killed in between restarted from an older checkpoint, or from
+        step 0. Waiting here makes every later step's log a promise that this checkpoint counts."""
 
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        def on_save(self, args, state, control, **kwargs):
+            super().on_save(args, state, control, **kwargs)
+            import ray.train
+
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    class RunKeepingMLflowCallback(MLflowCallback):
+        """transformers' MLflowCallback (metrics per logging step into the run named by
+        MLFLOW_RUN_ID), except that it keeps the run open at train end: LLaMA-Factory evaluates after
+        training, and the stock callback would log those metrics into a new run."""
+
+        def on_train_end(self, args, state, control, **kwargs):
+            pass
+
+    class ProgressCallback(TrainerCallback):
+        """Rank 0 posts its step and loss to the driver's progress board."""
+
+        def __init__(self, board):
+            self.board = board
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.board.update.remote(step=state.global_step, total=state.max_steps)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                self.board.update.remote(loss=logs["loss"])
+
+    callbacks = [CommittedReportCallback(), RunKeepingMLflowCallback()]
+    if progress is not None:
+        callbacks.append(ProgressCallback(progress))
+    return callbacks
 
 
 def _record_resumed_step(checkpoint: Path) -> None:
@@ -138,30 +167,6 @@ def _record_resumed_step(checkpoint: Path) -> None:
         return
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], RESUMED_FROM_STEP_TAG, str(state["global_step"]))
-
-
-class _RunKeepingMLflowCallback(MLflowCallback):
-    """transformers' MLflowCallback (metrics per logging step into the run named by
-    MLFLOW_RUN_ID), except that it keeps the run open at train end: LLaMA-Factory evaluates after
-    training, and the stock callback would log those metrics into a new run."""
-
-    def on_train_end(self, args, state, control, **kwargs):
-        pass
-
-
-class _ProgressCallback(TrainerCallback):
-    """Rank 0 posts its step and loss to the driver's progress board."""
-
-    def __init__(self, board):
-        self.board = board
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.board.update.remote(step=state.global_step, total=state.max_steps)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "loss" in logs:
-            self.board.update.remote(loss=logs["loss"])
 
 
 def _progress_board():

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +200,9 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_name: str, resumes: 
         mlflow.set_tag(RESUMED_FROM_TAG, resumes)
         _hand_over(resumes, run_id)
 
+    # Ray Train's TorchTrainer needs torch (4 s to import on the lent H200 machine): it loads while
+    # Ray starts, which mostly waits for its new processes.
+    threading.Thread(target=importlib.import_module, args=("torch",), name="import-torch").start()
     ray_cluster.connect()
     ray_cluster.check_feasible(
         cfg.ray.ray_num_workers, cfg.ray.resources_per_worker, cfg.ray.placement_strategy

@@ -2,14 +2,20 @@
 
 Every key is checked before anything starts: LLaMA-Factory keys against its own argument
 dataclasses (so a typo or a wrong type fails here, not minutes later on a Ray worker), the
-others against the table below.
+others against the table below. Types are checked as JSON specs (`_spec`), so that LLaMA-Factory's
+are kept in .cache/ and the driver need not import it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
+import importlib.metadata
+import json
+import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from loraflow import registry, tracking
+from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 
 
@@ -49,6 +56,7 @@ class TrainConfig:
 
 _LORAFLOW_KEYS = {"registered_model_name": str}
 _RAY_KEYS = {f.name for f in dataclasses.fields(RaySettings)}
+_FIELDS_CACHE = PROJECT_ROOT / ".cache" / "llamafactory-fields"
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -94,9 +102,9 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     ]
     lf_raw = {k: v for k, v in lf_raw.items() if k not in secrets}
     lf_args = _check_against(lf_raw, _llamafactory_fields(), problems, source)
-    ray_hints = typing.get_type_hints(RaySettings)
-    ray_args = _check_against(ray_raw, ray_hints, problems, source)
-    own = _check_against(own_raw, _LORAFLOW_KEYS, problems, source)
+    ray_specs = {k: _spec(v) for k, v in typing.get_type_hints(RaySettings).items()}
+    ray_args = _check_against(ray_raw, ray_specs, problems, source)
+    own = _check_against(own_raw, {k: _spec(v) for k, v in _LORAFLOW_KEYS.items()}, problems, source)
     if problems:
         raise UserError("Invalid training config:\n  " + "\n  ".join(problems))
 
@@ -132,20 +140,52 @@ def _check_ray_settings(ray: RaySettings, source: str) -> None:
 
 
 def _llamafactory_fields() -> dict[str, Any]:
+    """The specs of the arguments run_exp parses. Importing its dataclasses imports transformers and
+    torch (16 s on the lent H200 machine, where Ray's workers import them again), so they are kept
+    in .cache/ per LLaMA-Factory and transformers version: only a machine's first job imports them."""
+    versions = "-".join(f"{name}-{importlib.metadata.version(name)}" for name in ("llamafactory", "transformers"))
+    cached = _FIELDS_CACHE / f"{versions}.json"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(cached.read_text())
     from llamafactory.hparams.parser import _TRAIN_ARGS  # the dataclasses run_exp parses into
 
-    hints: dict[str, Any] = {}
+    specs: dict[str, Any] = {}
     for cls in _TRAIN_ARGS:
         names = {f.name for f in dataclasses.fields(cls)}
-        hints.update({k: v for k, v in typing.get_type_hints(cls).items() if k in names})
-    return hints
+        specs.update({k: _spec(v) for k, v in typing.get_type_hints(cls).items() if k in names})
+    with contextlib.suppress(OSError, TypeError):  # a value JSON cannot hold, or a read-only project: not kept
+        text = json.dumps(specs)
+        _FIELDS_CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=_FIELDS_CACHE, suffix=".tmp", delete=False) as tmp:
+            tmp.write(text)
+        os.replace(tmp.name, cached)  # whole or not at all, for jobs reading it at the same time
+    return specs
 
 
-def _check_against(raw: dict, hints: dict, problems: list[str], source: str) -> dict:
+def _spec(hint: Any) -> Any:
+    """A type annotation as JSON: "bool", "int", "float", "str", "any", "none", "other" (left to
+    LLaMA-Factory), or {"union"|"literal"|"enum"|"container": ...}."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return {"union": [_spec(option) for option in typing.get_args(hint)]}
+    if origin is Literal:
+        return {"literal": list(typing.get_args(hint))}
+    if hint is Any or hint is object:
+        return "any"
+    if origin in (list, dict, tuple) or hint in (list, dict):
+        return {"container": (origin or hint).__name__}
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return {"enum": [m.value for m in hint]}
+    if hint is type(None):
+        return "none"
+    return hint.__name__ if hint in (bool, int, float, str) else "other"
+
+
+def _check_against(raw: dict, specs: dict, problems: list[str], source: str) -> dict:
     checked = {}
-    known = list(hints) + list(_RAY_KEYS) + list(_LORAFLOW_KEYS)
+    known = list(specs) + list(_RAY_KEYS) + list(_LORAFLOW_KEYS)
     for key, value in raw.items():
-        if key not in hints:
+        if key not in specs:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             problems.append(
@@ -154,7 +194,7 @@ def _check_against(raw: dict, hints: dict, problems: list[str], source: str) -> 
             )
             continue
         try:
-            checked[key] = _coerce(value, hints[key])
+            checked[key] = _coerce(value, specs[key])
         except TypeError as exc:
             problems.append(f"{key}: {exc}")
     return checked
@@ -164,50 +204,43 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    """Return `value` as type `hint`, converting only where YAML is known to be ambiguous
+def _coerce(value: Any, spec: Any) -> Any:
+    """Return `value` as type `spec` (see _spec), converting only where YAML is known to be ambiguous
     (PyYAML reads `1e-4` as a string); raise TypeError naming what was expected."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
+    kind = next(iter(spec)) if isinstance(spec, dict) else None
+    if kind == "union":
+        options = spec["union"]
+        if value is None and "none" in options:
             return None
         errors = []
         for option in sorted(options, key=_strictness):  # try str last: it would take anything
-            if option is type(None):
+            if option == "none":
                 continue
             try:
                 return _coerce(value, option)
             except TypeError as exc:
                 errors.append(str(exc))
         raise TypeError(" or ".join(dict.fromkeys(errors)))
-    if origin is Literal:
-        if value in typing.get_args(hint):
+    if kind in ("literal", "enum"):
+        if value in spec[kind]:
             return value
-        raise TypeError(f"expected one of {list(typing.get_args(hint))}, got {value!r}")
-    if hint is Any or hint is object:
-        return value
-    if origin in (list, dict, tuple) or hint in (list, dict):
-        expected = origin or hint
+        raise TypeError(f"expected one of {spec[kind]}, got {value!r}")
+    if kind == "container":
+        expected = {"list": list, "dict": dict, "tuple": tuple}[spec["container"]]
         if isinstance(value, expected):
             return value
         raise TypeError(f"expected a {expected.__name__}, got {value!r}")
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        allowed = [m.value for m in hint]
-        if value in allowed or isinstance(value, hint):
-            return value
-        raise TypeError(f"expected one of {allowed}, got {value!r}")
-    if hint is bool:
+    if spec == "bool":
         if isinstance(value, bool):
             return value
         raise TypeError(f"expected true or false, got {value!r}")
-    if hint is int:
+    if spec == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise TypeError(f"expected an integer, got {value!r}")
-    if hint is float:
+    if spec == "float":
         if _is_number(value):
             return float(value)
         if isinstance(value, str):
@@ -216,12 +249,12 @@ def _coerce(value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         raise TypeError(f"expected a number, got {value!r}")
-    if hint is str:
+    if spec == "str":
         if isinstance(value, str):
             return value
         raise TypeError(f"expected a string, got {value!r}")
-    return value  # other annotations (callables, nested dataclasses): leave to LLaMA-Factory
+    return value  # "any", and other annotations (callables, nested dataclasses): left to LLaMA-Factory
 
 
 def _strictness(option: Any) -> int:
-    return 1 if option is str else 0
+    return 1 if option == "str" else 0
