@@ -340,11 +340,12 @@ def test_serving_without_a_key_beyond_loopback_needs_the_config_to_say_so(monkey
     from loraflow import serve
 
     monkeypatch.delenv("LORAFLOW_TEST_API_KEY", raising=False)
-    config = {"api_key_env": "LORAFLOW_TEST_API_KEY", "host": "0.0.0.0", "allow_unauthenticated": True}
+    config = serve.load_config(str(ROOT / "configs/serve/default.yaml")).model_copy(
+        update={"api_key_env": "LORAFLOW_TEST_API_KEY", "host": "0.0.0.0", "allow_unauthenticated": True})
     assert serve.take_api_key(config) == ""
     assert capsys.readouterr().err == ("warning: serving on 0.0.0.0 without an API key "
                                        "(set LORAFLOW_TEST_API_KEY to require one)\n")
-    assert serve.take_api_key({**config, "host": "127.0.0.1", "allow_unauthenticated": False}) == ""
+    assert serve.take_api_key(config.model_copy(update={"host": "127.0.0.1", "allow_unauthenticated": False})) == ""
     assert "warning: serving on 127.0.0.1 without an API key" in capsys.readouterr().err
     monkeypatch.setenv("LORAFLOW_TEST_API_KEY", "k-1")
     assert serve.take_api_key(config) == "k-1" and "LORAFLOW_TEST_API_KEY" not in os.environ
