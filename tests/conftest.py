@@ -24,6 +24,9 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    # Make the store's tables now: a test's own client and the job it starts would otherwise both
+    # create them on first use, and the loser fails with "table ... already exists".
+    mlflow.MlflowClient().search_experiments()
     return uri
 
 

@@ -187,12 +187,8 @@ def test_failure_inside_llamafactory_marks_run_failed(tracking_uri, tmp_path, ve
     assert registered_versions() == []
 
 
-def test_interrupt_marks_run_killed_and_registers_nothing(tracking_uri, tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "mlproject" / "train.py"), "--config", str(TINY_CONFIG),
-         "--overrides", "{max_samples: 64}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
-    )
+def test_interrupt_marks_run_killed_and_registers_nothing(tracking_uri, start_train):
+    proc = start_train("--config", str(TINY_CONFIG), "--overrides", "{max_samples: 64}")
     client = MlflowClient()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until training has logged its first step
@@ -214,10 +210,25 @@ def test_interrupt_marks_run_killed_and_registers_nothing(tracking_uri, tmp_path
 LONGER = "{max_samples: 96, save_steps: 4, eval_steps: 12}"  # 24 steps, a checkpoint every 4
 
 
-def _start_train(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "mlproject" / "train.py"), "--config", str(TINY_CONFIG),
-                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
+@pytest.fixture
+def start_train():
+    """Starts the train script as a process; whatever a test started is stopped when it ends, so a
+    failed test leaves no training behind to confuse the next one."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "mlproject" / "train.py"), *args], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            ray_processes = _descendants(proc.pid)
+            proc.kill()
+            proc.communicate(timeout=60)
+            _wait_until_gone(ray_processes)
 
 
 def _wait_for_step(proc: subprocess.Popen, step: int) -> str:
@@ -245,9 +256,13 @@ def _loss_steps(run_id: str, after_ms: int = 0, until_ms: int | None = None) -> 
     return sorted(m.step for m in history if m.timestamp > after_ms and (until_ms is None or m.timestamp <= until_ms))
 
 
-def _kill_the_worker() -> None:
+def _kill_the_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL the Ray Train worker of the training `proc` started (its local Ray's processes are
+    its descendants)."""
+    ours = _descendants(proc.pid)
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    [pid] = [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
+    [pid] = [int(line.split()[0]) for line in ps.splitlines()
+             if "ray::RayTrainWorker" in line and int(line.split()[0]) in ours]
     os.kill(pid, signal.SIGKILL)
 
 
@@ -269,14 +284,14 @@ def _wait_until_gone(pids: set[int]) -> None:
         time.sleep(1)
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tracking_uri, tmp_path):
+def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tracking_uri, start_train):
     """SIGKILL the Ray Train worker mid-run: Ray Train restarts it (ray_max_failures: 1), it
     continues from the last committed checkpoint, and the run stays one run with every step, one
     version. A checkpoint is committed before the next step runs, so once step 6 is logged the
     checkpoint of step 4 is known to survive the kill."""
-    proc = _start_train("--overrides", LONGER)
+    proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER)
     run_id = _wait_for_step(proc, 6)
-    _kill_the_worker()
+    _kill_the_worker(proc)
     killed_at_ms = int(time.time() * 1000)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
@@ -309,10 +324,10 @@ def _assert_continued(first: str, checkpoint_at_least: int) -> str:
     return second.info.run_id
 
 
-def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, tmp_path):
+def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, start_train):
     """The driver is stopped (SIGTERM): the run ends KILLED, nothing is registered. `--resume RUN`
     continues from its last checkpoint into a new run tagged with the first one's id."""
-    proc = _start_train("--overrides", LONGER)
+    proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER)
     first = _wait_for_step(proc, 10)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
@@ -330,12 +345,12 @@ def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, tmp_
     assert again.returncode == 2 and "there is nothing to continue" in again.stderr
 
 
-def test_resume_of_a_failed_run_and_of_a_dead_drivers_run(tracking_uri, tmp_path):
+def test_resume_of_a_failed_run_and_of_a_dead_drivers_run(tracking_uri, start_train):
     """A: a worker killed with no restarts left (ray_max_failures: 0) fails the run; resume is
     refused while A's driver still lives. B resumes A; B's driver is SIGKILLed, which leaves B
     RUNNING. C resumes B from its last checkpoint, ends B FAILED, finishes and registers; each run
     is linked to the one it continues, and a run already continued is not resumed twice."""
-    proc = _start_train("--overrides", LONGER[:-1] + ", ray_max_failures: 0}")
+    proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER[:-1] + ", ray_max_failures: 0}")
     a = _wait_for_step(proc, 6)
     alive = run_train("--resume", a)
     assert alive.returncode == 2, alive.stderr[-3000:]
@@ -343,13 +358,12 @@ def test_resume_of_a_failed_run_and_of_a_dead_drivers_run(tracking_uri, tmp_path
         f"error: resume={a}: that training is still running (pid {proc.pid} on this host); wait for it to end, "
         "or stop it (Ctrl-C, or kill that pid), then resume.")
     assert len(MlflowClient().search_runs(["0"])) == 1  # the refusal made no run
-    _kill_the_worker()
+    _kill_the_worker(proc)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "error: training failed:" in stderr, stderr[-3000:]
     assert MlflowClient().get_run(a).info.status == "FAILED" and registered_versions() == []
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / "mlproject" / "train.py"), "--resume", a], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    proc = start_train("--resume", a)
     b = _wait_for_run_step(proc, lambda run: run.data.tags.get("loraflow.resumed_from") == a, 10)
     ray_processes = _descendants(proc.pid)
     proc.kill()
