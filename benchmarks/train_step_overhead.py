@@ -1,10 +1,18 @@
 """Where the train job's per-step cost under Ray Train comes from, on this machine's CPUs.
 
 The same short LLaMA-Factory training (the default config, --samples rows, no checkpoints) runs
-in each setting below, each in a fresh process, one after the other:
-  peft_loop      no Trainer: a plain PEFT loop (forward, backward, AdamW) under the config's
-                 autocast, over the batches LLaMA-Factory's own data pipeline and collator make
-  bare           run_exp in a plain process's main thread (what `llamafactory-cli train` does)
+in each setting below, each in a fresh process, one after the other, every one but the first with
+the config's `ray_worker_env` in its environment from the start (as Ray starts the workers):
+  peft_loop_plain the baseline: a plain PEFT loop (forward, backward, AdamW) under bf16 autocast
+                 over the batches LLaMA-Factory's own data pipeline and collator make, with the
+                 model as transformers loads it (its default attention, SDPA), nothing compiled,
+                 and none of the config's environment
+  peft_loop      the same loop with the config's library settings: its attention implementation
+                 (`flash_attn`), its regional compilation (`torch_compile` with accelerate's
+                 ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION) and its environment (the C library's
+                 malloc settings): what the settings buy, without the Trainer
+  bare           run_exp in a plain process's main thread (what `llamafactory-cli train` does),
+                 with the train job's in-place regional compilation (loraflow.ray_training)
   bare_float32   the same in float32 (`bf16: false`): what bf16 autocast buys on this CPU
   process_group  + a gloo process group of world size 1, as Ray Train sets up (DDP mode)
   thread         run_exp in a second thread, as Ray Train runs the training function
@@ -17,10 +25,10 @@ in each setting below, each in a fresh process, one after the other:
                  actors; RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0, RAY_TRAIN_METRICS_ENABLED=0)
   train_job      `mlflow run . -e train` itself on the default config (checkpoints, MLflow logging
                  and all), its step times read from the loss's timestamps in a fresh MLflow store
-For each: the mean step time after the first two steps, the padded tokens a step, and how often
-the training process was preempted in the loop (involuntary context switches per second over
-all its threads; not known for train_job). Run it in
-the train environment after ./setup.sh, with nothing else running:
+For each: the median step time after the first four steps (compiling, and recompiling for a second
+sequence length, happen in those), the padded tokens a step, and how often the training process
+was preempted in the loop (involuntary context switches per second over all its threads; not known
+for train_job). Run it in the train environment after ./setup.sh, with nothing else running:
 
     .venvs/train/bin/python benchmarks/train_step_overhead.py --out steps.json
 """
@@ -43,14 +51,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_overhead  # noqa: E402
 import machine  # noqa: E402
 
-SETTINGS = ("peft_loop", "bare", "bare_float32", "process_group", "thread", "thread_tick", "ray_driver", "ray_task",
+from loraflow import tracking  # noqa: E402
+
+SETTINGS = ("peft_loop_plain", "peft_loop", "bare", "bare_float32", "process_group", "thread", "thread_tick", "ray_driver", "ray_task",
             "ray_train", "ray_train_lean", "train_job")
+
+
+WARM_UP_STEPS = 4
 
 
 def training_args(samples: int, output_dir: str) -> dict:
     # cpu_overhead's bare side, without checkpoints: only the steps are timed; padded tokens counted.
     return {**cpu_overhead.bare_train_args(samples, output_dir), "save_steps": 10**6,
             "include_num_input_tokens_seen": "all"}
+
+
+def worker_env() -> dict[str, str]:
+    """The default config's ray_worker_env: what every Ray Train worker starts with."""
+    from loraflow import train_config
+
+    return dict(train_config.load(cpu_overhead.TRAIN_CONFIG).ray.ray_worker_env)
+
+
+def step_statistic(steps: list[float]) -> float:
+    return statistics.median(steps[WARM_UP_STEPS:])
 
 
 def preemptions() -> int:
@@ -68,6 +92,8 @@ def train(config: dict) -> None:
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
 
+    from loraflow.ray_training import regional_compile_callback
+
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             self.steps, self.last = [], time.perf_counter()
@@ -82,22 +108,24 @@ def train(config: dict) -> None:
             write_result(config["result"], self.steps, state.num_input_tokens_seen, self.began, self.switches,
                          parallel_mode=str(args.parallel_mode))
 
-    run_exp(config["args"], callbacks=[StepClock()])
+    run_exp(config["args"], callbacks=[regional_compile_callback(), StepClock()])  # as the train job compiles
 
 
 def write_result(path: str, steps: list[float], tokens: int, began: float, switches: int, **extra) -> None:
     seconds = time.perf_counter() - began
     ray_processes = sum(1 for pid in os.listdir("/proc") if pid.isdigit() and _is_ray_worker(pid))
     Path(path).write_text(json.dumps({
-        "step_s": steps, "mean_step_s_after_2": statistics.mean(steps[2:]), "tokens_per_step": tokens / len(steps),
+        "step_s": steps, "median_step_s": step_statistic(steps), "tokens_per_step": tokens / len(steps),
         "preemptions_per_s": (preemptions() - switches) / seconds, "ray_worker_processes": ray_processes, **extra,
     }))
 
 
 def peft_loop(config: dict) -> None:
     """The floor a Trainer step is held against: LLaMA-Factory builds the model (with its LoRA
-    adapter), the tokenized dataset and the collator exactly as for training; then a plain loop."""
+    adapter), the tokenized dataset and the collator exactly as for training; then a plain loop,
+    whose model is compiled by region as accelerate does when the config compiles."""
     import torch
+    from accelerate.utils import compile_regions
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
     from llamafactory.extras.constants import IGNORE_INDEX
     from llamafactory.hparams import get_train_args
@@ -117,6 +145,9 @@ def peft_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training_args.learning_rate)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     model.train()
+    if training_args.torch_compile:
+        model = compile_regions(model) if os.environ.get("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION") == "1" \
+            else torch.compile(model)
     steps, tokens, switches = [], 0, preemptions()
     began = last = time.perf_counter()
     for batch in loader:
@@ -150,7 +181,7 @@ def train_job(samples: int, result: str) -> None:
     for before, after in zip(history, history[1:]):
         steps += [(after.timestamp - before.timestamp) / 1000 / (after.step - before.step)] * (after.step - before.step)
     Path(result).write_text(json.dumps({
-        "step_s": steps, "mean_step_s_after_2": statistics.mean(steps[2:]), "tokens_per_step": seen.value / seen.step,
+        "step_s": steps, "median_step_s": step_statistic(steps), "tokens_per_step": seen.value / seen.step,
         "preemptions_per_s": None, "ray_worker_processes": None, "parallel_mode": "ray_train",
     }))
 
@@ -163,7 +194,9 @@ def _is_ray_worker(pid: str) -> bool:
 
 
 def run_setting(setting: str, config: dict) -> None:
-    if setting == "peft_loop":
+    if setting == "peft_loop_plain":
+        peft_loop({**config, "args": {**config["args"], "flash_attn": "auto", "torch_compile": False}})
+    elif setting == "peft_loop":
         peft_loop(config)
     elif setting == "bare":
         train(config)
@@ -201,13 +234,14 @@ def run_setting(setting: str, config: dict) -> None:
         ray_cluster.connect()
         TorchTrainer(train, train_loop_config=config,
                      scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
-                     run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-train-"))).fit()
+                     run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-train-"),
+                                          worker_runtime_env={"env_vars": worker_env()})).fit()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--samples", type=int, default=40, help="training rows (4 a step)")
+    parser.add_argument("--samples", type=int, default=64, help="training rows (4 a step)")
     parser.add_argument("--repeats", type=int, default=1, help="passes over the settings, order reversed each time")
     parser.add_argument("--out", type=Path, default=Path("train_step_overhead.json"))
     parser.add_argument("--log", type=Path, default=Path("train_step_overhead.log"))
@@ -222,24 +256,26 @@ def main() -> None:
         return
 
     settings = opts.settings.split(",")
-    report: dict = {"machine": machine.describe(), "samples": opts.samples, "runs": {s: [] for s in settings}}
+    report: dict = {"machine": machine.describe(), "samples": opts.samples, "worker_env": worker_env(),
+                    "git_commit": tracking.git_commit(), "command": " ".join(sys.argv),
+                    "runs": {s: [] for s in settings}}
     with open(opts.log, "a") as log:
         for i in range(opts.repeats):
             for setting in settings if i % 2 == 0 else settings[::-1]:
                 result = Path(tempfile.mkstemp(suffix=".json")[1])
+                env = os.environ if setting == "peft_loop_plain" else {**os.environ, **worker_env()}
                 subprocess.run([sys.executable, __file__, "--setting", setting, "--result", str(result),
                                 "--samples", str(opts.samples)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               check=True)
+                               check=True, env=env)
                 report["runs"][setting].append(json.loads(result.read_text()))
                 opts.out.write_text(json.dumps(report, indent=1))
-    base_name = "peft_loop" if "peft_loop" in report["runs"] else "bare"
-    base = statistics.median(r["mean_step_s_after_2"] for r in report["runs"].get(base_name, [])) \
-        if base_name in report["runs"] else None
+    base_name = next((b for b in ("peft_loop_plain", "peft_loop", "bare") if b in report["runs"]), None)
+    base = statistics.median(r["median_step_s"] for r in report["runs"][base_name]) if base_name else None
     report["ratios"] = {}
-    print(f"| setting | mean step s | x {base_name} | padded tokens a step | preemptions/s | Ray worker processes |")
+    print(f"| setting | median step s | x {base_name} | padded tokens a step | preemptions/s | Ray worker processes |")
     print("| --- | --- | --- | --- | --- | --- |")
     for setting, runs in report["runs"].items():
-        step = statistics.median(r["mean_step_s_after_2"] for r in runs)
+        step = statistics.median(r["median_step_s"] for r in runs)
         if base:
             report["ratios"][f"{setting}/{base_name}"] = round(step / base, 3)
         ratio = f"{step / base:.3f}" if base else ""

@@ -1,6 +1,7 @@
 """The train entry point end to end: real LLaMA-Factory training on Ray Train into a real MLflow
 store, and every bad input refused with a clear message and nothing registered."""
 
+import contextlib
 import json
 import os
 import re
@@ -110,6 +111,42 @@ def test_two_ray_workers(tracking_uri, tmp_path):
     assert "train_loss" in run.data.metrics
     [version] = registered_versions()
     assert version.run_id == run.info.run_id
+
+
+def test_the_default_configs_speed_settings_reach_the_worker_and_compile_its_layers(tracking_uri, tmp_path,
+                                                                                    start_train):
+    """configs/train/default.yaml's CPU speed settings on the tiny model: its ray_worker_env is in
+    the worker process's environment from its start (glibc reads its malloc settings only then),
+    and with torch_compile and regional compilation the compiled layers really run (accelerate
+    1.11 alone compiles a copy of the model that never runs under mixed precision)."""
+    default = yaml.safe_load((ROOT / "configs" / "train" / "default.yaml").read_text())
+    speed = {k: default[k] for k in ("flash_attn", "torch_compile", "ray_worker_env", "bf16", "use_cpu")}
+    assert speed["torch_compile"] and speed["ray_worker_env"]["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "1"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(TINY_CONFIG.read_text()), **speed, "eval_strategy": "no"}))
+    proc = start_train("--config", str(config))
+    started_with = _worker_start_environment(proc)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert {k: started_with.get(k) for k in speed["ray_worker_env"]} == speed["ray_worker_env"]
+    run = _only_run()
+    assert run.data.params["torch_compile"] == "True" and run.data.params["flash_attn"] == "disabled"
+    assert run.data.metrics["torch_compile_graphs"] >= 1  # 0: the layers ran uncompiled
+
+
+def _worker_start_environment(proc: subprocess.Popen) -> dict[str, str]:
+    """The environment the Ray Train worker of `proc`'s training started with (/proc/PID/environ
+    holds a process's initial environment, not later changes to os.environ)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    return dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
+        time.sleep(0.5)
+    pytest.fail("no Ray Train worker started")
 
 
 def _write_config(tmp_path, **changes):

@@ -26,6 +26,7 @@ from loraflow.registry import RESUMED_FROM_STEP_TAG
 from loraflow.train_config import RaySettings
 
 FINAL_MARKER = "loraflow_final.json"  # present only in the checkpoint that holds the finished adapter
+COMPILED_GRAPHS_METRIC = "torch_compile_graphs"
 
 
 def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: dict[str, str]) -> Path:
@@ -48,6 +49,9 @@ def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: di
             storage_path=ray.ray_storage_path,
             failure_config=FailureConfig(max_failures=ray.ray_max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # In the worker process from its start: some switches (the C library's malloc
+            # settings) are read only then. Credential-like names are refused by train_config.
+            worker_runtime_env={"env_vars": dict(ray.ray_worker_env)},
         ),
     )
     try:
@@ -152,10 +156,38 @@ def _worker_callbacks(progress) -> list:
             if state.is_world_process_zero and logs and "loss" in logs:
                 self.board.update.remote(loss=logs["loss"])
 
-    callbacks = [CommittedReportCallback(), RunKeepingMLflowCallback()]
+    callbacks = [CommittedReportCallback(), RunKeepingMLflowCallback(), regional_compile_callback()]
     if progress is not None:
         callbacks.append(ProgressCallback(progress))
     return callbacks
+
+
+def regional_compile_callback():
+    """A Trainer callback that compiles each repeated block of the model in place when the config
+    asks for regional compilation (`torch_compile: true` with ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=1).
+
+    accelerate 1.11 (LLaMA-Factory 0.9.5 allows no later one) compiles regions into a copy of the
+    model whose forward, under mixed precision, stays bound to the original: the compiled layers
+    never run (huggingface/accelerate#4188, #4253). Compiled in place, with accelerate's own
+    in-place helper and the Trainer's compile settings, they run whichever object is called."""
+    from accelerate.utils import TorchDynamoPlugin, compile_regions_deepspeed
+    from transformers import TrainerCallback
+
+    class RegionalCompileCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if args.torch_compile and os.environ.get("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION") == "1":
+                plugin = TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+                compile_regions_deepspeed(model, **plugin.to_kwargs())
+
+        def on_train_end(self, args, state, control, **kwargs):
+            """How many graphs torch.compile made: 0 with torch_compile on means the model ran uncompiled."""
+            import mlflow
+            from torch._dynamo.utils import counters
+
+            if args.torch_compile and state.is_world_process_zero and mlflow.active_run():
+                mlflow.log_metric(COMPILED_GRAPHS_METRIC, counters["stats"]["unique_graphs"], step=state.global_step)
+
+    return RegionalCompileCallback()
 
 
 def _record_resumed_step(checkpoint: Path) -> None:

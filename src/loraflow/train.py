@@ -207,8 +207,7 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_name: str, resumes: 
     ray_cluster.check_feasible(
         cfg.ray.ray_num_workers, cfg.ray.resources_per_worker, cfg.ray.placement_strategy
     )
-    worker_env = {
-        **cfg.ray.ray_worker_env,
+    worker_env = {  # set by the training function (ray_worker_env is the worker's runtime_env)
         "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
         "MLFLOW_RUN_ID": run_id,
         "MLFLOW_MAX_LOG_PARAMS": "0",  # the config is logged above, under the user's own key names
