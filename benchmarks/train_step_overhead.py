@@ -120,10 +120,11 @@ def write_result(path: str, steps: list[float], tokens: int, began: float, switc
     }))
 
 
-def peft_loop(config: dict) -> None:
-    """The floor a Trainer step is held against: LLaMA-Factory builds the model (with its LoRA
-    adapter), the tokenized dataset and the collator exactly as for training; then a plain loop,
-    whose model is compiled by region as accelerate does when the config compiles."""
+def peft_loop_parts(args: dict):
+    """LLaMA-Factory builds the model (with its LoRA adapter), the tokenized dataset and the
+    collator exactly as for training; returns the model (compiled by region as accelerate does
+    when the config compiles), the batches and one plain training step (forward, backward, AdamW
+    under the config's autocast)."""
     import torch
     from accelerate.utils import compile_regions
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
@@ -131,7 +132,7 @@ def peft_loop(config: dict) -> None:
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_model, load_tokenizer
 
-    model_args, data_args, training_args, finetuning_args, _ = get_train_args(config["args"])
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(args)
     tokenizer_module = load_tokenizer(model_args)
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     dataset = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
@@ -148,14 +149,24 @@ def peft_loop(config: dict) -> None:
     if training_args.torch_compile:
         model = compile_regions(model) if os.environ.get("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION") == "1" \
             else torch.compile(model)
-    steps, tokens, switches = [], 0, preemptions()
-    began = last = time.perf_counter()
-    for batch in loader:
+
+    def step(batch) -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=training_args.bf16):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return model, list(loader), step
+
+
+def peft_loop(config: dict) -> None:
+    """The floor a Trainer step is held against: the plain loop of peft_loop_parts."""
+    _, batches, step = peft_loop_parts(config["args"])
+    steps, tokens, switches = [], 0, preemptions()
+    began = last = time.perf_counter()
+    for batch in batches:
+        step(batch)
         tokens += batch["input_ids"].numel()
         now = time.perf_counter()
         steps.append(now - last)

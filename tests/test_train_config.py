@@ -186,6 +186,21 @@ def test_default_config_is_the_recipe_the_readme_reports():
     assert f"{quality['exact_match']:.1%}" in readme and "quality-default.json" in readme
 
 
+@pytest.mark.unit
+def test_every_cpu_config_has_the_defaults_speed_settings():
+    """The CPU speed settings (benchmarks/cpu_step_profile.py) are the same in every SmolLM2 CPU
+    config; test_train_job checks that they reach the worker and compile its layers."""
+    root = Path(__file__).resolve().parents[1]
+
+    def speed(name):
+        cfg = train_config.load(root / "configs" / "train" / name)
+        return ({k: cfg.llamafactory.get(k) for k in ("flash_attn", "torch_compile", "bf16", "use_cpu")},
+                cfg.ray.ray_worker_env)
+
+    assert speed("smollm2-cpu-long.yaml") == speed("default.yaml")
+    assert speed("default.yaml")[0] == {"flash_attn": "disabled", "torch_compile": True, "bf16": True, "use_cpu": True}
+
+
 @pytest.mark.parametrize("entry_point, args", [
     ("train.py", ["--config", "configs/train/tiny.yaml"]),
     ("evaluate.py", ["--model", "models:/viggo-tiny-lora/1"]),
