@@ -186,7 +186,6 @@ def test_default_config_is_the_recipe_the_readme_reports():
     assert f"{quality['exact_match']:.1%}" in readme and "quality-default.json" in readme
 
 
-@pytest.mark.unit
 def test_every_cpu_config_has_the_defaults_speed_settings():
     """The CPU speed settings (benchmarks/cpu_step_profile.py) are the same in every SmolLM2 CPU
     config; test_train_job checks that they reach the worker and compile its layers."""
