@@ -7,9 +7,9 @@ quality issue's "done when" says: clone this repository's HEAD into a new folder
 
 each timed, with the clone's own MLflow store (mlflow.db) read afterwards. Writes
 benchmarks/results/fresh-clone-default.json. Run it with nothing else running (the times are the
-result); the pip cache of the machine is used as on any machine.
+result); the pip cache of the machine is used as on any machine, unless --cold.
 
-    python3 benchmarks/fresh_clone.py --dest /tmp/loraflow-fresh
+    python3 benchmarks/fresh_clone.py --dest /tmp/loraflow-fresh [--cold]
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +34,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "viggo-smollm2-lora"
 
 
-def timed(command: list[str], cwd: Path, log) -> float:
+def timed(command: list[str], cwd: Path, log, env: dict | None = None) -> float:
     started = time.monotonic()
     log.write(f"\n$ {' '.join(command)}\n")
     log.flush()
-    done = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    done = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); see {log.name}")
     return time.monotonic() - started
@@ -59,7 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", type=Path, required=True, help="an empty or absent folder for the clone")
     parser.add_argument("--out", type=Path, default=RESULTS / "fresh-clone-default.json")
+    parser.add_argument("--cold", action="store_true", help="as on a machine that never ran it: an empty pip "
+                        "cache for ./setup.sh and an empty torch.compile cache for the training")
     opts = parser.parse_args()
+    env = dict(os.environ)
+    if opts.cold:
+        caches = Path(tempfile.mkdtemp(prefix="fresh-clone-caches-"))
+        env.update(PIP_CACHE_DIR=str(caches / "pip"), TORCHINDUCTOR_CACHE_DIR=str(caches / "torchinductor"))
     if opts.dest.exists():
         shutil.rmtree(opts.dest)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -72,6 +80,7 @@ def main() -> None:
                      f".venvs/train/bin/mlflow run . -e evaluate --env-manager local -P model=models:/{MODEL}/1"],
         "machine": machine.describe(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cold_caches": opts.cold,
     }
 
     def save(**figures_so_far) -> None:  # after every phase: a run stopped later keeps what it measured
@@ -80,15 +89,15 @@ def main() -> None:
 
     with open(log_path, "w") as log:
         timed(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(opts.dest)], ROOT, log)
-        setup_s = timed(["./setup.sh"], opts.dest, log)
+        setup_s = timed(["./setup.sh"], opts.dest, log, env)
         save(setup_minutes=setup_s / 60)
         mlflow = str(opts.dest / ".venvs" / "train" / "bin" / "mlflow")
-        train_s = timed([mlflow, "run", ".", "-e", "train", "--env-manager", "local"], opts.dest, log)
+        train_s = timed([mlflow, "run", ".", "-e", "train", "--env-manager", "local"], opts.dest, log, env)
         trained = figures(opts.dest / "mlflow.db")["train"]
         save(train_command_minutes=train_s / 60, command_1_minutes=(setup_s + train_s) / 60,
              train_minutes=trained["train_runtime"] / 60, samples_seen=trained.get("samples_seen"))
         evaluate_s = timed([mlflow, "run", ".", "-e", "evaluate", "--env-manager", "local",
-                            "-P", f"model=models:/{MODEL}/1"], opts.dest, log)
+                            "-P", f"model=models:/{MODEL}/1"], opts.dest, log, env)
     scores = figures(opts.dest / "mlflow.db")["evaluate"]
     save(evaluate_command_minutes=evaluate_s / 60,
          **{key: scores[key] for key in ("rows", "exact_match", "intent_accuracy", "slot_f1", "parse_validity",
