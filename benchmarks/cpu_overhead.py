@@ -137,7 +137,7 @@ def bare_evaluate(adapter: str, config_path: str) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # what the project's engines get
     rows = project_evaluate._test_rows(config)  # the project's own choice of rows, so they are the same
     llm = LLM(model=str(BASE_MODEL), enable_lora=True, max_loras=1, **config.engine)
-    outputs = llm.chat([[{"role": "user", "content": f"{r['instruction']}\n{r['input']}"}] for r in rows],
+    outputs = llm.chat([project_evaluate.chat_messages(r) for r in rows],
                        SamplingParams(**config.sampling), lora_request=LoRARequest("adapter", 1, adapter))
     assert len(outputs) == len(rows)
 
@@ -145,6 +145,8 @@ def bare_evaluate(adapter: str, config_path: str) -> None:
 def bench_serve(work: Path, env: dict, log, version: str, save, order: list[str]) -> dict:
     """Ratios per client count; `save(partial)` is called after every level, since the whole part
     takes about 25 minutes on 2 cores."""
+    from loraflow.evaluate import chat_messages
+
     serve_config = yaml.safe_load((ROOT / "configs" / "serve" / "default.yaml").read_text())
     engine = serve_config["llm_config"]["engine_kwargs"]
     adapter = _download_adapter(version, work / "adapter")
@@ -163,7 +165,7 @@ def bench_serve(work: Path, env: dict, log, version: str, save, order: list[str]
                  "--gpu-memory-utilization", str(engine["gpu_memory_utilization"])],
     }
     ports = {"project": project_port, "bare": bare_port}
-    prompts = [f"{r['instruction']}\n{r['input']}" for r in _test_rows(max(REQUESTS_PER_LEVEL.values()))]
+    prompts = [chat_messages(r) for r in _test_rows(max(REQUESTS_PER_LEVEL.values()))]
     results: dict[str, dict] = {}
     for side in order:
         command = servers[side]
@@ -211,18 +213,18 @@ def _wait_for_adapter(port: int, server: subprocess.Popen) -> str:
     raise SystemExit(f"server on port {port} did not come up in 10 minutes; see the log")
 
 
-def _load(port: int, model: str, prompts: list[str], clients: int, requests: int) -> dict:
+def _load(port: int, model: str, prompts: list[list[dict]], clients: int, requests: int) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300)
     latencies: list[float] = []
     tokens = 0
 
-    async def ask(prompt: str) -> None:
+    async def ask(messages: list[dict]) -> None:
         nonlocal tokens
         started = time.monotonic()
         answer = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=MAX_TOKENS, temperature=0)
+            model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
         latencies.append(time.monotonic() - started)
         tokens += answer.usage.completion_tokens
 

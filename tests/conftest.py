@@ -21,6 +21,9 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite MLflow store for one test, exported to the processes it starts."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for chosen in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # a job run in-process sets one: unset after
+        monkeypatch.setenv(chosen, "")
+        monkeypatch.delenv(chosen)
     import mlflow
 
     mlflow.set_tracking_uri(uri)

@@ -93,7 +93,7 @@ def test_store_must_be_an_s3_uri():
     ("..", False), ("s3://b/a", False), ("", False), ("-x", False), ("x" * 129, False),
 ])
 def test_adapter_ids_are_plain_folder_names(text, valid):
-    assert adapter_store.is_valid_adapter_id(text) is valid
+    assert registry.is_valid_adapter_id(text) is valid
 
 
 def _adapter_files() -> dict[str, str | bytes]:

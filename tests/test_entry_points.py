@@ -73,3 +73,11 @@ def test_mlproject_parameters_are_the_argparse_options_with_the_same_defaults(en
 def test_the_default_registered_model_is_the_default_training_configs():
     config = yaml.safe_load((ROOT / "configs/train/default.yaml").read_text())
     assert config["registered_model_name"] == registry.DEFAULT_MODEL_NAME
+
+
+def test_every_config_parameter_is_a_path():
+    """MLflow makes a `path` absolute (the jobs may run from elsewhere) and refuses a missing one."""
+    configs = {f"{entry}.{name}": parameter["type"] for entry, spec in ENTRY_POINTS.items()
+               for name, parameter in spec["parameters"].items() if name == "config" or name.endswith("_config")}
+    assert len(configs) == 7
+    assert {name for name, kind in configs.items() if kind != "path"} == set()

@@ -31,3 +31,20 @@ def test_every_key_says_what_it_is_for(schema):
 def test_docs_configs_md_is_the_schemas_reference():
     """Regenerate it with `python -m loraflow.job_configs > docs/configs.md`."""
     assert (ROOT / "docs" / "configs.md").read_text() == job_configs.reference()
+
+
+@pytest.mark.parametrize("text, meant", [("true", True), ("Yes", True), ("1", True), ("false", False), ("no", False),
+                                         ("0", False)])
+def test_every_true_false_parameter_reads_the_same_words(text, meant):
+    from loraflow.errors import parse_bool
+
+    assert parse_bool("force", text) is meant
+
+
+def test_a_verbose_flag_that_is_not_true_or_false_is_refused_before_the_job_runs(capsys):
+    from loraflow.jobs import run_job
+
+    ran = []
+    assert run_job(lambda: ran.append(1), "interrupted", verbose="loud") == 2
+    assert capsys.readouterr().err == "error: verbose must be true or false, not 'loud'.\n"
+    assert ran == []

@@ -41,6 +41,8 @@ def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
     assert version.tags["loraflow.eval.run_id"] == summary["eval_run_id"]
     eval_run = client.get_run(summary["eval_run_id"])
     assert eval_run.data.tags["mlflow.parentRunId"] == summary["train_run_id"]
+    # what the evaluate step handed back is what its run holds
+    assert "exact_match" in summary["metrics"] and summary["metrics"].items() <= eval_run.data.metrics.items()
 
     with mlflow_server(tracking_uri, str(tmp_path / "artifacts")) as url, chromium() as browser:
         train_run = client.get_run(summary["train_run_id"])

@@ -171,8 +171,10 @@ def test_train_refuses_a_remote_dataset_dir_that_cannot_be_downloaded(tracking_u
 
 
 @pytest.mark.parametrize("config, overrides, message", [
-    ("lora_rank: [8\n", "", "Config file {path} is not valid YAML: while parsing a flow sequence"),
-    ("- lora_rank\n- dataset\n", "", "Config file {path} must hold a mapping of keys to values."),
+    ("lora_rank: [8\n", "", "Training config {path} is not valid YAML (while parsing a flow sequence); see "
+     "configs/train/default.yaml."),
+    ("- lora_rank\n- dataset\n", "", "Training config {path} must hold a mapping of keys to values; see "
+     "configs/train/default.yaml."),
     (None, "{max_samples: 5", "overrides is not valid YAML: while parsing a flow mapping"),
     ({"ray_num_workers": 0}, "", "{path}: ray_num_workers must be at least 1, got 0."),
     ({"ray_max_failures": -2}, "", "{path}: ray_max_failures must be -1 (retry forever) or >= 0."),
@@ -358,10 +360,10 @@ def test_evaluate_refuses_what_it_cannot_check_before_a_run(tracking_uri, tmp_pa
         add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY})
     elif kind == "run_without_base_model":
         text = add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY}).run_id
-        message = f"{text!r} does not name a loraflow train run (its run has no loraflow.base_model tag)."
+        message = f"{text} does not come from a loraflow train run (it has no loraflow.base_model tag)."
     elif kind == "version_without_base_model":
         add_version(tmp_path, "viggo-eval", {})
-        message = f"{text!r} does not name a loraflow train run (its run has no loraflow.base_model tag)."
+        message = f"{text} does not come from a loraflow train run (it has no loraflow.base_model tag)."
     elif kind == "no_base_model_id":
         add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY})
         message = (f"{text} has no {registry.BASE_MODEL_ID_TAG} tag, so its base model cannot be checked (it was "
@@ -429,7 +431,7 @@ def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, change
 
 
 @pytest.mark.parametrize("tags, message", [
-    ({}, "viggo-serve v1 has no loraflow.base_model tag: it was not registered by loraflow's train."),
+    ({}, "viggo-serve v1 does not come from a loraflow train run (it has no loraflow.base_model tag)."),
     ({"loraflow.base_model": TINY}, "viggo-serve v1 has no loraflow.base_model_id tag, so its base model cannot "
                                     "be checked (it was registered by hand or by an older loraflow): train a new "
                                     "version."),

@@ -632,6 +632,8 @@ def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, se
     run = _serving_run(serve_process.log)
     assert (run.info.run_name, run.info.status, run.data.tags["loraflow.job"]) == \
         (f"serve-{NAME}@production", "RUNNING", "serve")
+    assert run.data.tags["mlflow.user"]  # who started the server
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == NAME  # the model's own experiment
     for version, requests in counted.items():
         history = _wait_for_metric(run.info.run_id, f"live.{NAME}-{version}.requests", requests)
         assert history[-1].value == requests and [m.step for m in history] == sorted(m.step for m in history)

@@ -17,6 +17,7 @@ from test_promote import GOOD, add_version
 
 from loraflow import datasets, job_configs, registry, traces
 from loraflow.errors import UserError
+from loraflow.evaluate import chat_messages
 from loraflow.job_configs import ServeConfig, TracesConfig
 
 NAME = "viggo-traced"
@@ -103,8 +104,7 @@ def traced(tracking_uri, tmp_path):
     rows[2]["input"] += " Ask me at jo@example.com."
     for index, row in enumerate(rows):
         adapter = f"{NAME}-v{versions[0] if index < 5 else versions[1]}"
-        request = {"model": "smollm2:production",
-                   "messages": [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}]}
+        request = {"model": "smollm2:production", "messages": chat_messages(row)}
         valid = index != 7
         tracer.offer("chat", request, row["output"], adapter, "production" if index < 5 else "canary", valid,
                      1_000_000 * (index + 1), 1_000_000 * (index + 1) + 500)

@@ -91,8 +91,9 @@ def test_overrides_are_a_yaml_mapping():
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError) as refused:
         train_config.load(tmp_path / "nope.yaml")
+    assert str(refused.value) == f"Training config {tmp_path / 'nope.yaml'} does not exist; see configs/train/default.yaml."
 
 
 @pytest.mark.parametrize("key", ["hf_hub_token", "ms_hub_token", "om_hub_token", "hub_token", "swanlab_api_key",

@@ -20,8 +20,13 @@ from mlflow import MlflowClient
 from loraflow import registry
 
 
-def _only_run(experiment="0"):
-    runs = MlflowClient().search_runs([experiment])
+def _all_runs() -> list:
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _only_run(experiment: str | None = None):
+    runs = MlflowClient().search_runs([experiment]) if experiment else _all_runs()
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return runs[0]
 
@@ -108,6 +113,8 @@ def test_two_ray_workers(tracking_uri, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = _only_run()
     assert run.info.status == "FINISHED" and run.data.params["ray.ray_num_workers"] == "2"
+    # started without `mlflow run`, nor an experiment chosen: the registered model's own experiment
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == "viggo-tiny-lora"
     assert "train_loss" in run.data.metrics
     [version] = registered_versions()
     assert version.run_id == run.info.run_id
@@ -193,7 +200,7 @@ def test_bad_input_is_refused_and_nothing_registered(tracking_uri, tmp_path, vig
     assert message in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert registered_versions() == []
-    for run in MlflowClient().search_runs(["0"]):
+    for run in _all_runs():
         assert run.info.status != "FINISHED"
 
 
@@ -229,7 +236,7 @@ def test_interrupt_marks_run_killed_and_registers_nothing(tracking_uri, start_tr
     client = MlflowClient()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until training has logged its first step
-        runs = client.search_runs(["0"])
+        runs = _all_runs()
         if runs and "loss" in runs[0].data.metrics:
             break
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -278,7 +285,7 @@ def _wait_for_run_step(proc: subprocess.Popen, which, step: int) -> str:
     client = MlflowClient()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        for run in client.search_runs(["0"]):
+        for run in _all_runs():
             if which(run) and max((m.step for m in client.get_metric_history(run.info.run_id, "loss")),
                                   default=0) >= step:
                 return run.info.run_id
@@ -394,7 +401,7 @@ def test_resume_of_a_failed_run_and_of_a_dead_drivers_run(tracking_uri, start_tr
     assert alive.stderr.strip().splitlines()[-1] == (
         f"error: resume={a}: that training is still running (pid {proc.pid} on this host); wait for it to end, "
         "or stop it (Ctrl-C, or kill that pid), then resume.")
-    assert len(MlflowClient().search_runs(["0"])) == 1  # the refusal made no run
+    assert len(_all_runs()) == 1  # the refusal made no run
     _kill_the_worker(proc)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "error: training failed:" in stderr, stderr[-3000:]

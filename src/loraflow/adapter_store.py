@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -23,13 +22,7 @@ from loraflow.errors import UserError
 
 ADAPTER_CONFIG = registry.ADAPTER_CONFIG  # uploaded last: its presence marks a complete folder
 
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 LOCAL_BUCKET = "loraflow-adapters"
-
-
-def is_valid_adapter_id(text: str) -> bool:
-    """A folder name, nothing more: no slashes, no `..`, no scheme."""
-    return bool(ADAPTER_ID.fullmatch(text)) and ".." not in text
 
 
 class LoraStore:

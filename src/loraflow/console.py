@@ -25,7 +25,7 @@ _QUIET_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "filelock", "urll
 
 def add_verbose_flag(parser) -> None:
     parser.add_argument(
-        "--verbose", default="false", choices=["true", "false"],
+        "--verbose", default="false",
         help="stream every library's and Ray worker's log lines (default false: results, errors and "
         f"progress bars only; {VERBOSE_ENV}=1 does the same)",
     )
@@ -35,9 +35,9 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
 
 
-def setup(verbose_flag: str | bool = False) -> None:
+def setup(verbose_flag: bool = False) -> None:
     """Call at the start of an entry point, before the libraries are imported."""
-    if str(verbose_flag).lower() == "true":
+    if verbose_flag:
         os.environ[VERBOSE_ENV] = "1"
     if verbose():
         return

@@ -7,6 +7,7 @@ version for promotion gates."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -41,12 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True,
                         help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/STAGE or a run id")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation YAML")
+    parser.add_argument("--result-file", default="",
+                        help="also write the evaluation run's id and metrics there, as JSON (what the pipeline reads)")
     console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     def job() -> None:
-        metrics = evaluate(args.model, args.config)
-        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+        result = evaluate(args.model, args.config)
+        print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=2))
+        if args.result_file:
+            Path(args.result_file).write_text(json.dumps(dataclasses.asdict(result)))
 
     return run_job(job, "interrupted: the evaluation run is marked KILLED", verbose=args.verbose)
 
@@ -58,7 +63,13 @@ def load_config(path: str) -> EvaluateConfig:
     return job_configs.load(EvaluateConfig, path)
 
 
-def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
+@dataclasses.dataclass
+class Evaluation:
+    run_id: str  # the evaluation's MLflow run
+    metrics: dict[str, float]
+
+
+def evaluate(model_ref: str, config_path: str) -> Evaluation:
     import mlflow
 
     from evaluation import viggo
@@ -82,6 +93,7 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
         started = time.monotonic()
         passes = _passes(base_model, adapter_dir, engine_adapter, workdir, config)
         merge_s = time.monotonic() - started
+        tracking.use_model_experiment(train_run=ref.run_id)  # beside its train run, which it shows under
         with mlflow.start_run() as run:  # resumes the run `mlflow run` created, if any
             try:
                 mlflow.set_tags({
@@ -102,7 +114,7 @@ def evaluate(model_ref: str, config_path: str) -> dict[str, float]:
                 raise
         if ref.version is not None:
             _tag_version(ref.version, metrics, run.info.run_id)
-        return metrics
+        return Evaluation(run.info.run_id, metrics)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

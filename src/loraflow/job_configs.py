@@ -188,10 +188,9 @@ def shipped_default(schema: type[Schema]) -> Path:
     return PROJECT_ROOT / "configs" / _WHAT[schema][1] / "default.yaml"
 
 
-def load(schema: type[S], path: str | Path) -> S:
-    """Read and check a job's YAML config; bad input is a UserError naming what to change."""
-    what, _ = _WHAT[schema]
-    see = f"see {shipped_default(schema).relative_to(PROJECT_ROOT)}"
+def read_mapping(path: str | Path, what: str, see: str) -> dict[str, Any]:
+    """Every job config's YAML file (training's too), as a mapping; bad input is a UserError naming
+    the file and the shipped example (`see`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; {see}.")
@@ -201,6 +200,14 @@ def load(schema: type[S], path: str | Path) -> S:
         raise UserError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}); {see}.") from None
     if not isinstance(raw, dict):
         raise UserError(f"{what} {path} must hold a mapping of keys to values; {see}.")
+    return raw
+
+
+def load(schema: type[S], path: str | Path) -> S:
+    """Read and check a job's YAML config; bad input is a UserError naming what to change."""
+    what, _ = _WHAT[schema]
+    see = f"see {shipped_default(schema).relative_to(PROJECT_ROOT)}"
+    raw = read_mapping(path, what, see)
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from loraflow import console
-from loraflow.errors import JobFailed, UserError
+from loraflow.errors import JobFailed, UserError, parse_bool
 
 
 def _raise_interrupt(signum, frame):
@@ -18,9 +18,9 @@ def _raise_interrupt(signum, frame):
 def run_job(job: Callable[[], int | None], interrupted: str, interrupted_code: int = 130,
             verbose: str = "false") -> int:
     """Run an entry point's job; returns the exit code (the job's own, 0 by default)."""
-    console.setup(verbose)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        console.setup(parse_bool("verbose", verbose))
         return job() or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

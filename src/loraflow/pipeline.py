@@ -1,6 +1,7 @@
 """The `pipeline` entry point: train -> evaluate -> promote (only when the gate passes), then say
-where to look. Each step is the same code as its own entry point; evaluation runs in the infer
-environment, as a child process. Every config is checked before training starts. A refused
+where to look. Each step is the same code as its own entry point and hands back its result:
+training the version, evaluation (in the infer environment, as a child process) its run id and
+metrics, promotion whether the gate passed. Every config is checked before training starts. A refused
 gate is a result (exit 0, `promoted_to: null`); a step that fails ends the pipeline with that
 step's exit code."""
 
@@ -11,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from loraflow import console, evaluate, promote, promotion_gates, registry, tracking, train, train_config
 from loraflow.envs import PROJECT_ROOT
@@ -47,14 +50,11 @@ def run(train_config_path: str, overrides: str, eval_config: str, promote_config
     version = train.train(train_config_path, train_config.parse_overrides(overrides))
     print(f"[pipeline] trained and registered {version.name} v{version.version}", flush=True)
 
-    code = _evaluate(f"models:/{version.name}/{version.version}", eval_config)
+    code, evaluation = _evaluate(f"models:/{version.name}/{version.version}", eval_config)
     summary = {"registered_model": version.name, "version": str(version.version), "train_run_id": version.run_id,
                "evaluated": code == 0, "evaluate_exit_code": code, "promoted_to": None, "gate": None}
     if code == 0:
-        from mlflow import MlflowClient
-
-        evaluated = MlflowClient().get_model_version(version.name, version.version)
-        summary["eval_run_id"] = evaluated.tags[registry.EVAL_RUN_TAG]
+        summary["eval_run_id"], summary["metrics"] = evaluation["run_id"], evaluation["metrics"]
         promotion = promote.promote(version.name, str(version.version), stage, "pipeline: gate passed", False,
                                     promote_config)
         print(f"[pipeline] not promoted: {promotion.message}" if promotion.refused else promotion.message, flush=True)
@@ -64,11 +64,16 @@ def run(train_config_path: str, overrides: str, eval_config: str, promote_config
     return summary
 
 
-def _evaluate(model: str, eval_config: str) -> int:
-    """The evaluate entry point in the infer environment; its exit code."""
+def _evaluate(model: str, eval_config: str) -> tuple[int, dict | None]:
+    """The evaluate entry point in the infer environment: its exit code and, when it succeeded, its
+    result (the evaluation run's id and metrics)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # a run of its own, nested
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "evaluate.py"), "--model", model,
-                           "--config", eval_config], env=env, cwd=PROJECT_ROOT).returncode
+    with tempfile.TemporaryDirectory(prefix="loraflow-pipeline-") as folder:
+        result = Path(folder) / "evaluation.json"
+        code = subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "evaluate.py"), "--model", model,
+                               "--config", eval_config, "--result-file", str(result)],
+                              env=env, cwd=PROJECT_ROOT).returncode
+        return code, json.loads(result.read_text()) if code == 0 else None
 
 
 def _where_to_look(uri: str, version, eval_run_id: str | None) -> dict:

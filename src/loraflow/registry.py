@@ -89,7 +89,16 @@ def stage_named(text: str) -> str:
 
 
 def adapter_id(version: ModelVersion) -> str:
+    """The name a version's adapter is served and stored under (a request's `model`, a store folder)."""
     return f"{version.name}-v{version.version}"
+
+
+_ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_valid_adapter_id(text: str) -> bool:
+    """A folder name, nothing more: no slashes, no `..`, no scheme."""
+    return bool(_ADAPTER_ID.fullmatch(text)) and ".." not in text
 
 
 def parse_adapter_id(adapter: str) -> tuple[str, str]:
@@ -175,11 +184,11 @@ def resolve(text: str) -> AdapterRef:
         except MlflowException:
             raise UserError(f"Model reference {text!r}: there is no run with that id in "
                             f"{mlflow.get_tracking_uri()}.") from None
-        return AdapterRef(text, text, f"runs:/{text}/{ADAPTER_ARTIFACT_PATH}", _base_model(run.data.tags, text),
+        return AdapterRef(text, text, f"runs:/{text}/{ADAPTER_ARTIFACT_PATH}", base_model(run.data.tags, text),
                           run.data.tags.get(BASE_MODEL_ID_TAG), None)
     version = find_version(*_parse_models_uri(text), client=client)
     tags = {**client.get_run(version.run_id).data.tags, **version.tags}
-    return AdapterRef(text, version.run_id, version.source, _base_model(tags, text), tags.get(BASE_MODEL_ID_TAG),
+    return AdapterRef(text, version.run_id, version.source, base_model(tags, text), tags.get(BASE_MODEL_ID_TAG),
                       version)
 
 
@@ -200,9 +209,10 @@ def _parse_models_uri(text: str) -> tuple[str, str | None, str | None, str | Non
     raise UserError(f"Model reference {text!r}: {selector!r} is neither a version number nor a stage.")
 
 
-def _base_model(tags: dict[str, str], text: str) -> str:
-    if BASE_MODEL_TAG not in tags:
-        raise UserError(f"{text!r} does not name a loraflow train run (its run has no {BASE_MODEL_TAG} tag).")
+def base_model(tags: dict[str, str], what: str) -> str:
+    """Where the base model of a train run's adapter (a version's or run's `tags`) is."""
+    if not tags.get(BASE_MODEL_TAG):
+        raise UserError(f"{what} does not come from a loraflow train run (it has no {BASE_MODEL_TAG} tag).")
     return tags[BASE_MODEL_TAG]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import getpass
 import hashlib
 import ipaddress
 import json
@@ -110,10 +111,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     first = registry.find_version(name, number=version, alias=alias)
     run_name = f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}"
     launched = tracking.name_launch_run(run_name, "serve")
-    base_model = first.tags.get(registry.BASE_MODEL_TAG)
-    if not base_model:
-        raise UserError(f"{name} v{first.version} has no {registry.BASE_MODEL_TAG} tag: it was not registered by "
-                        "loraflow's train.")
+    base_model = registry.base_model(first.tags, f"{name} v{first.version}")
     # What the engine runs; the watcher serves only later versions trained on the same.
     base_model_id = base_models.base_model_identity(base_model)
     registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
@@ -132,7 +130,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port})
         from ray.serve.llm import LLMConfig, build_openai_app
 
-        serving_run = launched or _serving_run(stack, run_name)
+        serving_run = launched or _serving_run(stack, run_name, name)
         app = build_openai_app({
             "llm_configs": [LLMConfig(**fields)],
             "ingress_cls_config": {
@@ -172,18 +170,20 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
             time.sleep(3600)
 
 
-def _serving_run(stack: contextlib.ExitStack, name: str) -> str:
+def _serving_run(stack: contextlib.ExitStack, name: str, registered_model: str) -> str:
     """The MLflow run this server logs its live figures into, when `mlflow run` made none: one per
     server, ended FINISHED when it shuts down, FAILED when it could not start (a killed server's
     stays RUNNING)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    experiment = os.environ.get("MLFLOW_EXPERIMENT_ID") or "0"
-    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+    tracking.use_model_experiment(registered_model)
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not experiment:  # a name the user chose
         found = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
         experiment = found.experiment_id if found else client.create_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
-    run = client.create_run(experiment, run_name=name, tags={registry.JOB_TAG: "serve"})
+    run = client.create_run(experiment, run_name=name, tags={registry.JOB_TAG: "serve",
+                                                             "mlflow.user": getpass.getuser()})
 
     def end(kind, exc, traceback) -> None:  # Ctrl-C and SIGTERM are how a server is meant to stop
         stopped = kind is None or issubclass(kind, KeyboardInterrupt)

@@ -208,7 +208,7 @@ class LoraflowIngress(OpenAiIngress):
             if split and followed is not None and canary.takes_candidate(followed["rollout"]["weight"], key):
                 return f"{self._base_id}:{followed['adapter']}", "canary"
             return f"{self._base_id}:{self._target}", "production"
-        if not adapter_store.is_valid_adapter_id(adapter):
+        if not registry.is_valid_adapter_id(adapter):
             raise OpenAIHTTPException(message=f"Invalid adapter id {adapter!r}: use a name listed by /v1/models.",
                                       status_code=400, type="InvalidModel")
         if not self._in_store(adapter):

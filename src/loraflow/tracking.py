@@ -52,6 +52,37 @@ def configure() -> str:
     return uri
 
 
+def use_model_experiment(model_name: str | None = None, train_run: str | None = None) -> None:
+    """Where a job's runs go when nothing chose: the registered model's own experiment, named after
+    it (an evaluation or a continuation: its train run's), so that each model's runs are compared
+    among themselves, not among every model's in "Default". `mlflow run` has made the job's run
+    already (MLFLOW_RUN_ID) in the experiment of its `--experiment-name`, and MLFLOW_EXPERIMENT_NAME /
+    _ID are a choice too. Set as MLFLOW_EXPERIMENT_ID, which MLflow reads and subprocesses inherit."""
+    if any(os.environ.get(key) for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    if train_run:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = client.get_run(train_run).info.experiment_id
+        return
+    found = client.get_experiment_by_name(model_name)
+    if found is None:
+        try:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = client.create_experiment(model_name)
+            return
+        except MlflowException:  # another job made it first
+            found = client.get_experiment_by_name(model_name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise UserError(f"The MLflow experiment {model_name!r}, where {model_name}'s runs go, is deleted: restore "
+                        f"it (mlflow experiments restore --experiment-id {found.experiment_id}) or choose "
+                        "another with MLFLOW_EXPERIMENT_NAME.")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = found.experiment_id
+
+
 def name_launch_run(name: str, job: str) -> str | None:
     """`mlflow run` makes a run for every entry point it starts (MLFLOW_RUN_ID). The jobs that log
     little or nothing into it (promote, rollback, serve) name it after what they did, so that the

@@ -95,6 +95,7 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
     _check_writable(Path(lf_args["output_dir"]) if lf_args.get("output_dir") else OUTPUTS_DIR, "output_dir")
     data = _check_data(lf_args)
 
+    tracking.use_model_experiment(cfg.registered_model_name, train_run=resume)  # a continuation beside its run
     with mlflow.start_run() as run:  # resumes the run `mlflow run` created (MLFLOW_RUN_ID)
         try:
             mlflow.set_tag(DRIVER_TAG, processes.identity())

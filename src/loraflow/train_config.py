@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loraflow import registry, tracking
+from loraflow import job_configs, registry, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 
@@ -60,15 +60,7 @@ _FIELDS_CACHE = PROJECT_ROOT / ".cache" / "llamafactory-fields"
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file {path} does not exist; pass -P config=<path to a YAML file>.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"Config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"Config file {path} must hold a mapping of keys to values.")
+    raw = job_configs.read_mapping(path, "Training config", "see configs/train/default.yaml")
     raw.update(overrides or {})
     return from_dict(raw, source=str(path))
 
