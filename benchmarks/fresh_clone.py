@@ -90,12 +90,14 @@ def main() -> None:
     with open(log_path, "w") as log:
         timed(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(opts.dest)], ROOT, log)
         setup_s = timed(["./setup.sh"], opts.dest, log, env)
-        save(setup_minutes=setup_s / 60)
+        python = str(opts.dest / ".venvs" / "train" / "bin" / "python")
+        save(setup_minutes=setup_s / 60, matmul_bf16_gflops_before=machine.matmul_gflops(python))
         mlflow = str(opts.dest / ".venvs" / "train" / "bin" / "mlflow")
         train_s = timed([mlflow, "run", ".", "-e", "train", "--env-manager", "local"], opts.dest, log, env)
         trained = figures(opts.dest / "mlflow.db")["train"]
         save(train_command_minutes=train_s / 60, command_1_minutes=(setup_s + train_s) / 60,
-             train_minutes=trained["train_runtime"] / 60, samples_seen=trained.get("samples_seen"))
+             train_minutes=trained["train_runtime"] / 60, samples_seen=trained.get("samples_seen"),
+             matmul_bf16_gflops_after=machine.matmul_gflops(python))
         evaluate_s = timed([mlflow, "run", ".", "-e", "evaluate", "--env-manager", "local",
                             "-P", f"model=models:/{MODEL}/1"], opts.dest, log, env)
     scores = figures(opts.dest / "mlflow.db")["evaluate"]
