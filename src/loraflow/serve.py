@@ -178,10 +178,8 @@ def _serving_run(stack: contextlib.ExitStack, name: str, registered_model: str) 
 
     client = MlflowClient()
     tracking.use_model_experiment(registered_model)
-    experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if not experiment:  # a name the user chose
-        found = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
-        experiment = found.experiment_id if found else client.create_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+    experiment = (os.environ.get("MLFLOW_EXPERIMENT_ID")
+                  or tracking.experiment_named(os.environ["MLFLOW_EXPERIMENT_NAME"]))  # a name the user chose
     run = client.create_run(experiment, run_name=name, tags={registry.JOB_TAG: "serve",
                                                              "mlflow.user": getpass.getuser()})
 

@@ -61,26 +61,32 @@ def use_model_experiment(model_name: str | None = None, train_run: str | None = 
     if any(os.environ.get(key) for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
         return
     from mlflow import MlflowClient
+
+    if train_run:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = MlflowClient().get_run(train_run).info.experiment_id
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_named(model_name)
+
+
+def experiment_named(name: str) -> str:
+    """The id of the experiment called `name`, made if there is none yet."""
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    if train_run:
-        os.environ["MLFLOW_EXPERIMENT_ID"] = client.get_run(train_run).info.experiment_id
-        return
-    found = client.get_experiment_by_name(model_name)
+    found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = client.create_experiment(model_name)
-            return
+            return client.create_experiment(name)
         except MlflowException:  # another job made it first
-            found = client.get_experiment_by_name(model_name)
+            found = client.get_experiment_by_name(name)
             if found is None:
                 raise
     if found.lifecycle_stage == "deleted":
-        raise UserError(f"The MLflow experiment {model_name!r}, where {model_name}'s runs go, is deleted: restore "
-                        f"it (mlflow experiments restore --experiment-id {found.experiment_id}) or choose "
-                        "another with MLFLOW_EXPERIMENT_NAME.")
-    os.environ["MLFLOW_EXPERIMENT_ID"] = found.experiment_id
+        raise UserError(f"The MLflow experiment {name!r}, where these runs go, is deleted: restore it (mlflow "
+                        f"experiments restore --experiment-id {found.experiment_id}) or choose another with "
+                        "MLFLOW_EXPERIMENT_NAME.")
+    return found.experiment_id
 
 
 def name_launch_run(name: str, job: str) -> str | None:
