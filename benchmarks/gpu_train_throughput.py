@@ -101,6 +101,10 @@ VARIANTS = {  # name: (parent, changes)
     # never materialises the 2,048 x 152,064 logits; rows of 4,096 tokens (one row ~ two_rows' step).
     "shipped_liger": ("shipped", {"enable_liger_kernel": True}),
     "four_rows": ("shipped", {"per_device_train_batch_size": 4}),
+    # The optimizer step the shipped config takes on its 4 workers (one row each, gradients
+    # averaged), on one GPU: four rows accumulated one at a time. Its loss curve is the shipped
+    # recipe's; four_rows computes the same step in one batch.
+    "accum4": ("shipped", {"gradient_accumulation_steps": 4}),
     "two_rows_liger": ("two_rows", {"enable_liger_kernel": True}),
     "long_rows": ("shipped", {"cutoff_len": 4096}),
     "shipped_again": ("shipped", {}),  # the shipped config once more, last: the call's own spread
