@@ -29,7 +29,9 @@ def free_port() -> int:
     a port from bind(0) can be handed out again to the next bind(0) (Ray starts a dozen services
     that way) before the test's server binds it ("Failed to bind to address")."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.sample(range(20_000, low), 200):
+    # SystemRandom: pytest-randomly reseeds `random` before every test, which would hand each test
+    # the same candidates.
+    for port in random.SystemRandom().sample(range(20_000, low), 200):
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

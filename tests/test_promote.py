@@ -17,6 +17,7 @@ import uuid
 import warnings
 
 import pytest
+from browser import chromium, page_text
 from conftest import ROOT
 from servers import mlflow_server, postgres_server
 
@@ -408,11 +409,15 @@ def test_promote_and_rollback_through_mlflow_run(tracking_uri, tmp_path):
     from mlflow import MlflowClient
 
     launched = MlflowClient().search_runs(["0"], order_by=["start_time ASC"])
+    names = [f"promote-viggo-smollm2-lora-v{v1}-Production", f"promote-viggo-smollm2-lora-v{v2}-Production",
+             f"rollback-viggo-smollm2-lora-to-v{v1}"]
     assert [(r.info.run_name, r.data.tags["loraflow.job"]) for r in launched if "loraflow.job" in r.data.tags] == [
-        (f"promote-viggo-smollm2-lora-v{v1}-Production", "promote"),
-        (f"promote-viggo-smollm2-lora-v{v2}-Production", "promote"),
-        (f"rollback-viggo-smollm2-lora-to-v{v1}", "rollback")]
+        (names[0], "promote"), (names[1], "promote"), (names[2], "rollback")]
     assert all(r.data.tags["mlflow.user"] for r in launched)  # who ran it
+    # and that is what a person reads in the MLflow UI's runs table
+    with mlflow_server(tracking_uri, str(tmp_path / "artifacts")) as url, chromium() as browser:
+        page_text(browser, f"{url}/#/experiments/0?workflowType=machine_learning", ["Run Name", *names],
+                  "mlflow-promote-runs.png")
 
 
 def _measured(scores: dict, version: str = "1"):
