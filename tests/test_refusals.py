@@ -271,6 +271,19 @@ def test_an_adapter_that_training_did_not_write_is_refused(tmp_path):
 
 # -- evaluate: its config, the model reference, the version's base model ------------------------
 
+def _bad_config(tmp_path: Path, changes, make) -> Path:
+    """A parametrised case's config file: "missing" (no file), text as written, or the shipped
+    config made by `make` with keys changed (and those under "drop" removed)."""
+    if changes == "missing":
+        return tmp_path / "nothing.yaml"
+    if isinstance(changes, str):
+        path = tmp_path / "config.yaml"
+        path.write_text(changes)
+        return path
+    changes = dict(changes)
+    return make(tmp_path, drop=changes.pop("drop", ()), **changes)
+
+
 def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
     raw = {k: v for k, v in yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text()).items()
            if k not in drop}
@@ -314,14 +327,7 @@ def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
 def test_evaluate_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
     from loraflow import evaluate
 
-    if changes == "missing":
-        path = tmp_path / "nothing.yaml"
-    elif isinstance(changes, str):
-        path = tmp_path / "eval.yaml"
-        path.write_text(changes)
-    else:
-        changes = dict(changes)
-        path = _eval_config(tmp_path, drop=changes.pop("drop", ()), **changes)
+    path = _bad_config(tmp_path, changes, _eval_config)
     assert refused(evaluate.main, ["--model", "models:/viggo-eval/1", "--config", str(path)], capsys) == (
         message.format(path=path))
     nothing_written()
@@ -418,14 +424,7 @@ def _serve_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path
 def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
     from loraflow import serve
 
-    if changes == "missing":
-        path = tmp_path / "nothing.yaml"
-    elif isinstance(changes, str):
-        path = tmp_path / "serve.yaml"
-        path.write_text(changes)
-    else:
-        changes = dict(changes)
-        path = _serve_config(tmp_path, drop=changes.pop("drop", ()), **changes)
+    path = _bad_config(tmp_path, changes, _serve_config)
     assert refused(serve.main, ["--name", "viggo-serve", "--config", str(path)], capsys) == message.format(path=path)
     nothing_written()
 
