@@ -186,7 +186,12 @@ def test_mlflow_run_serve_with_a_version_serves_that_one_and_stops_on_ctrl_c(reg
         assert launched.info.run_name == f"serve-{NAME}-v2"
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # mlflow run leads its own process group, as a shell's job does
-        log = output.all(timeout=120)
+        try:
+            log = output.all(timeout=120)
+        except AssertionError as exc:  # name what outlived Ctrl-C, then stop it: later tests start clean
+            left = _session_processes(proc.pid)
+            _kill_session(proc.pid)
+            raise AssertionError(f"still running 120 s after Ctrl-C: {left}") from exc
     # mlflow run says it cancels the run and exits 1 (click's "Aborted!"); serve shuts down cleanly.
     assert proc.wait(timeout=30) == 1, log[-3000:]
     assert "=== Run (ID " in log and ") interrupted, cancelling run ===" in log and "Aborted!" in log, log[-3000:]
@@ -829,6 +834,12 @@ def _assert_session_ends(session: int) -> None:
     while (left := _session_processes(session)) and time.monotonic() < deadline:
         time.sleep(1)
     assert left == [], f"processes of the session outlived it: {left}"
+
+
+def _kill_session(session: int) -> None:
+    for pid in _session_pids(session):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _session_pids(session: int) -> list[int]:
