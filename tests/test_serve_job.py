@@ -78,6 +78,8 @@ class ServeProcess:
 
     def running(self) -> tuple[subprocess.Popen, int, Path]:
         if self.proc is None or self.proc.poll() is not None:
+            if self.proc is not None:
+                _kill_session(self.proc.pid)  # what a stopped server left behind
             self.port, self.log = free_port(), self.folder / f"serve-{time.monotonic_ns()}.log"
             env = {**os.environ, "MLFLOW_TRACKING_URI": self.registry.url, "LORAFLOW_TEST_API_KEY": API_KEY}
             with open(self.log, "w") as out:
@@ -92,8 +94,10 @@ class ServeProcess:
         return self.proc, self.port, self.log
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """Every process of its session: serve, its S3 server and Ray's, which outlive a killed serve."""
+        if self.proc is not None:
+            _kill_session(self.proc.pid)
+            self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +177,8 @@ def test_mlflow_run_serve_with_a_version_serves_that_one_and_stops_on_ctrl_c(reg
         [str(mlflow_cli), "run", ".", "-e", "serve", "--env-manager", "local", "-P", f"name={NAME}",
          "-P", "version=2", "-P", f"config={_serve_config(tmp_path, port)}"], cwd=ROOT,
         env={**os.environ, "MLFLOW_TRACKING_URI": registry.url, "LORAFLOW_TEST_API_KEY": API_KEY},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=_as_a_terminals_job)
     output = Lines(proc)
     try:
         started = json.loads(output.until(lambda line: line.startswith('{"serving"'), timeout=600))
@@ -834,6 +839,13 @@ def _assert_session_ends(session: int) -> None:
     while (left := _session_processes(session)) and time.monotonic() < deadline:
         time.sleep(1)
     assert left == [], f"processes of the session outlived it: {left}"
+
+
+def _as_a_terminals_job() -> None:
+    """Ctrl-C reaches a job started from a terminal. A test run started in the background of a
+    non-interactive shell (`pytest &`, nohup, some CI runners) ignores SIGINT, and every process it
+    starts inherits that, Python included (it then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _kill_session(session: int) -> None:
