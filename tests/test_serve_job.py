@@ -582,15 +582,6 @@ def _start_canary(tmp_path: Path, weight: str, **policy) -> dict:
     return registry_contract.rollout(MlflowClient(), NAME)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of serve's session: the machine losing the server, Ray and all."""
-    for pid in _session_pids(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    _assert_session_ends(proc.pid)
-
-
 def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, serve_process, registry, tmp_path):
     """v2 as a 50% canary: 200 requests from 4 clients all succeed and are labelled, both versions
     answer in about equal shares, a request key always lands on the same version, a version asked
@@ -621,7 +612,9 @@ def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, se
     assert {ask(port, model=f"{MODEL_ID}:{NAME}-v1", max_tokens=1).parse().model for _ in range(10)} \
         == {f"{MODEL_ID}:{NAME}-v1"}
 
-    _kill_session(proc)
+    _kill_session(proc.pid)  # the machine losing the server, Ray and all
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    _assert_session_ends(proc.pid)
     _, port, _ = serve_process.running()
     status = _wait_for_status(port, lambda s: s["canary"] is not None)
     assert status["canary"] == {"version": "2", "serving": f"{NAME}-v2", "weight": 0.5,
@@ -849,6 +842,7 @@ def _as_a_terminals_job() -> None:
 
 
 def _kill_session(session: int) -> None:
+    """SIGKILL every process of a session (serve's: the server, its S3 server, Ray's)."""
     for pid in _session_pids(session):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

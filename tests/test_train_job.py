@@ -233,7 +233,6 @@ def test_failure_inside_llamafactory_marks_run_failed(tracking_uri, tmp_path, ve
 
 def test_interrupt_marks_run_killed_and_registers_nothing(tracking_uri, start_train):
     proc = start_train("--config", str(TINY_CONFIG), "--overrides", "{max_samples: 64}")
-    client = MlflowClient()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until training has logged its first step
         runs = _all_runs()
