@@ -41,6 +41,8 @@ More parts (issue 23 items 3 and 4):
   throughput   gpu_train_throughput.py's loop-only variants (`--variants`, each against the shipped
                config in the same call; liger-kernel's wheel, if carried in the carry folder as
                liger_kernel-0.8.5-py3-none-any.whl, is unpacked into /tmp/site);
+  profile@NAME gpu_profile_steps.py on that variant (`--samples` enough for 13 steps): the kernels of
+               three steady steps, as the train job's worker compiles them;
   project@NAME the entry point with that variant's settings on top of the shipped config (as
                overrides); project@best takes the fastest loop-only variant of `--pick-from` (a
                throughput part's results; those of an earlier call stay on a warm machine) if it beats
@@ -90,7 +92,8 @@ WORK = Path("/tmp/e2e")
 TRACKING_URI = f"sqlite:///{WORK}/mlflow.db"
 EXPERIMENT = "gpu-e2e"
 WARM_STEP = 20  # per-step time from this logged step on: compilation and first allocations are done
-SECONDS_NEEDED = {"bare": 110, "project": 185, "fault": 260, "throughput": 120, "smollm2": 420}  # rough, one H200
+SECONDS_NEEDED = {"bare": 110, "project": 185, "fault": 260, "throughput": 120, "smollm2": 420,
+                  "profile": 90}  # rough, one H200
 # The SmolLM2 GPU config through the entry point (issue 23 item 4): its own store, at a path that
 # can be made again on another machine, so that the store brought back evaluates there as it is.
 SMOL_CONFIG = "configs/train/smollm2-gpu.yaml"
@@ -865,6 +868,18 @@ def run_throughput(variants: str, samples: int, log, timeout: float) -> dict:
     return result
 
 
+def run_profile(variant: str, samples: int, log, timeout: float) -> dict:
+    """gpu_profile_steps.py on a variant: its kernels over three steady steps, sorted by GPU time."""
+    own_log = WORK / f"profile-{variant}.log"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_profile_steps.py"), "--model", str(MODEL),
+           "--variant", variant, "--samples", str(samples)]
+    code, _, wall = run_logged(cmd, child_env(), log, timeout, own_log)
+    lines = own_log.read_text(errors="replace").splitlines()
+    table = next((i for i, line in enumerate(lines) if line.startswith("---")), len(lines))
+    return {"kind": "profile", "variant": variant, "exit_code": code, "wall_s": wall, "command": " ".join(cmd),
+            "table": lines[table:]}
+
+
 def prepare_smollm2(gguf_dir: Path, log) -> dict:
     """The GGUF from its xz parts (sha256 checked), then the project's own conversion
     (`python -m loraflow.base_models --only smollm2`) into .cache/models/SmolLM2-135M-Instruct."""
@@ -1014,8 +1029,10 @@ def print_table(report: dict) -> None:
                 "registered_versions", "store_parts", "before_loop_s")}, default=str))
             print("smollm2 metrics:", json.dumps(r.get("metrics")), "prepare:",
                   json.dumps({k: v for k, v in r.get("prepare", {}).items() if k != "model_files_sha256"}))
-        if r.get("variant"):
+        if r["kind"] == "project" and r.get("variant"):
             print(f"project@{r['variant']}: {r.get('samples_per_s')} samples/s, step {r.get('step_s')} s")
+        if r["kind"] == "profile":
+            print("\n".join(line for line in r["table"] if "ms a step" in line))
         if r["kind"] == "fault":
             print("fault:", {k: r.get(k) for k in ("exit_code", "status", "last_logged_step_at_kill", "tags",
                                                    "checks", "first_log_after_kill_s", "registered_versions",
@@ -1117,6 +1134,8 @@ def main() -> None:
             result = run_fault(opts.samples, opts.save_steps, opts.kill_after, log, left - 5, client)
         elif kind == "throughput":
             result = run_throughput(opts.variants, opts.samples, log, left - 5)
+        elif kind == "profile":
+            result = run_profile(variant or "shipped", opts.samples, log, left - 5)
         elif kind == "smollm2":
             result = run_smollm2(opts.gguf_dir, opts.out.parent, log, left - 5, opts.smol_seed)
         elif kind == "bare":

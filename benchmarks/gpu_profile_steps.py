@@ -2,7 +2,7 @@
 11-13 of the variant's training path (the same as gpu_train_throughput.py), kernels sorted by GPU
 time. Comparing the sum of kernel time with the step time shows how long the GPU waits.
 
-    python benchmarks/gpu_profile_steps.py --model /tmp/qwen7b [--variant shipped]
+    python benchmarks/gpu_profile_steps.py --model /tmp/qwen7b [--variant shipped] [--samples 200]
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a model folder made by gpu_train_throughput.py")
     parser.add_argument("--variant", default="shipped")
+    parser.add_argument("--samples", type=int, default=200, help="enough for LAST steps (four_rows: 34 a step)")
     opts = parser.parse_args()
 
     import torch
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
 
-    args = bench.training_args(opts.variant, opts.model, samples=200)
+    from loraflow.ray_training import regional_compile_callback
+
+    args = bench.training_args(opts.variant, opts.model, samples=opts.samples)
 
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -54,7 +57,7 @@ def main() -> None:
                       f"{kernels / steps * 1e3:.0f} ms of it")
                 control.should_training_stop = True
 
-    run_exp(args, callbacks=[Profile()])
+    run_exp(args, callbacks=[regional_compile_callback(), Profile()])  # compiled as the train job's worker compiles
 
 
 if __name__ == "__main__":

@@ -107,6 +107,10 @@ VARIANTS = {  # name: (parent, changes)
     "accum4": ("shipped", {"gradient_accumulation_steps": 4}),
     "two_rows_liger": ("two_rows", {"enable_liger_kernel": True}),
     "long_rows": ("shipped", {"cutoff_len": 4096}),
+    # Inductor tunes each generated kernel's launch settings by measuring neighbours of its first
+    # choice (the pointwise and reduction kernels around the matrix products, memory-bound at four rows).
+    "four_rows_tuned": ("four_rows", {"ray_worker_env": {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1",
+                                                         "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}}),
     "shipped_again": ("shipped", {}),  # the shipped config once more, last: the call's own spread
 }
 
@@ -201,6 +205,8 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
 
+    from loraflow.ray_training import regional_compile_callback
+
     args = {**training_args(name, model_dir, samples), "logging_steps": 5}
 
     class Clock(TrainerCallback):
@@ -252,7 +258,7 @@ def train_one(name: str, model_dir: Path, samples: int, result_path: Path) -> No
             }
             result_path.write_text(json.dumps(result))
 
-    run_exp(args, callbacks=[Clock()])
+    run_exp(args, callbacks=[regional_compile_callback(), Clock()])  # compiled as the train job's worker compiles
 
 
 def main() -> None:

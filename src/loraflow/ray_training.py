@@ -169,15 +169,26 @@ def regional_compile_callback():
     accelerate 1.11 (LLaMA-Factory 0.9.5 allows no later one) compiles regions into a copy of the
     model whose forward, under mixed precision, stays bound to the original: the compiled layers
     never run (huggingface/accelerate#4188, #4253). Compiled in place, with accelerate's own
-    in-place helper and the Trainer's compile settings, they run whichever object is called."""
+    in-place helper and the Trainer's compile settings, they run whichever object is called.
+
+    On a GPU the loss is compiled too: it is no module, so no region holds it, and run eagerly it
+    writes the logits out again in float32, then their log-softmax, and reads both back for the
+    gradient; compiled, it reads the bfloat16 logits and writes their gradient (docs/benchmarks.md
+    part 5). On the CPU that traffic is not what a step waits for: no gain was measured there."""
+    import torch
     from accelerate.utils import TorchDynamoPlugin, compile_regions_deepspeed
     from transformers import TrainerCallback
 
     class RegionalCompileCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if args.torch_compile and os.environ.get("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION") == "1":
-                plugin = TorchDynamoPlugin(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
-                compile_regions_deepspeed(model, **plugin.to_kwargs())
+                compile_kwargs = TorchDynamoPlugin(backend=args.torch_compile_backend,
+                                                   mode=args.torch_compile_mode).to_kwargs()
+                compile_regions_deepspeed(model, **compile_kwargs)
+                if args.device.type == "cuda":
+                    # the model under PEFT's wrapper, which has no loss of its own
+                    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+                    causal_lm.loss_function = torch.compile(causal_lm.loss_function, **compile_kwargs)
 
         def on_train_end(self, args, state, control, **kwargs):
             """How many graphs torch.compile made: 0 with torch_compile on means the model ran uncompiled."""
