@@ -1032,7 +1032,7 @@ def print_table(report: dict) -> None:
         if r["kind"] == "project" and r.get("variant"):
             print(f"project@{r['variant']}: {r.get('samples_per_s')} samples/s, step {r.get('step_s')} s")
         if r["kind"] == "profile":
-            print("\n".join(line for line in r["table"] if "ms a step" in line))
+            print("\n".join(line for line in r["table"] if "ms a step" in line or "allocator retries" in line))
         if r["kind"] == "fault":
             print("fault:", {k: r.get(k) for k in ("exit_code", "status", "last_logged_step_at_kill", "tags",
                                                    "checks", "first_log_after_kill_s", "registered_versions",

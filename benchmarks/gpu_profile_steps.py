@@ -55,6 +55,10 @@ def main() -> None:
                 steps = LAST - FIRST
                 print(f"{opts.variant}: {seconds / steps * 1e3:.0f} ms a step (profiled), GPU kernels "
                       f"{kernels / steps * 1e3:.0f} ms of it")
+                memory = torch.cuda.memory_stats()
+                print(f"{opts.variant}: peak allocated {memory['allocated_bytes.all.peak'] / 2**30:.1f} GiB, "
+                      f"reserved {memory['reserved_bytes.all.peak'] / 2**30:.1f} GiB, "
+                      f"allocator retries {memory['num_alloc_retries']} (each frees cached blocks: a sync)")
                 control.should_training_stop = True
 
     run_exp(args, callbacks=[regional_compile_callback(), Profile()])  # compiled as the train job's worker compiles

@@ -111,6 +111,10 @@ VARIANTS = {  # name: (parent, changes)
     # choice (the pointwise and reduction kernels around the matrix products, memory-bound at four rows).
     "four_rows_tuned": ("four_rows", {"ray_worker_env": {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1",
                                                          "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}}),
+    # The CUDA caching allocator growing segments in place instead of splitting fixed ones: at four
+    # rows the step's peak is most of the GPU, where a fragmented cache frees and retries (a sync).
+    "four_rows_expandable": ("four_rows", {"ray_worker_env": {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1",
+                                                              "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}),
     "shipped_again": ("shipped", {}),  # the shipped config once more, last: the call's own spread
 }
 
