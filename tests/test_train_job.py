@@ -141,6 +141,53 @@ def test_the_default_configs_speed_settings_reach_the_worker_and_compile_its_lay
     assert run.data.metrics["torch_compile_graphs"] >= 1  # 0: the layers ran uncompiled
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_worker_compiles_the_loss_on_a_gpu_only_and_it_computes_the_same_loss(monkeypatch, device):
+    """The train job's compile callback on the tiny model under PEFT, as LLaMA-Factory hands it to
+    the Trainer: on a GPU it compiles the model's loss as well (the eager one writes the logits out
+    again in float32), on the CPU it leaves transformers' loss as it is; the compiled loss gives
+    the eager loss and gradients. (The device is what the Trainer's arguments say; the tensors stay
+    on this machine's CPU, where torch.compile runs the same way.)"""
+    import types
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from loraflow.ray_training import regional_compile_callback
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
+    base = AutoModelForCausalLM.from_pretrained(ROOT / ".cache" / "models" / "tiny-smollm2")
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear"))
+    model.train()
+    ids = torch.randint(0, base.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100  # the prompt's tokens, as LLaMA-Factory masks them
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    eager_loss, eager_grads = loss_and_grads()
+    args = types.SimpleNamespace(torch_compile=True, torch_compile_backend="inductor", torch_compile_mode=None,
+                                 device=torch.device(device))
+    regional_compile_callback().on_train_begin(args, None, None, model=model)
+    if device == "cpu":
+        assert base.loss_function is ForCausalLMLoss
+        return
+    assert base.loss_function is not ForCausalLMLoss and base.loss_function.__wrapped__ is ForCausalLMLoss
+    graphs = counters["stats"]["unique_graphs"]
+    compiled_loss, compiled_grads = loss_and_grads()
+    assert counters["stats"]["unique_graphs"] > graphs  # the loss (and the layers) ran compiled
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    for eager, compiled in zip(eager_grads, compiled_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
 def _worker_start_environment(proc: subprocess.Popen) -> dict[str, str]:
     """The environment the Ray Train worker of `proc`'s training started with (/proc/PID/environ
     holds a process's initial environment, not later changes to os.environ)."""
