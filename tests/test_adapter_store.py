@@ -143,3 +143,25 @@ def test_a_version_without_recorded_digests_is_refused(tracking_uri, bucket, tmp
     with pytest.raises(UserError, match="has no loraflow.adapter_sha256 tag, so its adapter files cannot be verified"):
         store.publish(MlflowClient().get_model_version(version.name, version.version))
     assert store.adapters() == []
+
+
+@pytest.mark.parametrize("relative", ["/{outside}/x", "../x", "./x", "a//b"])
+def test_a_store_key_that_leaves_the_folder_is_refused_and_nothing_is_written(bucket, tmp_path, relative):
+    import boto3
+
+    outside, dst = tmp_path / "outside", tmp_path / "dst"
+    outside.mkdir()
+    dst.mkdir()
+    store = adapter_store.LoraStore(bucket)
+    folder = "loraflow/adapters/viggo-store-test-v1"
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket="team-models", Key=f"{folder}/adapter_config.json", Body=b"{}")
+    key = f"{folder}/{relative.format(outside=str(outside).lstrip('/'))}"
+    s3.put_object(Bucket="team-models", Key=key, Body=b"written")
+    assert key in [o["Key"] for o in s3.list_objects_v2(Bucket="team-models")["Contents"]]  # stored as given
+
+    with pytest.raises(UserError) as refused:
+        store.download("viggo-store-test-v1", dst)
+    assert f"holds the key {key[len(folder) + 1:]!r}" in str(refused.value)
+    assert "nothing was downloaded" in str(refused.value)
+    assert list(outside.iterdir()) == [] and list(dst.iterdir()) == [] and not (tmp_path / "x").exists()

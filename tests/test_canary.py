@@ -20,9 +20,10 @@ POLICY = RolloutPolicy(weight=0.1, steps=(0.5,), min_requests=10, max_error_rate
                        max_validity_drop=0.05, max_p95_ratio=1.5)
 
 
-def figures(requests=100, errors=0, validity=0.98, p95=100.0) -> dict:
+def figures(requests=100, errors=0, validity=0.98, p95=100.0, scored=None) -> dict:
     return {"requests": requests, "errors": errors, "error_rate": errors / requests if requests else None,
-            "p50_ms": p95 / 2, "p95_ms": p95, "output_tokens": 0, "scored": requests, "parse_validity": validity}
+            "p50_ms": p95 / 2, "p95_ms": p95, "output_tokens": 0,
+            "scored": requests if scored is None else scored, "parse_validity": validity}
 
 
 @pytest.mark.unit
@@ -35,6 +36,10 @@ def figures(requests=100, errors=0, validity=0.98, p95=100.0) -> dict:
                                                 "parse validity 0.850 < Production's 0.980 - 0.050"]),
     (figures(validity=0.92), 0.1, "roll back", ["parse validity 0.920 < Production's 0.980 - 0.050"]),
     (figures(p95=151.0), 0.1, "roll back", ["p95 151 ms > 1.50 x Production's 100 ms"]),
+    # Streamed answers are counted, not scored: request counts alone never make it hold.
+    (figures(scored=9), 0.5, "wait", ["9 of 10 answers scored (streamed answers are not)"]),
+    (figures(scored=0, validity=None), 0.5, "wait", ["0 of 10 answers scored (streamed answers are not)"]),
+    (figures(scored=0, validity=None, errors=2), 0.1, "roll back", ["error rate 0.020 > 0.010"]),
 ])
 def test_the_verdict_waits_steps_up_promotes_or_rolls_back(candidate, weight, decision, reasons):
     assert canary.verdict(POLICY, weight, candidate, figures()) == canary.Verdict(decision, reasons)
@@ -211,3 +216,46 @@ def test_a_candidate_that_holds_but_fails_the_production_gate_is_rolled_back(ver
                               f"{NAME} v3 does not pass the Production gate (exact_match)")
     assert stages(NAME) == {"1": "Production", "2": "None", "3": "None", "4": "None"}
     assert registry.rollout(versions, NAME) is None
+
+
+# -- a person's change of Production wins over a rollout ---------------------------------------------
+HELD = canary.Verdict("promote", ["held at 50% over 100 requests"])
+
+
+def test_a_persons_promotion_during_a_canary_ends_it_and_the_servers_verdict_does_nothing(versions, capsys):
+    assert canary_main("2") == 0
+    judged = registry.rollout(versions, NAME)
+    assert judged["production"] == "1"
+    capsys.readouterr()
+    assert promote.main(["--name", NAME, "--version", "3", "--reason", "v3 now"]) == 0
+    assert f"{NAME} v2: canary stopped (Production changed: v3 moved to Production)" in capsys.readouterr().out
+    assert registry.rollout(versions, NAME) is None
+    v2 = versions.get_model_version(NAME, "2")
+    assert "canary" not in v2.aliases and v2.tags["loraflow.canary.result"] == "stopped"
+
+    # The server judged v2 before it saw the change: its verdict finds the rollout gone.
+    assert promote.finish_canary(NAME, judged, HELD, {}) == f"{NAME}: the rollout changed meanwhile; nothing done"
+    assert stages(NAME) == {"1": "Archived", "2": "None", "3": "Production", "4": "None"}
+    assert str(versions.get_model_version_by_alias(NAME, "production").version) == "3"
+
+
+def test_a_rollback_during_a_canary_ends_it(versions, capsys):
+    assert promote.main(["--name", NAME, "--version", "2"]) == 0
+    assert canary_main("3") == 0
+    capsys.readouterr()
+    assert promote.rollback_main(["--name", NAME, "--reason", "v2 misbehaves"]) == 0
+    assert f"{NAME} v3: canary stopped (Production rolled back to v1)" in capsys.readouterr().out
+    assert registry.rollout(versions, NAME) is None
+    assert stages(NAME) == {"1": "Production", "2": "Archived", "3": "None", "4": "None"}
+
+
+def test_a_verdict_against_a_production_changed_outside_loraflow_stops_the_rollout(versions):
+    assert canary_main("2") == 0
+    judged = registry.rollout(versions, NAME)
+    versions.transition_model_version_stage(NAME, "3", "Production", archive_existing_versions=False)  # the UI
+    versions.transition_model_version_stage(NAME, "1", "Archived")
+    assert promote.finish_canary(NAME, judged, HELD, {}) == (
+        f"{NAME} v2: canary stopped (Production is v3, not v1 that the canary was judged against; nothing judged)")
+    assert stages(NAME) == {"1": "Archived", "2": "None", "3": "Production", "4": "None"}
+    assert registry.rollout(versions, NAME) is None
+    assert versions.get_model_version(NAME, "2").tags["loraflow.canary.result"] == "stopped"

@@ -305,15 +305,38 @@ def test_concurrent_promotions_end_with_exactly_one_production(store, model_name
     assert not [m for m in MlflowClient().search_registered_models() if m.name == f"{model_name}.lock"]
 
 
-def test_lock_is_released_when_the_change_fails(store, model_name, tmp_path):
+def test_a_promotion_that_dies_part_way_releases_the_lock_and_the_next_change_completes_it(
+        store, model_name, tmp_path, capsys, monkeypatch):
     from mlflow import MlflowClient
 
-    add_version(model_name, GOOD, tmp_path)
+    for metrics in (GOOD, GOOD, GOOD):
+        add_version(model_name, metrics, tmp_path)
+    assert run_promote(capsys, model_name, "1")[0] == 0
+
+    def lost(*args):
+        raise ConnectionError("the tracking server went away")
+
+    with monkeypatch.context() as patched:  # dies after the stage moved, before the aliases
+        patched.setattr(promote, "_sync_alias", lost)
+        with pytest.raises(ConnectionError):
+            promote.main(["--name", model_name, "--version", "2", "--reason", "half"])
+    assert stages(model_name) == {"1": "Archived", "2": "Production", "3": "None"}
+    assert alias_target(model_name, "production") == "1"  # stage and alias disagree
     client = MlflowClient()
-    with pytest.raises(RuntimeError), locked(client, model_name):
-        raise RuntimeError("boom")
-    with locked(client, model_name, wait_s=1):
+    with locked(client, model_name, wait_s=1):  # the lock was released
         pass
+
+    code, out, _ = run_promote(capsys, model_name, "3", "Staging")  # any later change completes it first
+    assert code == 0
+    assert f"warning: {model_name}: completing a change left half done by " in out
+    assert "(v2 -> Production)" in out
+    assert alias_target(model_name, "production") == "2"
+    assert json.loads(client.get_registered_model(model_name).tags[registry.PRODUCTION_HISTORY_TAG]) == [1, 2]
+    v2 = version_info(model_name, "2")
+    assert (v2.tags["loraflow.promotion.stage"], v2.tags["loraflow.promotion.reason"]) == ("Production", "half")
+    assert "archived: v2 was promoted to Production" in version_info(model_name, "1").description
+    assert registry.PENDING_TAG not in client.get_registered_model(model_name).tags
+    assert stages(model_name) == {"1": "Archived", "2": "Production", "3": "Staging"}
 
 
 def test_a_lock_whose_holder_is_gone_is_broken(store, model_name, capsys):

@@ -81,15 +81,28 @@ class LoraStore:
         return name
 
     def download(self, name: str, dst: Path) -> Path:
-        """The store's copy of adapter `name`, in dst."""
+        """The store's copy of adapter `name`, in dst. Every key is checked before anything is
+        written: a key is the store's to choose, and `NAME//etc/x` or `NAME/../x` would otherwise
+        write outside dst."""
         s3 = self._s3()
         folder = f"{self.prefix}{name}/"
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
-            for item in page.get("Contents", []):
-                target = dst / item["Key"][len(folder):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(self.bucket, item["Key"], str(target))
+        keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
+                for item in page.get("Contents", [])]
+        targets = [(key, _inside(dst, key[len(folder):], f"{self.uri}/{name}")) for key in keys]
+        for key, target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(self.bucket, key, str(target))
         return dst
+
+
+def _inside(dst: Path, relative: str, where: str) -> Path:
+    """dst/relative, refused unless every segment is a plain name (no empty, `.` or `..` segment)."""
+    parts = relative.split("/")
+    target = dst.joinpath(*parts) if all(part not in ("", ".", "..") for part in parts) else None
+    if target is None or not target.resolve().is_relative_to(dst.resolve()):
+        raise UserError(f"The LoRA store's folder {where} holds the key {relative!r}, which is not a plain path "
+                        "inside it: nothing was downloaded. Delete that object; only loraflow should write there.")
+    return target
 
 
 def s3_settings() -> dict[str, str]:

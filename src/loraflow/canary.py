@@ -106,7 +106,9 @@ class Verdict:
 
 def verdict(policy: RolloutPolicy, weight: float, candidate: dict, production: dict) -> Verdict:
     """Judge the candidate's figures at the current share against the policy and Production's
-    figures over the same time."""
+    figures over the same time (both counted on the stable name's routed requests only). It may be
+    rolled back after `min_requests` requests, but it holds only once `min_requests` of its answers
+    were scored by the task's grammar."""
     if candidate["requests"] < policy.min_requests:
         return Verdict("wait", [f"{candidate['requests']} of {policy.min_requests} requests"])
     failed = []
@@ -123,6 +125,9 @@ def verdict(policy: RolloutPolicy, weight: float, candidate: dict, production: d
                       f"{production['p95_ms']:.0f} ms")
     if failed:
         return Verdict("roll back", failed)
+    if candidate["scored"] < policy.min_requests:  # never promoted on request counts alone
+        return Verdict("wait", [f"{candidate['scored']} of {policy.min_requests} answers scored "
+                                "(streamed answers are not)"])
     held = [f"held at {weight:.0%} over {candidate['requests']} requests"]
     return Verdict("step", held) if next_weight(policy, weight) is not None else Verdict("promote", held)
 

@@ -133,8 +133,21 @@ def promote(name: str, version: str, stage: str, reason: str, force: bool, confi
     _check_force(force, reason)
     client = MlflowClient()
     registry.find_version(name, number=version, client=client)  # fail before taking the lock
-    with registry_lock.locked(client, name):
+    with _changing(client, name):
         return _move(client, name, version, stage, reason, force, gates)
+
+
+@contextlib.contextmanager
+def _changing(client: MlflowClient, name: str):
+    """The registry lock, with a change that an earlier holder left half done completed first."""
+    with registry_lock.locked(client, name):
+        text = client.get_registered_model(name).tags.get(registry.PENDING_TAG)
+        if text:
+            change = json.loads(text)
+            print(f"warning: {name}: completing a change left half done by {change['by']} at {change['at']} "
+                  f"({change['summary']})", flush=True)
+            _apply(client, name, change)
+        yield
 
 
 def _gate(gates: dict[str, Gate], stage: str, candidate: ModelVersion, production: ModelVersion | None,
@@ -164,26 +177,93 @@ def _move(client: MlflowClient, name: str, version: str, stage: str, reason: str
     report, gate = _gate(gates, stage, candidate, production, force)
     if gate == "refused":
         return Promotion(True, gate, report, _refusal(name, candidate, report))
-    _transition(client, candidate, stage)
-    _sync_alias(client, candidate, stage)
     history = _history(client, name)
     if stage == "Production":
         history.append(int(candidate.version))
     elif production is not None and production.version == candidate.version:
         history = [v for v in history if v != int(candidate.version)]  # Production is now empty
-    _set_history(client, name, history)
-    _audit(client, candidate, stage, reason, gate, production, live)
+    change = _change(f"v{candidate.version} -> {stage}")
+    change["move"] = _move_of(candidate, stage, reason, gate, production, history, live, change["at"])
     lines = [f"{name} v{candidate.version}: {candidate.current_stage} -> {stage} (gate: {gate})"]
     if stage == "Production" and production is not None:
-        _note(client, production, f"archived: v{candidate.version} was promoted to Production")
+        change["move"]["previous_note"] = f"archived: v{candidate.version} was promoted to Production"
         lines.append(f"{name} v{production.version}: Production -> Archived")
-    rollout = registry.rollout(client, name) if stage in ("Production", "Archived") else None
-    if rollout is not None and rollout["version"] == str(candidate.version):
-        result = "promoted" if stage == "Production" else "stopped"
-        lines.append(_end_rollout(client, name, rollout, result, reason or f"moved to {stage}", live))
+    rollout = registry.rollout(client, name)
+    if rollout is not None:
+        ours = rollout["version"] == str(candidate.version)
+        changes_production = stage == "Production" or (production is not None and production.version ==
+                                                        candidate.version)
+        if ours and stage in ("Production", "Archived"):
+            result, why = ("promoted" if stage == "Production" else "stopped"), reason or f"moved to {stage}"
+        elif changes_production:  # a person's change of Production wins over the rollout judged against it
+            result, why = "stopped", f"Production changed: v{candidate.version} moved to {stage}"
+        else:
+            result = None
+        if result is not None:
+            change["end_rollout"] = _end_of(rollout, result, why, live)
+            lines.append(f"{name} v{rollout['version']}: canary {result} ({why})")
+    _apply(client, name, change)
     if report is not None and report.checks:
         lines.append(report.table())
     return Promotion(False, gate, report, "\n".join(lines))
+
+
+# -- changes of several writes -------------------------------------------------------------------
+# A registry change writes a stage, aliases, tags and descriptions one call at a time, and MLflow has
+# no transactions. So a change is recorded first as a whole (registry.PENDING_TAG on the registered
+# model), then carried out step by step, each step safe to repeat; the tag goes when all are done. A
+# process that dies part-way leaves the record, and the next locked operation on the model carries
+# it out again before its own (`_changing`).
+
+def _change(summary: str) -> dict:
+    return {"summary": summary, "by": registry_lock.holder(), "at": _now(), "move": None, "end_rollout": None}
+
+
+def _move_of(version: ModelVersion, stage: str, reason: str, gate: str, previous: ModelVersion | None,
+             history: list[int], live: dict | None, at: str) -> dict:
+    """A version's move to `stage`: its audit tags (latest move) and description line (all moves)."""
+    who = registry_lock.holder()
+    tags = {"stage": stage, "by": who, "at": at, "reason": reason, "gate": gate,
+            "metrics": json.dumps(registry.eval_metrics(version), sort_keys=True),
+            "previous_production": f"v{previous.version}" if previous is not None else "",
+            "live": json.dumps(live or {}, sort_keys=True)}
+    return {"version": str(version.version), "stage": stage, "history": history[-HISTORY_LENGTH:],
+            "previous": str(previous.version) if previous is not None else None, "previous_note": None,
+            "tags": {registry.PROMOTION_TAG_PREFIX + key: value for key, value in tags.items()},
+            "note": f"{version.current_stage} -> {stage} by {who}, gate {gate}" + (f": {reason}" if reason else "")}
+
+
+def _end_of(rollout: dict, result: str, reason: str, live: dict | None) -> dict:
+    """The rollout's candidate leaving it, with the outcome tagged on it."""
+    return {"version": rollout["version"], "result": result, "reason": reason,
+            "live": json.dumps(live or {}, sort_keys=True)}
+
+
+def _apply(client: MlflowClient, name: str, change: dict) -> None:
+    client.set_registered_model_tag(name, registry.PENDING_TAG, json.dumps(change, sort_keys=True))
+    move, end = change["move"], change["end_rollout"]
+    if move is not None:
+        version = registry.find_version(name, number=move["version"], client=client)
+        if version.current_stage != move["stage"]:
+            _transition(client, version, move["stage"])
+        _sync_alias(client, version, move["stage"])
+        _set_history(client, name, move["history"])
+        for key, value in move["tags"].items():
+            client.set_model_version_tag(name, move["version"], key, value)
+        _note(client, name, move["version"], move["note"], change["at"])
+        if move["previous_note"] and move["previous"]:
+            _note(client, name, move["previous"], move["previous_note"], change["at"])
+    if end is not None:
+        for key in ("result", "reason", "live"):
+            client.set_model_version_tag(name, end["version"], registry.CANARY_TAG_PREFIX + key, end[key])
+        client.set_model_version_tag(name, end["version"], registry.CANARY_TAG_PREFIX + "at", change["at"])
+        _note(client, name, end["version"], f"canary {end['result']}: {end['reason']}", change["at"])
+        with contextlib.suppress(MlflowException):  # a person may have removed the alias already
+            client.delete_registered_model_alias(name, registry.CANARY_ALIAS)
+        rollout = registry.rollout(client, name)
+        if rollout is not None and rollout["version"] == end["version"]:
+            client.delete_registered_model_tag(name, registry.ROLLOUT_TAG)  # last: servers stop routing to it
+    client.delete_registered_model_tag(name, registry.PENDING_TAG)
 
 
 # -- canary rollouts (canary.py) -------------------------------------------------------------------
@@ -199,7 +279,7 @@ def start_canary(name: str, version: str, weight: float | None, reason: str, for
     _check_force(force, reason)
     client = MlflowClient()
     registry.find_version(name, number=version, client=client)
-    with registry_lock.locked(client, name):
+    with _changing(client, name):
         candidate = registry.find_version(name, number=version, client=client)
         rollout = registry.rollout(client, name)
         ours = rollout is not None and rollout["version"] == str(candidate.version)
@@ -223,12 +303,16 @@ def start_canary(name: str, version: str, weight: float | None, reason: str, for
             return Promotion(True, gate, report, _refusal(name, candidate, report))
         state = rollout if ours else {
             "version": str(candidate.version), "started_at": _now(), "by": registry_lock.holder(),
+            "production": str(production.version),  # what it is judged against; a change of it ends the rollout
             "policy": policy.model_dump(), "gates": {stage: gate.model_dump() for stage, gate in gates.items()},
         }
-        _set_rollout(client, name, {**state, "weight": weight})
-        client.set_registered_model_alias(name, registry.CANARY_ALIAS, candidate.version)
         if not ours:
-            _audit(client, candidate, "Canary", reason, gate, production)
+            move = _move_of(candidate, "Canary", reason, gate, production, [], None, state["started_at"])
+            for key, value in move["tags"].items():
+                client.set_model_version_tag(name, candidate.version, key, value)
+            _note(client, name, candidate.version, move["note"], state["started_at"])
+        client.set_registered_model_alias(name, registry.CANARY_ALIAS, candidate.version)
+        _set_rollout(client, name, {**state, "weight": weight})  # last: what servers act on
         lines = [f"{name} v{candidate.version}: canary on {weight:.0%} of {name}@production's requests "
                  f"(gate: {gate}); v{production.version} serves the rest"]
         if report is not None and report.checks:
@@ -241,17 +325,22 @@ def finish_canary(name: str, rollout: dict, verdict: canary.Verdict, live: dict)
     share, Production (through promote's gates), or a rollback. Nothing is done when the rollout
     changed meanwhile (a person stopped or changed it)."""
     client = MlflowClient()
-    with registry_lock.locked(client, name):
+    with _changing(client, name):
         now = registry.rollout(client, name)
         if now is None or (now["version"], now["started_at"], now["weight"]) != \
                 (rollout["version"], rollout["started_at"], rollout["weight"]):
             return f"{name}: the rollout changed meanwhile; nothing done"
+        production = _production(client, name)
+        serving = str(production.version) if production is not None else None
+        if now.get("production") != serving:  # changed outside loraflow (the MLflow UI, its API)
+            return _end_rollout(client, name, now, "stopped", f"Production is {'v' + serving if serving else 'empty'}"
+                                f", not v{now.get('production')} that the canary was judged against; nothing judged")
         why = "canary: " + "; ".join(verdict.reasons)
         if verdict.decision == "step":
             weight = canary.next_weight(canary.policy_of(now), now["weight"])
             _set_rollout(client, name, {**now, "weight": weight})
-            _note(client, registry.find_version(name, number=now["version"], client=client),
-                  f"canary: {now['weight']:.0%} -> {weight:.0%} ({'; '.join(verdict.reasons)})")
+            _note(client, name, now["version"], f"canary: {now['weight']:.0%} -> {weight:.0%} "
+                  f"({'; '.join(verdict.reasons)})")
             return f"{name} v{now['version']}: canary {now['weight']:.0%} -> {weight:.0%}"
         if verdict.decision == "promote":
             gates = {stage: Gate.model_validate(gate) for stage, gate in now["gates"].items()}
@@ -269,15 +358,10 @@ def _set_rollout(client: MlflowClient, name: str, rollout: dict) -> None:
 def _end_rollout(client: MlflowClient, name: str, rollout: dict, result: str, reason: str,
                  live: dict | None = None) -> str:
     """The candidate leaves the rollout: alias and rollout tag removed, the outcome tagged on it."""
-    client.delete_registered_model_tag(name, registry.ROLLOUT_TAG)
-    with contextlib.suppress(MlflowException):  # a person may have removed the alias already
-        client.delete_registered_model_alias(name, registry.CANARY_ALIAS)
-    version = rollout["version"]
-    tags = {"result": result, "reason": reason, "at": _now(), "live": json.dumps(live or {}, sort_keys=True)}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, registry.CANARY_TAG_PREFIX + key, value)
-    _note(client, registry.find_version(name, number=version, client=client), f"canary {result}: {reason}")
-    return f"{name} v{version}: canary {result} ({reason})"
+    change = _change(f"canary v{rollout['version']} {result}")
+    change["end_rollout"] = _end_of(rollout, result, reason, live)
+    _apply(client, name, change)
+    return f"{name} v{rollout['version']}: canary {result} ({reason})"
 
 
 def _now() -> str:
@@ -288,7 +372,7 @@ def rollback(name: str, reason: str) -> tuple[str, str]:
     """Return Production to the version before the current one; (that version, what was done)."""
     client = MlflowClient()
     registry.registered_model(client, name)
-    with registry_lock.locked(client, name):
+    with _changing(client, name):
         production = _production(client, name)
         history = _history(client, name)
         while history and production is not None and history[-1] == int(production.version):
@@ -301,15 +385,19 @@ def rollback(name: str, reason: str) -> tuple[str, str]:
                             f"(Production now: {current}).")
         target = registry.find_version(name, number=str(history[-1]), client=client)
         registry.check_adapter_present(target)
-        _transition(client, target, "Production")
-        _sync_alias(client, target, "Production")
-        _set_history(client, name, history)
-        _audit(client, target, "Production", reason, "rollback", production)
+        change = _change(f"rollback to v{target.version}")
+        change["move"] = _move_of(target, "Production", reason, "rollback", production, history, None, change["at"])
         lines = [f"{name} v{target.version}: {target.current_stage} -> Production (rollback)"]
         if production is not None:
-            _note(client, production, f"rolled back: Production returned to v{target.version}"
-                  + (f" ({reason})" if reason else ""))
+            change["move"]["previous_note"] = (f"rolled back: Production returned to v{target.version}"
+                                               + (f" ({reason})" if reason else ""))
             lines.append(f"{name} v{production.version}: Production -> Archived")
+        rollout = registry.rollout(client, name)
+        if rollout is not None:  # judged against the Production that was rolled back
+            why = f"Production rolled back to v{target.version}"
+            change["end_rollout"] = _end_of(rollout, "stopped", why, None)
+            lines.append(f"{name} v{rollout['version']}: canary stopped ({why})")
+        _apply(client, name, change)
         return str(target.version), "\n".join(lines)
 
 
@@ -349,34 +437,12 @@ def _set_history(client: MlflowClient, name: str, history: list[int]) -> None:
     client.set_registered_model_tag(name, registry.PRODUCTION_HISTORY_TAG, json.dumps(history[-HISTORY_LENGTH:]))
 
 
-def _audit(client: MlflowClient, version: ModelVersion, stage: str, reason: str, gate: str,
-           previous: ModelVersion | None, live: dict | None = None) -> None:
-    """Who, when, why and on which evaluation (and live figures, after a canary), as tags (latest
-    move) and a description line (all moves)."""
-    now = _now()
-    who = registry_lock.holder()
-    metrics = registry.eval_metrics(version)
-    tags = {
-        "stage": stage,
-        "by": who,
-        "at": now,
-        "reason": reason,
-        "gate": gate,
-        "metrics": json.dumps(metrics, sort_keys=True),
-        "previous_production": f"v{previous.version}" if previous is not None else "",
-        "live": json.dumps(live or {}, sort_keys=True),
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(version.name, version.version, registry.PROMOTION_TAG_PREFIX + key, value)
-    _note(client, version, f"{version.current_stage} -> {stage} by {who}, gate {gate}"
-          + (f": {reason}" if reason else ""), now)
-
-
-def _note(client: MlflowClient, version: ModelVersion, text: str, when: str | None = None) -> None:
-    when = when or _now()
-    current = client.get_model_version(version.name, version.version).description or ""
-    client.update_model_version(version.name, version.version,
-                                description=f"{current}\n[{when}] {text}".strip())
+def _note(client: MlflowClient, name: str, version: str, text: str, when: str | None = None) -> None:
+    """Add a dated line to the version's description (all its moves), once."""
+    line = f"[{when or _now()}] {text}"
+    current = client.get_model_version(name, version).description or ""
+    if line not in current.splitlines():
+        client.update_model_version(name, version, description=f"{current}\n{line}".strip())
 
 
 def _refusal(name: str, candidate: ModelVersion, report: promotion_gates.GateReport) -> str:
