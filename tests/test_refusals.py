@@ -175,7 +175,8 @@ def test_train_refuses_a_remote_dataset_dir_that_cannot_be_downloaded(tracking_u
      "configs/train/default.yaml."),
     ("- lora_rank\n- dataset\n", "", "Training config {path} must hold a mapping of keys to values; see "
      "configs/train/default.yaml."),
-    (None, "{max_samples: 5", "overrides is not valid YAML: while parsing a flow mapping"),
+    (None, "{max_samples: 5", "overrides is not valid YAML (while parsing a flow mapping): write a mapping such as "
+     "'{{max_samples: 50}}'."),
     ({"ray_num_workers": 0}, "", "{path}: ray_num_workers must be at least 1, got 0."),
     ({"ray_max_failures": -2}, "", "{path}: ray_max_failures must be -1 (retry forever) or >= 0."),
     ({"drop": ("model_name_or_path",)}, "",
@@ -203,6 +204,44 @@ def test_train_refuses_a_bad_config_before_a_run(tracking_uri, tmp_path, capsys,
     assert got.startswith(expected), got
     if "YAML:" not in expected:
         assert got == expected
+    nothing_written()
+
+
+def test_a_credential_in_mlflow_run_overrides_is_refused_and_erased_from_the_store(tracking_uri, tmp_path):
+    """`mlflow run` logs -P overrides as a parameter of its run before train starts: the refusal
+    deletes it, so that the credential is in no parameter, tag or run name, nor in the database's bytes."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    secret = "hf_canary_s3cret_0836"
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", ".", "-e", "train", "--env-manager", "local",
+                           "-P", f"overrides={{hub_token: {secret}}}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    assert proc.returncode == 1, proc.stderr[-3000:]  # `mlflow run`'s own code for a failed entry point
+    assert f"error: Invalid training config:\n  hub_token in {ROOT / 'configs/train/default.yaml'} holds a " \
+           "credential (its name says so)." in proc.stderr, proc.stderr[-3000:]
+    client = MlflowClient()
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=ViewType.ALL)
+    assert run.info.status == "FAILED" and "config" in run.data.params and "overrides" not in run.data.params
+    assert secret not in json.dumps([run.data.params, run.data.tags, run.info.run_name])
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    assert all(secret.encode() not in path.read_bytes() for path in database.parent.glob("mlflow.db*"))
+
+
+@pytest.mark.parametrize("job", ["evaluate", "train"])
+def test_messages_name_the_store_without_the_uris_query(tracking_uri, tmp_path, capsys, monkeypatch, job):
+    """The URI's user info and query are where credentials travel: messages leave them out."""
+    from loraflow import evaluate, train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"{tracking_uri}?timeout=20")
+    run_id = "0123456789abcdef0123456789abcdef"
+    if job == "evaluate":
+        message = refused(evaluate.main, ["--model", run_id, "--config", str(_eval_config(tmp_path))], capsys)
+        assert message == f"Model reference {run_id!r}: there is no run with that id in {tracking_uri}."
+    else:
+        message = refused(train.main, ["--resume", run_id], capsys)
+        assert message == (f"resume={run_id}: there is no training run with that id and a logged config in "
+                           f"{tracking_uri}.")
     nothing_written()
 
 

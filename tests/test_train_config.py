@@ -105,24 +105,62 @@ def test_credentials_are_refused_in_configs(tmp_path, key):
     with pytest.raises(UserError) as err:
         train_config.load(path)
     assert str(err.value) == (
-        f"Invalid training config:\n  {key} in {path}: credentials do not belong in a config (it is logged to "
-        "MLflow as parameters); leave it out and set it in the environment instead (HF_TOKEN for the Hugging "
-        "Face Hub).")
+        f"Invalid training config:\n  {key} in {path} holds a credential (its name says so). Credentials do not "
+        "belong in a config, which is logged to MLflow: leave it out and set it in the environment instead (HF_TOKEN "
+        "for the Hugging Face Hub; for Ray workers, the environment of the Ray nodes).")
 
 
 @pytest.mark.parametrize("name", ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
-                                  "AWS_SESSION_TOKEN"])
+                                  "AWS_SESSION_TOKEN", "PGPASSWORD", "DB_PASS", "DATABASE_URL"])
 def test_credentials_are_refused_in_the_worker_environment(tmp_path, name):
+    path = _write(tmp_path, ray_worker_env={name: "s3cret-value", "NCCL_DEBUG": "INFO"})
     with pytest.raises(UserError) as err:
-        train_config.load(_write(tmp_path, ray_worker_env={name: "s3cret-value", "NCCL_DEBUG": "INFO"}))
-    assert f"ray_worker_env sets {name}, which look like credentials" in str(err.value)
+        train_config.load(path)
+    assert f"ray_worker_env.{name} in {path} holds a credential (its name says so)" in str(err.value)
     assert "environment of the Ray nodes" in str(err.value) and "s3cret-value" not in str(err.value)
 
 
+@pytest.mark.parametrize("key, value, why", [
+    ("ray_worker_env.HTTPS_PROXY", "http://user:s3cret-value@proxy.example:3128", "a password in its user info"),
+    ("ray_worker_env.HF_ENDPOINT", "https://s3cret-value@hub.example",
+     "a user name in it (https://NAME@host), which web servers take as a token"),
+    ("dataset_dir", "https://s3cret-value@data.example/viggo",
+     "a user name in it (https://NAME@host), which web servers take as a token"),
+    ("dataset_dir", "https://data.example/viggo?X-Amz-Signature=s3cret-value",
+     "the query parameter X-Amz-Signature"),
+], ids=["proxy_password", "endpoint_token", "dataset_dir_token", "dataset_dir_signature"])
+def test_a_credential_inside_a_value_is_refused(tmp_path, key, value, why):
+    """Values reach MLflow too (params, and config/train_config.yaml, which resume reads back)."""
+    top, _, name = key.partition(".")
+    path = _write(tmp_path, **{top: {name: value} if name else value})
+    with pytest.raises(UserError) as err:
+        train_config.load(path)
+    assert str(err.value).startswith(f"Invalid training config:\n  {key} in {path} holds a credential ({why}). ")
+    assert "s3cret-value" not in str(err.value)
+
+
 def test_names_that_only_contain_token_are_not_credentials(tmp_path):
-    cfg = train_config.load(_write(tmp_path, add_tokens="<x>", ray_worker_env={"TOKENIZERS_PARALLELISM": "false"}))
+    cfg = train_config.load(_write(tmp_path, add_tokens="<x>", ignore_pad_token_for_loss=True,
+                                   ray_worker_env={"TOKENIZERS_PARALLELISM": "false"}))
     assert cfg.llamafactory["add_tokens"] == "<x>"
     assert cfg.ray.ray_worker_env == {"TOKENIZERS_PARALLELISM": "false"}
+
+
+SECRET_NAMES = ["PGPASSWORD", "DB_PASS", "DATABASE_URL", "api-key", "x-api-key", "sslpassword", "X-Amz-Signature",
+                "X-Amz-Security-Token", "X-Amz-Credential", "hub_token", "HF_TOKEN", "token", "access_token",
+                "swanlab_api_key", "apikey", "AWS_SECRET_ACCESS_KEY", "client_secret", "private_key", "SENTRY_DSN",
+                "engine_env.HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "passphrase", "auth"]
+NOT_SECRET_NAMES = ["add_tokens", "TOKENIZERS_PARALLELISM", "max_new_tokens", "tokenizer", "passes",
+                    "ignore_pad_token_for_loss", "eos_token", "skip_special_tokens", "max_num_batched_tokens",
+                    "tokenizer_source", "author", "bypass", "compass", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3",
+                    "NCCL_DEBUG", "OMP_NUM_THREADS", "max_lora_rank", "VLLM_CPU_KVCACHE_SPACE", "sslmode", "PWD"]
+
+
+@pytest.mark.parametrize("name, secret", [(n, True) for n in SECRET_NAMES] + [(n, False) for n in NOT_SECRET_NAMES])
+def test_which_names_are_taken_for_credentials(name, secret):
+    from loraflow import tracking
+
+    assert tracking.looks_secret(name) is secret
 
 
 def test_tracking_uri_with_a_password_is_refused(monkeypatch):
@@ -135,14 +173,45 @@ def test_tracking_uri_with_a_password_is_refused(monkeypatch):
     assert "PGPASSWORD" in str(err.value) and "s3cret-pw" not in str(err.value)
 
 
-@pytest.mark.parametrize("query", ["token=abc123", "api_key=abc123", "x=1&access_token=abc123"])
-def test_tracking_uri_with_a_token_in_its_query_is_refused(monkeypatch, query):
+@pytest.mark.parametrize("uri, why", [
+    ("https://mlflow.example/?token=abc123", "the query parameter token"),
+    ("https://mlflow.example/?api_key=abc123", "the query parameter api_key"),
+    ("https://mlflow.example/?x=1&access_token=abc123", "the query parameter access_token"),
+    ("https://mlflow.example/?api-key=abc123", "the query parameter api-key"),
+    ("https://abc123@mlflow.example", "a user name in it (https://NAME@host), which web servers take as a token"),
+], ids=["token", "api_key", "access_token", "api-key", "userinfo_token"])
+def test_tracking_uri_with_a_token_in_it_is_refused(monkeypatch, uri, why):
     from loraflow import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://mlflow.example/?{query}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(UserError) as err:
         tracking.configure()
-    assert "MLFLOW_TRACKING_TOKEN" in str(err.value) and "abc123" not in str(err.value)
+    assert str(err.value) == (
+        f"MLFLOW_TRACKING_URI carries a credential ({why}). Leave it out of the URI and give it through the "
+        "environment instead: MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) for a "
+        "tracking server, PGPASSWORD or ~/.pgpass for PostgreSQL.")
+
+
+@pytest.mark.parametrize("uri", ["postgresql://loraflow@db.example:5432/mlflow", "sqlite:////tmp/mlflow.db",
+                                 "https://mlflow.example:5000", "s3://bucket/prefix", "INFO", "http://[::1"])
+def test_a_uri_without_a_credential_passes(uri):
+    """A database's user name is no secret (PGPASSWORD gives the password); a web host's user name is a token."""
+    from loraflow import tracking
+
+    assert tracking.uri_credential(uri) is None
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("postgresql://loraflow:pw@db.example:5432/mlflow?sslpassword=x", "postgresql://db.example:5432/mlflow"),
+    ("https://TOKEN@mlflow.example/path?api-key=x#frag", "https://mlflow.example/path"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ("sqlite:///mlflow.db?timeout=20", "sqlite:///mlflow.db"),
+    ("databricks", "databricks"),
+])
+def test_messages_show_a_uri_without_user_info_or_query(uri, shown):
+    from loraflow import tracking
+
+    assert tracking.display_uri(uri) == shown
 
 
 SMOLLM2_CONFIGS = [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("template") == "smollm2"]

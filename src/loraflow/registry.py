@@ -121,13 +121,19 @@ def rollout(client: MlflowClient, name: str) -> dict | None:
     return json.loads(text) if text else None
 
 
+def _store_shown() -> str:
+    from loraflow.tracking import display_uri  # tracking imports this module
+
+    return display_uri(mlflow.get_tracking_uri())
+
+
 def registered_model(client: MlflowClient, name: str):
     try:
         return client.get_registered_model(name)
     except MlflowException:
         names = sorted(m.name for m in client.search_registered_models() if not m.name.endswith(".lock"))
         raise UserError(
-            f"There is no registered model {name!r} in {mlflow.get_tracking_uri()}; registered models: "
+            f"There is no registered model {name!r} in {_store_shown()}; registered models: "
             f"{', '.join(names) or 'none'}. Train one with `mlflow run . -e train`."
         ) from None
 
@@ -184,7 +190,7 @@ def resolve(text: str) -> AdapterRef:
             run = client.get_run(text)
         except MlflowException:
             raise UserError(f"Model reference {text!r}: there is no run with that id in "
-                            f"{mlflow.get_tracking_uri()}.") from None
+                            f"{_store_shown()}.") from None
         return AdapterRef(text, text, f"runs:/{text}/{ADAPTER_ARTIFACT_PATH}", base_model(run.data.tags, text),
                           run.data.tags.get(BASE_MODEL_ID_TAG), None)
     version = find_version(*_parse_models_uri(text), client=client)

@@ -15,14 +15,52 @@ from loraflow.errors import UserError
 from loraflow.registry import JOB_TAG
 
 # Names of settings that hold credentials (hub_token, swanlab_api_key, HF_TOKEN, AWS_SECRET_ACCESS_KEY,
-# MLFLOW_TRACKING_PASSWORD, a URI's ?token=...): their values must never reach MLflow or a message.
-# A whole word, so that add_tokens or TOKENIZERS_PARALLELISM are not taken for one.
+# PGPASSWORD, DB_PASS, DATABASE_URL, x-api-key, X-Amz-Signature, a URI's ?token=...): their values must never
+# reach MLflow or a message. token, pass and the like only as a whole word (separated by _ . - or the
+# name's ends), so that add_tokens, max_new_tokens, TOKENIZERS_PARALLELISM or passes are not taken for one,
+# and not a tokenizer's special token (ignore_pad_token_for_loss, eos_token).
 _SECRET_NAME = re.compile(
-    r"(^|_)(token|secret|password|passwd|credentials?|auth)(_|$)|(api|access|private|secret)_?key", re.IGNORECASE)
+    r"password|passwd|passphrase|secret|credential|signature|(api|access|private)[_-]?key|(database|db)[_-]?ur[il]"
+    r"|(^|[_.-])(?<!(?:pad|eos|bos|unk|sep|cls)_)(token|pass|auth|authorization|sig|dsn|cookie)([_.-]|$)",
+    re.IGNORECASE)
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/?#]*@", re.IGNORECASE)
 
 
 def looks_secret(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
+
+
+def uri_credential(value: str) -> str | None:
+    """What in a URI carries a credential, or None: a password in its user info, a user name
+    before a web host (https://TOKEN@host; a database's user name is no secret), or a query
+    parameter named like a credential (?api-key=...)."""
+    try:
+        parts = urlsplit(value)
+        if parts.password:
+            return "a password in its user info"
+        if parts.username and parts.scheme in ("http", "https"):
+            return "a user name in it (https://NAME@host), which web servers take as a token"
+    except ValueError:  # not a URI (an unbalanced "[", a bad port)
+        return None
+    names = sorted({key for key, _ in parse_qsl(parts.query) if looks_secret(key)})
+    return f"the query parameter {', '.join(names)}" if names else None
+
+
+def credentials_in(values: dict[str, Any]) -> dict[str, str]:
+    """The keys of a config (nested ones dotted, e.g. engine_env.HF_TOKEN) that hold a credential,
+    each with why ("its name says so", or what its value's URI carries): what must reach neither
+    MLflow nor Ray. Messages name the key, never the value."""
+    found = {}
+    for key, value in flatten(values).items():
+        why = "its name says so" if looks_secret(key) else uri_credential(value)
+        if why:
+            found[key] = why
+    return found
+
+
+def display_uri(uri: str) -> str:
+    """A URI as messages show it: without its user info and query, where credentials travel."""
+    return _USERINFO.sub(r"\1", re.split(r"[?#]", uri, maxsplit=1)[0])
 
 
 def default_tracking_uri() -> str:
@@ -36,16 +74,13 @@ def configure() -> str:
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if urlsplit(uri).password:
-        # The URI travels to Ray workers and into messages; a password in it would leak there.
-        raise UserError("MLFLOW_TRACKING_URI contains a password. Leave it out of the URI and give it "
-                        "through the environment instead: MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
-                        "for a tracking server, PGPASSWORD or ~/.pgpass for PostgreSQL.")
-    secret_params = sorted({key for key, _ in parse_qsl(urlsplit(uri).query) if looks_secret(key)})
-    if secret_params:
-        raise UserError(f"MLFLOW_TRACKING_URI carries a credential in its query ({', '.join(secret_params)}). "
-                        "Leave it out of the URI and give it through the environment instead: "
-                        "MLFLOW_TRACKING_TOKEN for a tracking server.")
+    credential = uri_credential(uri)
+    if credential:
+        # The URI travels to Ray workers and into messages; a credential in it would leak there.
+        raise UserError(f"MLFLOW_TRACKING_URI carries a credential ({credential}). Leave it out of the URI and "
+                        "give it through the environment instead: MLFLOW_TRACKING_TOKEN (or "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) for a tracking server, "
+                        "PGPASSWORD or ~/.pgpass for PostgreSQL.")
     _check_reachable(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
@@ -104,6 +139,32 @@ def name_launch_run(name: str, job: str) -> str | None:
     return run_id
 
 
+def erase_launch_param(key: str) -> str | None:
+    """Delete the parameter `key` of this job's `mlflow run` run (MLFLOW_RUN_ID), which `mlflow run`
+    logged before the job started: for a credential the job refuses. MLflow has no API that changes
+    or deletes a parameter, so it is deleted in the store's database (in SQLite its bytes are
+    overwritten too). A tracking server's database is out of reach: returns what the user must do."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    import mlflow
+    from mlflow.store.tracking.dbmodels.models import SqlParam
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy import text
+
+    store = mlflow.MlflowClient()._tracking_client.store
+    if not isinstance(store, SqlAlchemyStore):
+        return (f"`mlflow run` has logged it as the parameter {key} of run {run_id} in "
+                f"{display_uri(mlflow.get_tracking_uri())}, where MLflow cannot delete a parameter: delete that run "
+                f"(mlflow runs delete --run-id {run_id}), have the store purged (mlflow gc on the server) and "
+                "replace the credential.")
+    with store.ManagedSessionMaker(read_only=False) as session:
+        if store.db_type == "sqlite":
+            session.execute(text("PRAGMA secure_delete = ON"))
+        session.query(SqlParam).filter(SqlParam.run_uuid == run_id, SqlParam.key == key).delete()
+    return None
+
+
 def _check_reachable(uri: str) -> None:
     """A tracking server that does not answer is named at once, rather than after MLflow's
     minutes of retries and a traceback."""
@@ -115,7 +176,7 @@ def _check_reachable(uri: str) -> None:
         return  # it answered (an auth proxy may refuse /health itself)
     except OSError as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"The tracking server {uri} cannot be reached ({reason}): start it, or point "
+        raise UserError(f"The tracking server {display_uri(uri)} cannot be reached ({reason}): start it, or point "
                         "MLFLOW_TRACKING_URI at a running one.") from None
 
 

@@ -87,7 +87,7 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
     if resume:
         (cfg, ray_name), config_path = _continuation_of(resume), f"runs:/{resume}/{_CONFIG_ARTIFACT}"
     else:
-        cfg, ray_name = train_config.load(config_path, overrides), None
+        cfg, ray_name = _load_config(config_path, overrides), None
     lf_args = _resolve_paths(cfg.llamafactory)
     if "://" not in cfg.ray.ray_storage_path:
         cfg.ray.ray_storage_path = str(Path(cfg.ray.ray_storage_path).expanduser().resolve())
@@ -108,6 +108,18 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
             raise
 
 
+def _load_config(config_path: str, overrides: dict[str, Any] | None) -> train_config.TrainConfig:
+    try:
+        return train_config.load(config_path, overrides)
+    except UserError as refused:
+        if not tracking.credentials_in(overrides or {}):
+            raise
+        # `mlflow run` logged the overrides as its run's parameter before this job started: a refused
+        # credential must not stay there.
+        left = tracking.erase_launch_param("overrides")
+        raise UserError(f"{refused} {left}" if left else str(refused)) from None
+
+
 def _continuation_of(run_id: str) -> tuple[train_config.TrainConfig, str]:
     """The config a killed or failed training ran with, and its Ray Train run's name, to continue it."""
     import mlflow
@@ -118,7 +130,7 @@ def _continuation_of(run_id: str) -> tuple[train_config.TrainConfig, str]:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/{_CONFIG_ARTIFACT}")
     except MlflowException:
         raise UserError(f"resume={run_id}: there is no training run with that id and a logged config in "
-                        f"{mlflow.get_tracking_uri()}.") from None
+                        f"{tracking.display_uri(mlflow.get_tracking_uri())}.") from None
     if run.info.status == "FINISHED":
         registered = run.data.tags.get(registry.REGISTERED_VERSION_TAG, "see its run")
         raise UserError(f"resume={run_id}: that training finished ({registered}); there is nothing to "

@@ -69,14 +69,15 @@ def parse_overrides(text: str) -> dict[str, Any]:
     """Config keys to replace, as a YAML mapping: '{max_samples: 50, resources_per_worker: {CPU: 1}}'."""
     if not text.strip():
         return {}
+    # The text is not repeated: it may hold a credential (hub_token=...), which from_dict refuses unshown.
     try:
         overrides = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"overrides is not valid YAML: {exc}") from exc
+        raise UserError(f"overrides is not valid YAML ({str(exc).splitlines()[0]}): write a mapping such as "
+                        "'{max_samples: 50}'.") from None
     if not isinstance(overrides, dict):
-        raise UserError(
-            f"overrides must be a YAML mapping such as '{{max_samples: 50}}', got {text!r}."
-        )
+        raise UserError(f"overrides must be a YAML mapping such as '{{max_samples: 50}}', not a "
+                        f"{type(overrides).__name__}.")
     return overrides
 
 
@@ -85,14 +86,16 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     own_raw = {k: raw[k] for k in raw if k in _LORAFLOW_KEYS}
     lf_raw = {k: v for k, v in raw.items() if k not in _RAY_KEYS and k not in _LORAFLOW_KEYS}
 
-    # A config is logged to MLflow as parameters: credentials (hub_token, swanlab_api_key, ...) never go in it.
-    secrets = [key for key in raw if tracking.looks_secret(str(key))]
-    problems: list[str] = [
-        f"{key} in {source}: credentials do not belong in a config (it is logged to MLflow as parameters); "
-        "leave it out and set it in the environment instead (HF_TOKEN for the Hugging Face Hub)."
-        for key in secrets
-    ]
-    lf_raw = {k: v for k, v in lf_raw.items() if k not in secrets}
+    # A config is logged to MLflow (as parameters, and whole as the artifact that resume reads back)
+    # and handed to Ray: credentials never go in it, by name (hub_token, ray_worker_env's HF_TOKEN)
+    # nor inside a value (https://TOKEN@host).
+    secrets = tracking.credentials_in(raw)
+    if secrets:
+        raise UserError("Invalid training config:\n  " + "\n  ".join(
+            f"{key} in {source} holds a credential ({why}). Credentials do not belong in a config, which is "
+            "logged to MLflow: leave it out and set it in the environment instead (HF_TOKEN for the Hugging Face "
+            "Hub; for Ray workers, the environment of the Ray nodes)." for key, why in secrets.items()))
+    problems: list[str] = []
     lf_args = _check_against(lf_raw, _llamafactory_fields(), problems, source)
     ray_specs = {k: _spec(v) for k, v in typing.get_type_hints(RaySettings).items()}
     ray_args = _check_against(ray_raw, ray_specs, problems, source)
@@ -118,11 +121,6 @@ def _check_ray_settings(ray: RaySettings, source: str) -> None:
     if bad_env:
         raise UserError(f"{source}: ray_worker_env must map variable names to strings (quote numbers, "
                         f"e.g. {{NCCL_DEBUG: \"INFO\", OMP_NUM_THREADS: \"4\"}}); got {bad_env!r}.")
-    secret_env = sorted(k for k in ray.ray_worker_env if tracking.looks_secret(k))
-    if secret_env:
-        raise UserError(f"{source}: ray_worker_env sets {', '.join(secret_env)}, which look like credentials; the "
-                        "config is logged to MLflow, so leave them out and set them in the environment of the "
-                        "Ray nodes instead (on a local instance: the environment you start the job in).")
     bad = {k: v for k, v in ray.resources_per_worker.items() if not _is_number(v) or v < 0}
     if bad or not ray.resources_per_worker:
         raise UserError(
