@@ -48,3 +48,13 @@ def test_a_verbose_flag_that_is_not_true_or_false_is_refused_before_the_job_runs
     assert run_job(lambda: ran.append(1), "interrupted", verbose="loud") == 2
     assert capsys.readouterr().err == "error: verbose must be true or false, not 'loud'.\n"
     assert ran == []
+
+
+def test_evaluate_logs_engine_env_by_name_only():
+    """evaluate's run parameters: the config, with engine_env's variables named and their values left out."""
+    from loraflow import evaluate
+
+    config = evaluate.load_config(str(ROOT / "configs/evaluate/default.yaml"))
+    params = evaluate.run_params(config.model_copy(update={"engine_env": {"OMP_NUM_THREADS": "value-not-logged"}}))
+    assert params["engine_env"] == "OMP_NUM_THREADS" and params["engine.max_lora_rank"] == "16"
+    assert "value-not-logged" not in repr(params)

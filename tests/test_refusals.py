@@ -372,6 +372,33 @@ def test_evaluate_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, cha
     nothing_written()
 
 
+SECRET = "hf_canary_s3cret_5150"  # planted in configs: it must show up nowhere
+CREDENTIAL_FIX = ("credentials do not belong in a config, which is logged to MLflow and shown on Ray's dashboard; "
+                  "leave it out and set it in the environment of the Ray nodes instead (on a local instance: the "
+                  "environment you start the job in), where the engines read it")
+
+
+@pytest.mark.parametrize("changes, found", [
+    ({"engine_env": {"HF_TOKEN": SECRET, "OMP_NUM_THREADS": "1"}}, "engine_env.HF_TOKEN holds a credential (its name "
+                                                                   "says so)"),
+    ({"engine": {"max_lora_rank": 16, "hf_token": SECRET}}, "engine.hf_token holds a credential (its name says so)"),
+    ({"dataset_dir": f"https://{SECRET}@data.example/viggo"},
+     "dataset_dir holds a credential (a user name in it (https://NAME@host), which web servers take as a token)"),
+], ids=["engine_env", "engine", "dataset_url"])
+def test_evaluate_refuses_a_credential_in_its_config_and_shows_it_nowhere(tracking_uri, tmp_path, capsys, changes,
+                                                                          found):
+    """The config becomes the run's parameters and engine_env Ray's runtime_env: refused before either exists."""
+    from loraflow import evaluate
+
+    path = _eval_config(tmp_path, **changes)
+    code = evaluate.main(["--model", "models:/viggo-eval/1", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err == f"error: Evaluation config {path}: {found}: {CREDENTIAL_FIX}; see configs/evaluate/default.yaml.\n"
+    assert SECRET not in out + err
+    nothing_written()  # no run: no parameter, tag or artifact
+
+
 def test_the_evaluate_script_refuses_an_engine_that_is_not_a_mapping(tracking_uri, tmp_path):
     """The process users start (it moves itself into the infer environment): exit 2, no traceback."""
     path = _eval_config(tmp_path, engine="bfloat16")
@@ -432,6 +459,27 @@ def _serve_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@pytest.mark.parametrize("where, key", [(("runtime_env", "env_vars"), "HF_TOKEN"), (("engine_kwargs",), "hf_token")],
+                         ids=["runtime_env", "engine_kwargs"])
+def test_serve_refuses_a_credential_in_llm_config_and_shows_it_nowhere(tracking_uri, tmp_path, capsys, where, key):
+    """LLMConfig's runtime_env and engine arguments are shown on Ray's dashboard."""
+    from loraflow import serve
+
+    llm_config = yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text())["llm_config"]
+    section = llm_config
+    for name in where:
+        section = section.setdefault(name, {})
+    section[key] = SECRET
+    path = _serve_config(tmp_path, llm_config=llm_config)
+    code = serve.main(["--name", "viggo-serve", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err == (f"error: Serving config {path}: llm_config.{'.'.join(where)}.{key} holds a credential (its name "
+                   f"says so): {CREDENTIAL_FIX}; see configs/serve/default.yaml.\n")
+    assert SECRET not in out + err
+    nothing_written()
 
 
 @pytest.mark.parametrize("changes, message", [

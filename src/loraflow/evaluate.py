@@ -104,7 +104,7 @@ def evaluate(model_ref: str, config_path: str) -> Evaluation:
                     registry.BASE_MODEL_TAG: ref.base_model,
                     registry.TRAIN_RUN_TAG: ref.run_id,
                 })
-                mlflow.log_params(tracking.flatten(config.model_dump()))
+                mlflow.log_params(run_params(config))
                 predictions, seconds = _generate(rows, passes, base_model, config)
                 metrics = _score_and_log(predictions, seconds, viggo)
                 if config.merge_adapter:
@@ -117,6 +117,12 @@ def evaluate(model_ref: str, config_path: str) -> Evaluation:
         return Evaluation(run.info.run_id, metrics)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_params(config: EvaluateConfig) -> dict[str, str]:
+    """The config as the run's parameters, engine_env by its variables' names only: their values are
+    the engines' business, not the UI's (credentials are refused by EvaluateConfig either way)."""
+    return tracking.flatten({**config.model_dump(), "engine_env": ",".join(sorted(config.engine_env))})
 
 
 def _test_rows(config: EvaluateConfig) -> list[dict]:
@@ -225,6 +231,7 @@ def processor_config(model_source: str, lora: tuple[str, str | None] | None, bas
     # by the base model's own tokenizer in every pass (the prompt training used).
     engine_kwargs["tokenizer"] = base_model
     bundle = config.resources_per_engine
+    # runtime_env and engine_kwargs are shown on Ray's dashboard: EvaluateConfig refuses credentials in them.
     return vLLMEngineProcessorConfig(
         model_source=model_source,
         engine_kwargs=engine_kwargs,

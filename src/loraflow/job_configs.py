@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraflow import tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import EVAL_METRICS
@@ -24,6 +25,17 @@ Metric = Literal[EVAL_METRICS]  # what an evaluation records (registry.EVAL_METR
 
 class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _refuse_credentials(values: dict[str, Any]) -> None:
+    """A job's config is logged to MLflow and handed to Ray, whose dashboard shows engine arguments and
+    runtime_env: credentials stay out of it (by name, e.g. HF_TOKEN, or in a URI), as in train configs."""
+    found = tracking.credentials_in(values)
+    if found:
+        raise ValueError("; ".join(f"{key} holds a credential ({why})" for key, why in found.items())
+                         + ": credentials do not belong in a config, which is logged to MLflow and shown on Ray's "
+                           "dashboard; leave it out and set it in the environment of the Ray nodes instead (on a "
+                           "local instance: the environment you start the job in), where the engines read it")
 
 
 # -- evaluate -------------------------------------------------------------------------------------
@@ -50,7 +62,9 @@ class EvaluateConfig(Schema):
     lora_store: str | None = Field(None, description="s3://bucket/prefix from which engines on other nodes "
                                                      "load the adapter; null: this machine's copy")
     engine_env: dict[str, str] = Field(default_factory=dict,
-                                       description="environment variables of the engine processes (quote numbers)")
+                                       description="environment variables of the engine processes (quote numbers); "
+                                                   "logged by name only, and no credentials (HF_TOKEN): set those "
+                                                   "in the environment of the Ray nodes")
 
     @field_validator("engine")
     @classmethod
@@ -60,6 +74,11 @@ class EvaluateConfig(Schema):
             raise ValueError(f"needs max_lora_rank, a whole number >= 1 (the largest adapter rank served), "
                              f"got {rank!r}")
         return engine
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> EvaluateConfig:
+        _refuse_credentials(self.model_dump())  # what evaluate logs as its run's parameters
+        return self
 
     @model_validator(mode="after")
     def _merge_is_local(self) -> EvaluateConfig:
@@ -110,7 +129,15 @@ class ServeConfig(Schema):
                                                                         "null: Ray picks one")
     ray_num_cpus: int | None = Field(ge=1, description="logical CPUs of a local Ray instance; ignored on a cluster")
     llm_config: dict[str, Any] = Field(description="ray.serve.llm.LLMConfig's fields; serve fills in model_source "
-                                                   "and the LoRA path")
+                                                   "and the LoRA path; no credentials (runtime_env's HF_TOKEN, "
+                                                   "engine_kwargs' hf_token): set those in the environment of the "
+                                                   "Ray nodes")
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> ServeConfig:
+        _refuse_credentials({"llm_config": self.llm_config})  # what Ray's dashboard shows
+        return self
+
 
     @field_validator("live_validity")
     @classmethod
