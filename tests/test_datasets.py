@@ -96,3 +96,47 @@ def test_remote_dataset_info_is_refused_before_any_download(viggo_copy, tmp_path
     assert message in str(refused.value) and f"{url}/dataset_info.json" in str(refused.value)
     assert not (tmp_path / "escaped.jsonl").exists() and not Path("/tmp/escaped.jsonl").exists()
     assert not any((tmp_path / "cache").glob("*/dataset_info.json"))  # nothing half-written
+
+
+SOURCE_KEYS = ["hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"]
+
+
+@pytest.mark.parametrize("key", SOURCE_KEYS)
+def test_a_dataset_read_from_elsewhere_than_its_file_is_refused(viggo_copy, key):
+    """LLaMA-Factory 0.9.5 (data/parser.py) reads these before file_name: data loraflow never checked nor hashed."""
+    info = json.loads((viggo_copy / "dataset_info.json").read_text())
+    info["viggo-val"][key] = "someone/else"
+    (viggo_copy / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(UserError) as refused:
+        datasets.load_datasets(str(viggo_copy), ["viggo-train", "viggo-val"])
+    assert str(refused.value) == (
+        f"{viggo_copy}/dataset_info.json: dataset 'viggo-val' has {key}, which LLaMA-Factory reads instead of its "
+        "file_name: data that loraflow can neither check nor record. Put the data in the dataset folder and name it "
+        "with file_name only.")
+
+
+@pytest.mark.parametrize("key", ["hf_hub_url", "cloud_file_name"])
+def test_a_remote_dataset_read_from_elsewhere_is_refused_before_any_download(viggo_copy, tmp_path, monkeypatch, key):
+    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
+    (viggo_copy / "dataset_info.json").write_text(json.dumps({"viggo-val": {"file_name": "val.jsonl", key: "x"}}))
+    with http_server(viggo_copy) as url, pytest.raises(UserError) as refused:
+        datasets.load_datasets(url, ["viggo-val"])
+    assert str(refused.value).startswith(f"{url}/dataset_info.json: dataset 'viggo-val' has {key}, which ")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_worker_trains_only_on_the_files_the_driver_checked(viggo_copy):
+    """The driver records each file's SHA-256 (and dataset_info.json's); a worker's copy must match."""
+    expected = datasets.expected_digests(datasets.load_datasets(str(viggo_copy), ["viggo-train", "viggo-val"]))
+    assert sorted(expected) == ["dataset_info.json", "train.jsonl", "val.jsonl"]
+    datasets.verify_digests(viggo_copy, expected)  # unchanged: nothing to say
+
+    with (viggo_copy / "val.jsonl").open("a") as rows:
+        rows.write('{"instruction": "x", "input": "y", "output": "z"}\n')
+    (viggo_copy / "train.jsonl").unlink()
+    with pytest.raises(UserError) as refused:
+        datasets.verify_digests(viggo_copy, expected)
+    assert str(refused.value) == (
+        f"The training data in {viggo_copy} is not what loraflow checked before the run: train.jsonl, val.jsonl "
+        "changed or went missing since. Keep dataset_dir unchanged while a training runs (on every Ray node), then "
+        "train again.")

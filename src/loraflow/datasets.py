@@ -17,6 +17,10 @@ from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 
 CACHE_DIR = PROJECT_ROOT / ".cache" / "datasets"
+INFO = "dataset_info.json"
+# Where LLaMA-Factory 0.9.5 reads a dataset from instead of its file_name, when an entry has one
+# (llamafactory/data/parser.py get_dataset_list): data that loraflow could neither check nor hash.
+_SOURCE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 _DEFAULT_ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 _DEFAULT_SHAREGPT_COLUMNS = {"messages": "conversations"}
 
@@ -24,9 +28,11 @@ _DEFAULT_SHAREGPT_COLUMNS = {"messages": "conversations"}
 @dataclass
 class DatasetFile:
     name: str  # the name in dataset_info.json, e.g. viggo-train
+    file_name: str  # its file in the dataset folder, as dataset_info.json names it
     source: str  # where it came from: a local path or the remote URL
     sha256: str
     rows: list[dict]
+    info_sha256: str  # of the dataset_info.json that named the file (expected_digests)
 
 
 def is_remote(location: str) -> bool:
@@ -56,6 +62,7 @@ def materialize(dataset_dir: str) -> Path:
         raise UserError(f"{where} must map dataset names to entries such as {{\"file_name\": \"train.jsonl\"}}.")
     for name, spec in info.items():
         _check_file_name(where, name, spec.get("file_name"))
+        _check_source(where, name, spec)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=_ensure(CACHE_DIR)))
     try:
         (staging / "dataset_info.json").write_text(json.dumps(info, indent=2))
@@ -79,10 +86,18 @@ def _check_file_name(where: str, name: str, file_name) -> None:
                         "folder; use a name relative to it, such as \"train.jsonl\".")
 
 
+def _check_source(where: str, name: str, spec: dict) -> None:
+    source = next((key for key in _SOURCE_KEYS if key in spec), None)
+    if source:
+        raise UserError(f"{where}: dataset {name!r} has {source}, which LLaMA-Factory reads instead of its file_name: "
+                        "data that loraflow can neither check nor record. Put the data in the dataset folder and "
+                        "name it with file_name only.")
+
+
 def load_datasets(dataset_dir: str, names: list[str]) -> list[DatasetFile]:
     """Check and read the named datasets; raise UserError naming the file and line at fault."""
     local = materialize(dataset_dir)
-    info = _read_info(local)
+    info, info_sha256 = _read_info(local)
     missing = [n for n in names if n not in info]
     if missing:
         raise UserError(
@@ -92,6 +107,7 @@ def load_datasets(dataset_dir: str, names: list[str]) -> list[DatasetFile]:
     files = []
     for name in names:
         spec = info[name]
+        _check_source(_join(dataset_dir, INFO), name, spec)
         if "file_name" not in spec:
             raise UserError(f"Dataset {name!r} in {local / 'dataset_info.json'} has no file_name.")
         path = local / spec["file_name"]
@@ -103,22 +119,41 @@ def load_datasets(dataset_dir: str, names: list[str]) -> list[DatasetFile]:
         rows = _read_rows(path)
         _check_columns(name, path, rows, _required_columns(spec))
         source = _join(dataset_dir, spec["file_name"]) if is_remote(dataset_dir) else str(path)
-        files.append(DatasetFile(name, source, _sha256(path), rows))
+        files.append(DatasetFile(name, spec["file_name"], source, _sha256(path), rows, info_sha256))
     return files
+
+
+def expected_digests(files: list[DatasetFile]) -> dict[str, str]:
+    """What a copy of the dataset folder must hold to be the data checked here (verify_digests): the
+    SHA-256 of each file by its name in the folder, dataset_info.json's included (it maps names to files)."""
+    return {INFO: files[0].info_sha256, **{f.file_name: f.sha256 for f in files}}
+
+
+def verify_digests(folder: Path, expected: dict[str, str]) -> None:
+    """Refuse a dataset folder whose files are not the ones checked before training: a Ray worker
+    reads its own copy of dataset_dir, later than the driver's check and perhaps on another node."""
+    changed = [name for name, digest in expected.items()
+               if not (folder / name).is_file() or _sha256(folder / name) != digest]
+    if changed:
+        raise UserError(f"The training data in {folder} is not what loraflow checked before the run: "
+                        f"{', '.join(sorted(changed))} changed or went missing since. Keep dataset_dir unchanged "
+                        "while a training runs (on every Ray node), then train again.")
 
 
 def split_names(value: str | None) -> list[str]:
     return [n.strip() for n in (value or "").split(",") if n.strip()]
 
 
-def _read_info(local: Path) -> dict:
+def _read_info(local: Path) -> tuple[dict, str]:
+    """dataset_info.json's mapping, and the SHA-256 of the bytes it was read from."""
+    text = (local / INFO).read_bytes()
     try:
-        info = json.loads((local / "dataset_info.json").read_text())
+        info = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{local / 'dataset_info.json'} is not valid JSON: {exc}") from exc
     if not isinstance(info, dict) or not all(isinstance(spec, dict) for spec in info.values()):
         raise UserError(f"{local / 'dataset_info.json'} must map dataset names to their specs.")
-    return info
+    return info, hashlib.sha256(text).hexdigest()
 
 
 def _read_rows(path: Path) -> list[dict]:

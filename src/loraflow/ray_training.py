@@ -29,15 +29,17 @@ FINAL_MARKER = "loraflow_final.json"  # present only in the checkpoint that hold
 COMPILED_GRAPHS_METRIC = "torch_compile_graphs"
 
 
-def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: dict[str, str]) -> Path:
-    """Train on Ray and return a local folder with the adapter and LLaMA-Factory's outputs."""
+def run(lf_args: dict[str, Any], ray: RaySettings, run_name: str, worker_env: dict[str, str],
+        data_sha256: dict[str, str]) -> Path:
+    """Train on Ray and return a local folder with the adapter and LLaMA-Factory's outputs. Each worker
+    trains only on the data the driver checked: `data_sha256` (datasets.expected_digests)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     board = None if console.verbose() else _progress_board()  # verbose: the trainer's own bars stream
     trainer = TorchTrainer(
         train_loop_per_worker=_train_worker,
-        train_loop_config={"lf_args": lf_args, "env": worker_env, "progress": board},
+        train_loop_config={"lf_args": lf_args, "env": worker_env, "progress": board, "data_sha256": data_sha256},
         scaling_config=ScalingConfig(
             num_workers=ray.ray_num_workers,
             use_gpu=ray.uses_gpu,
@@ -88,11 +90,12 @@ def _train_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
-    from loraflow.datasets import materialize
+    from loraflow.datasets import materialize, verify_digests
 
     os.environ.update(config["env"])  # MLflow run id and tracking URI for report_to: mlflow
     args = dict(config["lf_args"])
     args["dataset_dir"] = str(materialize(args["dataset_dir"]))
+    verify_digests(Path(args["dataset_dir"]), config["data_sha256"])  # this node's copy, read now
     resume = ray.train.get_checkpoint()
     if resume is not None:  # a restarted worker continues from the last committed checkpoint
         local = Path(tempfile.mkdtemp(prefix="loraflow-resume-"))

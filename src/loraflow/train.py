@@ -225,7 +225,7 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_name: str, resumes: 
         "MLFLOW_RUN_ID": run_id,
         "MLFLOW_MAX_LOG_PARAMS": "0",  # the config is logged above, under the user's own key names
     }
-    finished = ray_training.run(lf_args, cfg.ray, ray_name, worker_env)
+    finished = ray_training.run(lf_args, cfg.ray, ray_name, worker_env, datasets.expected_digests(data))
     try:
         results, adapter_sha256 = _log_outputs(finished)
     finally:
