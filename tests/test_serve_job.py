@@ -862,3 +862,60 @@ def _session_processes(session: int) -> list[str]:
     """The command lines of the processes in a session."""
     return [_read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
             for pid in _session_pids(session)]
+
+
+def test_a_pathological_1mb_prompt_is_traced_cut_while_other_clients_are_answered(server):
+    """Issue 36: a 1 MiB prompt that is one run of word characters without @ (quadratic for the
+    e-mail pattern shipped before: its trace's redaction held the ingress's GIL for hours) is
+    refused by the engine and traced cut to its first line, while 4 clients are answered, before
+    and after, none failing, no trace dropped. And what docs/canary.md says reaches a trace: not
+    the `user` field or the route key; no streamed answer (counted in the live figures, not scored)."""
+    _, port, log = server
+    first_line = "Blizzard North made Diablo II.\n"
+    prompt = first_line + "a.b-c_d+" * 131_072  # and 1 MiB of one run: no @, no whitespace
+    dropped = _stable_status(port)["traces_dropped"]
+    since_ms = int(time.time() * 1000)
+    answering, during = threading.Event(), {}
+    load = threading.Thread(target=lambda: during.update(
+        done=_load(port, 60, 4, on_done=lambda answered: answered >= 5 and answering.set())))
+    load.start()
+    assert answering.wait(timeout=120)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(port).chat.completions.create(model=f"{MODEL_ID}:production", max_tokens=8,
+                                             messages=[{"role": "user", "content": prompt}])
+    assert "1024" in refused.value.message
+    after = _load(port, 20, 4)  # while the refused prompt's trace is being written
+    load.join(timeout=600)
+    for served, failures in (during["done"], after):
+        assert failures == [] and {answer.model for answer in served} == {f"{MODEL_ID}:{NAME}-v1"}
+    assert (len(during["done"][0]), len(after[0])) == (60, 20)
+    run = _serving_run(log)
+    wanted = (f"tags.`{registry_contract.TRACE_VALID_TAG}` = 'error' AND timestamp_ms >= {since_ms}")
+    deadline = time.monotonic() + 60
+    while not (errors := MlflowClient().search_traces(locations=[run.info.experiment_id], filter_string=wanted)) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    [traced] = errors
+    assert (traced.info.state.value, traced.data.spans[0].inputs["messages"]) == \
+        ("ERROR", [{"role": "user", "content": f"{first_line}[... 1,048,576 characters cut]"}])
+
+    # A streamed answer and one whose request carries a `user` field and a route key.
+    before = _stable_status(port)["live"][f"{NAME}-v1"]
+    since_ms = int(time.time() * 1000)
+    list(client(port).chat.completions.create(model=f"{MODEL_ID}:production", max_tokens=4, stream=True,
+                                              messages=[{"role": "user", "content": "Streamed."}]))
+    client(port).chat.completions.create(model=f"{MODEL_ID}:production", max_tokens=4, temperature=0.0,
+                                         messages=[{"role": "user", "content": "Keyed."}], user="client-7",
+                                         extra_headers={"x-loraflow-route-key": "route-key-7"})
+    live = _stable_status(port)["live"][f"{NAME}-v1"]
+    assert (live["requests"] - before["requests"], live["scored"] - before["scored"]) == (2, 1)
+    wanted = f"tags.`{registry_contract.TRACE_MODEL_TAG}` = '{NAME}' AND timestamp_ms >= {since_ms}"
+    deadline = time.monotonic() + 60
+    while not (logged := MlflowClient().search_traces(locations=[run.info.experiment_id], filter_string=wanted)) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    [keyed] = logged  # one at a time, in order: the stream's would have been logged before it
+    assert keyed.data.spans[0].inputs == {"model": f"{MODEL_ID}:production", "max_tokens": 4, "temperature": 0.0,
+                                          "messages": [{"role": "user", "content": "Keyed."}]}
+    assert "client-7" not in keyed.to_json() and "route-key-7" not in keyed.to_json()
+    assert _stable_status(port)["traces_dropped"] == dropped

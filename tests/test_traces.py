@@ -5,8 +5,10 @@ on. test_serve_job.py checks the traces of a real server."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,10 @@ from loraflow.evaluate import chat_messages
 from loraflow.job_configs import ServeConfig, TracesConfig
 
 NAME = "viggo-traced"
-EMAIL = r"[\w.+-]+@[\w-]+(\.[\w-]+)+"
+SHIPPED = {name: tuple(yaml.safe_load((ROOT / f"configs/serve/{name}.yaml").read_text())["traces"]["redact"])
+           for name in ("default", "gpu")}
+EMAIL = SHIPPED["default"][0]
+OLD_PATTERNS = (r"[\w.+-]+@[\w-]+(\.[\w-]+)+", r"\+?\d[\d ()-]{7,}\d")  # shipped before issue 36: quadratic
 
 
 @pytest.mark.unit
@@ -49,6 +54,34 @@ def test_redaction_reaches_every_string_of_a_request():
     request = {"messages": [{"role": "user", "content": "ask ann.lee@example.co.uk, or bob@x.org"}], "max_tokens": 8}
     assert tracer._scrub(request) == {"messages": [{"role": "user", "content": "ask [REDACTED], or [REDACTED]"}],
                                       "max_tokens": 8}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("config", sorted(SHIPPED))
+@pytest.mark.parametrize("text, logged", [
+    ("ask ann.lee@example.co.uk, or bob@x.org", "ask [REDACTED], or [REDACTED]"),
+    ("<jo+tag@mail-server.example.com>.", "<[REDACTED]>."),
+    ("a@b.com+bob@c.com", "[REDACTED]"),  # one after another: one match (the old patterns: two)
+    ("call +44 20 7946 0958 or (555) 123-4567", "call [REDACTED] or ([REDACTED]"),
+    ("card 4111 1111 1111 1111, ref 1+5551234567", "card [REDACTED], ref 1[REDACTED]"),
+    ("user@localhost, @example.com, x@y, 12345678, Diablo II (1996) is 9/10",
+     "user@localhost, @example.com, x@y, 12345678, Diablo II (1996) is 9/10"),
+], ids=["e-mails", "in-brackets", "in-a-row", "phones", "card-and-plus", "none"])
+def test_the_shipped_patterns_start_only_where_a_run_starts_and_redact_what_the_old_ones_did(config, text, logged):
+    """A match that can start anywhere in a run of the characters it takes tries every start, each
+    to the run's end: quadratic. The shipped patterns try a run's start only, and redact the same
+    characters as the old ones."""
+    email, phone = (re.compile(pattern) for pattern in SHIPPED[config])
+    assert email.match("ann.lee@example.com", 1) is None and phone.match("+44 20 7946 0958", 2) is None
+    assert traces.Tracer(TracesConfig(redact=SHIPPED[config]), "run", "0")._scrub(text) == logged
+    assert _masked(SHIPPED[config], text) == _masked(OLD_PATTERNS, text)
+
+
+def _masked(patterns: tuple[str, ...], text: str) -> str:
+    """text with each character that the patterns redact, one after the other, masked."""
+    for pattern in patterns:
+        text = re.sub(pattern, lambda match: "\0" * len(match.group()), text)
+    return text
 
 
 class _Trace:
@@ -162,6 +195,57 @@ def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_trai
     assert train_run.data.metrics["samples_seen"] == 8
 
 
+def _logged(run_id: str) -> list:
+    """The traces of a run, in the order they were asked."""
+    found = MlflowClient().search_traces(locations=["0"], run_id=run_id, max_results=100)
+    return sorted(found, key=lambda trace: trace.info.request_time)
+
+
+def test_text_beyond_the_cap_is_cut_before_any_pattern_runs(tracking_uri):
+    """Each string is cut to TRACED_CHARS first, less the word the cut falls in, with how much
+    was cut: a pattern sees no more (this one would redact the x if it could see SECRET), and a
+    cut address never reaches the store."""
+    run_id = MlflowClient().create_run("0").info.run_id
+    tracer = traces.Tracer(TracesConfig(sample_rate=1.0, redact=(r"^x(?=[\s\S]*SECRET)", EMAIL)), run_id, "0")
+    prompt = "x " + "word " * 2000 + "SECRET"  # 10,008 characters; the cut falls between two words
+    answer = "a " * 4094 + "ann.lee@example.com and more"  # 8,216; the cut falls in the address
+    tracer.offer("chat", {"messages": [{"role": "user", "content": prompt}]}, answer, f"{NAME}-v1", "id", True, 1, 2)
+    tracer.flush()
+    [logged] = _logged(run_id)
+    span = logged.data.spans[0]
+    assert span.inputs == {"messages": [{"role": "user",
+                                         "content": "x " + "word " * 1638 + "[... 1,816 characters cut]"}]}
+    assert span.outputs == {"text": "a " * 4094 + "[... 28 characters cut]"}
+
+
+def test_the_queue_drops_what_would_pass_its_count_or_character_bound(tracking_uri, monkeypatch):
+    """While the logging thread is busy: a trace whose characters would take the queue past its
+    bound is dropped (and counted), as is one beyond its count; what was queued is logged."""
+    monkeypatch.setattr(traces, "_QUEUE_CHARS", 10_000)
+    monkeypatch.setattr(traces, "_QUEUE_SIZE", 2)
+    busy = threading.Event()
+    log_queued = traces.Tracer._log_queued
+    monkeypatch.setattr(traces.Tracer, "_log_queued", lambda self: (busy.wait(), log_queued(self)))
+    run_id = MlflowClient().create_run("0").info.run_id
+    tracer = traces.Tracer(TracesConfig(sample_rate=1.0), run_id, "0")
+
+    def offer(name: str, chars: int, at_ms: int) -> None:  # a request of `chars` characters, named by its first
+        request = {"messages": [{"role": "user", "content": name + "a" * (chars - len(name))}]}
+        tracer.offer("chat", request, "ok", f"{NAME}-v1", "id", True, at_ms * 1_000_000, at_ms * 1_000_000 + 1)
+
+    offer("first", 6_000, 1)
+    offer("too many characters", 4_000, 2)  # 6,000 + 4,000 + "user" and "ok" twice > 10,000
+    offer("fits", 3_980, 3)
+    offer("one too many", 10, 4)
+    assert tracer.dropped == 2
+    busy.set()
+    tracer.flush()
+    assert [t.data.spans[0].inputs["messages"][0]["content"][:5] for t in _logged(run_id)] == ["first", "fitsa"]
+    offer("after", 6_000, 5)  # what was logged left the bound
+    tracer.flush()
+    assert (len(_logged(run_id)), tracer.dropped) == (3, 2)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--version", "9"], f"error: {NAME} has no version 9; it has versions 1, 2."),
     (["--since", "yesterday"], "error: since 'yesterday' is not a time such as 2026-12-01"),
@@ -201,3 +285,4 @@ def test_mlflow_run_export_traces_writes_the_dataset_in_a_named_run(traced, tmp_
     [run] = client.search_runs([client.get_experiment_by_name("exports").experiment_id])
     assert (run.info.run_name, run.info.status, run.data.tags["loraflow.job"]) == \
         (f"export-traces-{NAME}", "FINISHED", "export_traces")
+

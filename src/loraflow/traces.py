@@ -7,7 +7,9 @@
   One background thread logs them, one at a time (serve turns MLflow's own concurrent export off
   in the ingress): a request never waits on the tracking server, the tracking server never gets
   more than one trace at once from a server, and when the queue is full a trace is dropped
-  rather than a request slowed.
+  rather than a request slowed. Every string is cut to TRACED_CHARS before any pattern runs, and
+  the queue is bounded by characters as well as by count, so that one huge request costs the
+  server no more than a normal one (a regular expression holds the GIL, the request path's too).
 - `mlflow run . -e export_traces` writes a registered model's logged chat traces to a folder in
   LLaMA-Factory's layout (dataset_info.json and a JSON Lines file with data/viggo's alpaca
   columns), which `train` takes as its dataset_dir.
@@ -37,6 +39,8 @@ from loraflow.jobs import run_job
 logger = logging.getLogger("loraflow.serve")
 REDACTED = "[REDACTED]"
 _QUEUE_SIZE = 1000  # traces waiting to be logged; beyond it they are dropped
+_QUEUE_CHARS = 16 * 2**20  # ... and the characters they hold
+TRACED_CHARS = 8192  # of each string; the rest is cut before any pattern runs
 _ALPACA = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
 
 
@@ -47,6 +51,8 @@ class Tracer:
         self._settings, self._run, self._experiment = settings, run_id, experiment_id
         self._redact = [re.compile(pattern) for pattern in settings.redact]
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_SIZE)
+        self._lock = threading.Lock()  # offer and the logging thread both change what is queued
+        self._queued_chars = 0
         self.dropped = 0
         if settings.sample_rate > 0:
             threading.Thread(target=self._log_queued, daemon=True).start()
@@ -56,17 +62,26 @@ class Tracer:
         """Queue this answered (or failed) request for logging, if the sample takes it."""
         if random.random() >= self._settings.sample_rate:
             return
-        try:
-            self._queue.put_nowait((endpoint, request, answer, adapter, route, valid, started_ns, ended_ns, error))
-        except queue.Full:
-            self.dropped += 1
+        request, answer, error = (_each_string(part, _cut) for part in (request, answer, error))  # O(cap) a string
+        chars = _chars((request, answer, error))
+        with self._lock:
+            if self._queued_chars + chars > _QUEUE_CHARS:
+                self.dropped += 1
+                return
+            try:
+                self._queue.put_nowait((endpoint, request, answer, adapter, route, valid, started_ns, ended_ns, error,
+                                        chars))
+            except queue.Full:
+                self.dropped += 1
+                return
+            self._queued_chars += chars
 
     def _log_queued(self) -> None:
         from mlflow import MlflowClient
 
         client = MlflowClient()
         while True:
-            endpoint, request, answer, adapter, route, valid, started_ns, ended_ns, error = self._queue.get()
+            endpoint, request, answer, adapter, route, valid, started_ns, ended_ns, error, chars = self._queue.get()
             name, number = registry.parse_adapter_id(adapter)  # the adapter's own model: a store may hold others'
             tags = {registry.TRACE_MODEL_TAG: name, registry.TRACE_VERSION_TAG: number,
                     registry.TRACE_ADAPTER_TAG: adapter, registry.TRACE_ROUTE_TAG: route,
@@ -84,6 +99,8 @@ class Tracer:
                     with contextlib.suppress(Exception):
                         client.end_trace(span.trace_id, status="ERROR")
             finally:
+                with self._lock:
+                    self._queued_chars -= chars
                 self._queue.task_done()
 
     def flush(self) -> None:
@@ -94,15 +111,45 @@ class Tracer:
         mlflow.flush_trace_async_logging()
 
     def _scrub(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for pattern in self._redact:
-                value = pattern.sub(REDACTED, value)
-            return value
-        if isinstance(value, dict):
-            return {key: self._scrub(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [self._scrub(item) for item in value]
-        return value
+        return _each_string(value, self._redacted)
+
+    def _redacted(self, text: str) -> str:
+        for pattern in self._redact:
+            text = pattern.sub(REDACTED, text)
+        return text
+
+
+def _each_string(value: Any, change) -> Any:
+    """value (a request: dicts and lists of strings, numbers...) with change applied to each string."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: _each_string(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_each_string(item, change) for item in value]
+    return value
+
+
+def _chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(map(_chars, value.values()))
+    if isinstance(value, (list, tuple)):
+        return sum(map(_chars, value))
+    return 0
+
+
+def _cut(text: str) -> str:
+    """text's first TRACED_CHARS characters, less the word the cut falls in (a cut e-mail address
+    would no longer match its pattern), and how many characters were cut."""
+    if len(text) <= TRACED_CHARS:
+        return text
+    head = text[:TRACED_CHARS]
+    if not text[TRACED_CHARS].isspace():
+        space = re.search(r"\s", head[::-1])  # the last whitespace; none: the whole head is one word
+        head = head[:len(head) - space.start()] if space else ""
+    return f"{head}[... {len(text) - len(head):,} characters cut]"
 
 
 # -- export -------------------------------------------------------------------------------------
