@@ -150,9 +150,12 @@ def postgres_server():
 
 class MlflowServer:
     """`mlflow server` with proxied artifacts on 127.0.0.1, on one port for its lifetime, so that
-    a test can take it away (stop) and bring it back (start) under the same URL."""
+    a test can take it away (stop) and bring it back (start) under the same URL. With
+    admin_password: MLflow's basic-auth app (`--app-name basic-auth`), whose user `admin` has that
+    password, its users in a store of its own."""
 
-    def __init__(self, backend_store_uri: str, artifacts_destination: str, env: dict | None = None):
+    def __init__(self, backend_store_uri: str, artifacts_destination: str, env: dict | None = None,
+                 admin_password: str | None = None):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._args = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
@@ -161,6 +164,15 @@ class MlflowServer:
         self._env = {**os.environ, **(env or {})}
         self._proc: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="mlflow-server-", suffix=".log", delete=False)
+        self._users = tempfile.mkdtemp(prefix="mlflow-users-")
+        if admin_password is not None:
+            config = Path(self._users, "basic_auth.ini")
+            # The cache: each user's password hash checked once, not on every request (seconds each job).
+            config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self._users}/users.db\n"
+                              "admin_username = admin\nauth_cache_ttl_seconds = 600\n")
+            self._args += ["--app-name", "basic-auth"]
+            self._env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                             MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())  # for its CSRF checks
 
     def start(self) -> None:
         self._proc = subprocess.Popen(self._args, stdout=self._log, stderr=subprocess.STDOUT, env=self._env)
@@ -191,12 +203,14 @@ class MlflowServer:
     def __exit__(self, *exc) -> None:
         self.stop()
         os.unlink(self._log.name)
+        shutil.rmtree(self._users, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict | None = None):
+def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict | None = None,
+                  admin_password: str | None = None):
     """An MlflowServer for the length of a with-block; yields its URL once /health answers."""
-    with MlflowServer(backend_store_uri, artifacts_destination, env) as server:
+    with MlflowServer(backend_store_uri, artifacts_destination, env, admin_password) as server:
         yield server.url
 
 

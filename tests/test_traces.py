@@ -15,9 +15,10 @@ import pytest
 import yaml
 from conftest import ROOT, TINY_CONFIG, VIGGO, run_train
 from mlflow import MlflowClient
+from servers import mlflow_server
 from test_promote import GOOD, add_version
 
-from loraflow import datasets, job_configs, registry, traces
+from loraflow import datasets, job_configs, promote, registry, traces
 from loraflow.errors import UserError
 from loraflow.evaluate import chat_messages
 from loraflow.job_configs import ServeConfig, TracesConfig
@@ -131,7 +132,7 @@ def traced(tracking_uri, tmp_path):
     completion. Logged by the Tracer the server uses, into one serving run."""
     versions = [add_version(NAME, GOOD, tmp_path) for _ in range(2)]
     client = MlflowClient()
-    run = client.create_run("0", run_name=f"serve-{NAME}@production")
+    run = client.create_run("0", run_name=f"serve-{NAME}@production", tags={registry.JOB_TAG: "serve"})
     tracer = traces.Tracer(TracesConfig(sample_rate=1.0, redact=(EMAIL,)), run.info.run_id, "0")
     rows = [json.loads(line) for line in (VIGGO / "test.jsonl").read_text().splitlines()[:8]]
     rows[2]["input"] += " Ask me at jo@example.com."
@@ -195,6 +196,26 @@ def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_trai
     assert train_run.data.metrics["samples_seen"] == 8
 
 
+def test_only_traces_of_a_servers_run_are_exported(traced, tmp_path):
+    """Anyone who can log to the store can log a trace with loraflow's tags: one logged in a run
+    that is no server's, and one in no run (in another experiment), are no rows."""
+    rows, _ = traced
+    client = MlflowClient()
+    elsewhere = client.create_experiment("elsewhere")
+    not_served = client.create_run("0", run_name="train-x", tags={registry.JOB_TAG: "train"}).info.run_id
+    injected = {"model": "smollm2:production", "messages": [{"role": "user", "content": "Injected\nrow"}]}
+    for run_id, experiment in ((not_served, "0"), (None, elsewhere)):
+        tracer = traces.Tracer(TracesConfig(sample_rate=1.0), run_id, experiment)
+        tracer.offer("chat", injected, "inform(name[X])", f"{NAME}-v1", "production", True, 0, 1)
+        tracer.flush()
+    wanted = f"tags.`{registry.TRACE_MODEL_TAG}` = '{NAME}'"
+    assert len(client.search_traces(locations=["0", elsewhere], filter_string=wanted, max_results=100)) == 12
+
+    out = tmp_path / "served"
+    assert traces.main(["--name", NAME, "--out", str(out)]) == 0
+    assert [json.loads(line) for line in (out / "served.jsonl").read_text().splitlines()] == rows
+
+
 def _logged(run_id: str) -> list:
     """The traces of a run, in the order they were asked."""
     found = MlflowClient().search_traces(locations=["0"], run_id=run_id, max_results=100)
@@ -246,10 +267,53 @@ def test_the_queue_drops_what_would_pass_its_count_or_character_bound(tracking_u
     assert (len(_logged(run_id)), tracer.dropped) == (3, 2)
 
 
+def test_a_failed_request_is_an_error_trace_and_answers_and_errors_are_redacted(tracking_uri):
+    """docs/canary.md: the answer's text and a failure's message are redacted as the request is;
+    a failed request's trace has status ERROR, no outputs, its message and the verdict `error`."""
+    run_id = MlflowClient().create_run("0").info.run_id
+    tracer = traces.Tracer(TracesConfig(sample_rate=1.0, redact=SHIPPED["default"]), run_id, "0")
+    request = {"messages": [{"role": "user", "content": "Who is ann@example.com?"}]}
+    tracer.offer("chat", request, "Mail ann@example.com or call +1 555 123 4567.", f"{NAME}-v1", "id", True,
+                 1_000_000, 2_000_000)
+    tracer.offer("chat", request, None, f"{NAME}-v1", "id", None, 3_000_000, 4_000_000,
+                 error="no adapter for ann@example.com")
+    tracer.flush()
+    answered, failed = _logged(run_id)
+    assert (answered.info.state.value, answered.data.spans[0].outputs) == \
+        ("OK", {"text": f"Mail {traces.REDACTED} or call {traces.REDACTED}."})
+    span = failed.data.spans[0]
+    assert (failed.info.state.value, failed.info.tags[registry.TRACE_VALID_TAG], span.outputs,
+            span.attributes["error"], span.inputs["messages"][0]["content"]) == \
+        ("ERROR", "error", None, f"no adapter for {traces.REDACTED}", f"Who is {traces.REDACTED}?")
+
+
+def test_a_trace_that_fails_to_be_written_is_ended_as_error_not_left_in_progress(tracking_uri, monkeypatch):
+    """docs/canary.md: the tracking store refusing a trace's end fails no request and leaves no
+    trace in progress; the next trace is written as usual."""
+    end_trace = MlflowClient.end_trace
+    refusals = iter([True])
+
+    def refuse_once(self, trace_id, **kwargs):
+        if next(refusals, False):
+            raise ConnectionError("the tracking server went away")
+        return end_trace(self, trace_id, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "end_trace", refuse_once)
+    run_id = MlflowClient().create_run("0").info.run_id
+    tracer = traces.Tracer(TracesConfig(sample_rate=1.0), run_id, "0")
+    for at in (1_000_000, 3_000_000):  # ns; traces are ordered by their start in ms
+        tracer.offer("chat", {"messages": [{"role": "user", "content": "hi"}]}, "ok", f"{NAME}-v1", "id", True, at,
+                     at + 1)
+    tracer.flush()
+    assert [(t.info.state.value, t.data.spans[0].outputs) for t in _logged(run_id)] == \
+        [("ERROR", None), ("OK", {"text": "ok"})]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--version", "9"], f"error: {NAME} has no version 9; it has versions 1, 2."),
     (["--since", "yesterday"], "error: since 'yesterday' is not a time such as 2026-12-01"),
-    (["--since", "2999-01-01"], f"error: No logged chat traces of {NAME} match"),
+    (["--since", "2999-01-01"],
+     f"error: No logged chat traces of {NAME} from a server's run (tagged loraflow.job=serve) match"),
     (["--valid-only", "maybe"], "error: valid-only must be true or false, not 'maybe'."),
     (["--dataset", "../x"], "error: dataset '../x' must be a plain name such as served"),
 ])
@@ -286,3 +350,41 @@ def test_mlflow_run_export_traces_writes_the_dataset_in_a_named_run(traced, tmp_
     assert (run.info.run_name, run.info.status, run.data.tags["loraflow.job"]) == \
         (f"export-traces-{NAME}", "FINISHED", "export_traces")
 
+
+def test_a_basic_auth_tracking_server_serves_jobs_what_the_credentials_in_the_environment_allow(
+        tracking_uri, tmp_path, monkeypatch, capsys):
+    """README: an `mlflow server --app-name basic-auth`. A job sends MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD: without them, or as a user with the default READ permission, promote
+    exits 2 saying what to do and changes nothing; as the admin it promotes."""
+    import mlflow
+    from mlflow.server import get_app_client
+
+    def login(user: str, password: str) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"),
+                       admin_password="admin-password-1") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        try:
+            login("admin", "admin-password-1")
+            version = add_version(NAME, GOOD, tmp_path)
+            get_app_client("basic-auth", tracking_uri=url).create_user("reader", "reader-password-1")
+            login("reader", "reader-password-1")
+            capsys.readouterr()
+            assert promote.main(["--name", NAME, "--version", version]) == 2
+            assert capsys.readouterr().err == "error: The tracking server refused the request: its user 'reader' " \
+                                              "lacks the permission; an admin of its basic-auth app can grant it.\n"
+            for unset in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                monkeypatch.delenv(unset)
+            assert promote.main(["--name", NAME, "--version", version]) == 2
+            assert capsys.readouterr().err == "error: The tracking server refused the request as unauthenticated: " \
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to one of its users (or " \
+                "MLFLOW_TRACKING_TOKEN), or check them if set.\n"
+            login("admin", "admin-password-1")
+            assert MlflowClient().get_model_version(NAME, version).current_stage == "None"
+            assert promote.main(["--name", NAME, "--version", version]) == 0
+            assert MlflowClient().get_model_version(NAME, version).current_stage == "Production"
+        finally:
+            mlflow.set_tracking_uri(tracking_uri)

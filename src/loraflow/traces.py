@@ -12,7 +12,8 @@
   server no more than a normal one (a regular expression holds the GIL, the request path's too).
 - `mlflow run . -e export_traces` writes a registered model's logged chat traces to a folder in
   LLaMA-Factory's layout (dataset_info.json and a JSON Lines file with data/viggo's alpaca
-  columns), which `train` takes as its dataset_dir.
+  columns), which `train` takes as its dataset_dir. Only traces whose source run is a server's
+  (tagged loraflow.job=serve) are read: a trace anyone logs elsewhere is no training row.
 """
 
 from __future__ import annotations
@@ -178,14 +179,15 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
     if since:
         conditions.append(f"timestamp_ms >= {_epoch_ms(since)}")
     rows, skipped = [], 0
-    for trace in _search(client, " AND ".join(conditions)):
+    for trace in _search(client, " AND ".join(conditions), _serving_runs()):
         row = _alpaca_row(trace)
         if row is None:
             skipped += 1
         else:
             rows.append(row)
     if not rows:
-        raise UserError(f"No logged chat traces of {name} match ({' AND '.join(conditions)}; {skipped} others). "
+        raise UserError(f"No logged chat traces of {name} from a server's run (tagged {registry.JOB_TAG}=serve) "
+                        f"match ({' AND '.join(conditions)}; {skipped} others). "
                         "A server logs traces when its serving config sets traces.sample_rate above 0.")
     rows.sort(key=lambda row: row.pop("_at"))
     if any("system" in row for row in rows):  # a column that some rows have, every row has (empty: the default)
@@ -207,15 +209,26 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
             "filter": " AND ".join(conditions)}
 
 
-def _search(client, filter_string: str):
+def _serving_runs() -> dict[str, str]:
+    """The servers' runs (tagged loraflow.job=serve) in every experiment: run id -> experiment id.
+    Anyone who can log to the store can log a trace with loraflow's tags; only a server's are rows."""
     import mlflow
 
-    experiments = [e.experiment_id for e in mlflow.search_experiments()]  # every page
+    runs = mlflow.search_runs(filter_string=f"tags.`{registry.JOB_TAG}` = 'serve'", search_all_experiments=True,
+                              output_format="list")
+    return {run.info.run_id: run.info.experiment_id for run in runs}
+
+
+def _search(client, filter_string: str, runs: dict[str, str]):
+    """The traces that match filter_string and were logged in one of runs."""
+    from mlflow.tracing.constant import TraceMetadataKey
+
+    experiments = sorted(set(runs.values()))
     token = None
-    while True:
+    while experiments:
         page = client.search_traces(locations=experiments, filter_string=filter_string, max_results=500,
                                     page_token=token)
-        yield from page
+        yield from (trace for trace in page if trace.info.trace_metadata.get(TraceMetadataKey.SOURCE_RUN) in runs)
         token = page.token
         if not token:
             return
