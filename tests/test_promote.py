@@ -23,6 +23,7 @@ from servers import mlflow_server, postgres_server
 
 from loraflow import promote, registry
 from loraflow.errors import UserError
+from loraflow.evaluate import record_evaluation
 from loraflow.registry_lock import locked
 
 # Figures that pass configs/promote/default.yaml, near the default recipe's own (quality-default.json).
@@ -61,7 +62,6 @@ def model_name() -> str:
 def add_version(name: str, metrics: dict[str, float] | None, tmp_path) -> str:
     """Register a version like train does; record `metrics` like evaluate does (None: not evaluated)."""
     import mlflow
-    from mlflow import MlflowClient
 
     adapter = tmp_path / f"adapter-{uuid.uuid4().hex[:6]}"
     adapter.mkdir()
@@ -70,8 +70,8 @@ def add_version(name: str, metrics: dict[str, float] | None, tmp_path) -> str:
         mlflow.log_artifacts(str(adapter), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
     version = registry.register_adapter(name, run.info.run_id, {"loraflow.base_model": "tiny"}, "test adapter",
                                         registry.file_digests(adapter))
-    for key, value in (metrics or {}).items():
-        MlflowClient().set_model_version_tag(name, version.version, f"loraflow.eval.{key}", str(value))
+    if metrics is not None:
+        record_evaluation(name, str(version.version), metrics, run.info.run_id)
     return str(version.version)
 
 
@@ -284,15 +284,20 @@ def test_concurrent_promotions_end_with_exactly_one_production(store, model_name
     script = (
         "import os, sys, time\n"
         f"sys.argv = ['promote', '--name', {model_name!r}, '--version', sys.argv[1]]\n"
-        f"while not os.path.exists({str(start)!r}): time.sleep(0.001)\n"
         "from loraflow.promote import main\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready-' + sys.argv[1]), 'w').close()\n"
+        f"while not os.path.exists({str(start)!r}): time.sleep(0.001)\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
     procs = [subprocess.Popen([sys.executable, "-c", script, v], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in versions]
 
-    time.sleep(8)  # let every process import mlflow and wait at the start line
+    deadline = time.monotonic() + 120  # every process has imported mlflow and waits at the start line
+    while not all((tmp_path / f"ready-{v}").exists() for v in versions):
+        assert time.monotonic() < deadline and all(proc.poll() is None for proc in procs), \
+            [proc.communicate()[0] for proc in procs if proc.poll() is not None]
+        time.sleep(0.05)
     start.touch()
     outputs = [proc.communicate(timeout=180)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * len(procs), outputs
@@ -357,8 +362,9 @@ def test_a_lock_whose_holder_is_gone_is_broken(store, model_name, capsys):
 
 
 def test_a_slow_live_holder_keeps_its_lock_and_others_time_out(store, model_name, monkeypatch):
-    """A holder that takes longer than STALE_AFTER_S keeps its lock through its heartbeat; a second
-    change waits wait_s, then gives up naming the holder, and leaves the lock alone."""
+    """A holder that takes longer than STALE_AFTER_S keeps its lock through its heartbeat, also after
+    a beat failed with an error of any kind; a second change waits wait_s, then gives up naming the
+    holder, and leaves the lock alone."""
     import threading
 
     from mlflow import MlflowClient
@@ -370,8 +376,17 @@ def test_a_slow_live_holder_keeps_its_lock_and_others_time_out(store, model_name
     client = MlflowClient()
     holding, release = threading.Event(), threading.Event()
 
+    class FirstBeatLost(MlflowClient):
+        lost = False
+
+        def set_registered_model_tag(self, *args, **kwargs):
+            if not FirstBeatLost.lost:
+                FirstBeatLost.lost = True
+                raise ConnectionError("the tracking server did not answer")
+            return super().set_registered_model_tag(*args, **kwargs)
+
     def slow_holder() -> None:
-        with locked(client, model_name):
+        with locked(FirstBeatLost(), model_name):
             holding.set()
             release.wait(30)
 
@@ -388,6 +403,7 @@ def test_a_slow_live_holder_keeps_its_lock_and_others_time_out(store, model_name
         f"{registry_lock.holder()} while it changes {model_name}.). Try again when it ends; if that process is "
         f"gone, delete the registered model '{model_name}.lock' (it is removed automatically once its holder "
         "has sent no heartbeat for 3 s).")
+    assert FirstBeatLost.lost
     release.set()
     first.join()
     assert not [m for m in client.search_registered_models() if m.name == f"{model_name}.lock"]
@@ -448,7 +464,8 @@ def _measured(scores: dict, version: str = "1"):
     from types import SimpleNamespace
 
     keys = ("exact_match", "slot_f1", "parse_validity", "intent_accuracy", "rows")
-    return SimpleNamespace(version=version, tags={f"loraflow.eval.{k}": str(scores[k]) for k in keys if k in scores})
+    tags = {f"loraflow.eval.{k}": str(scores[k]) for k in keys if k in scores}
+    return SimpleNamespace(version=version, tags={**tags, "loraflow.eval.run_id": "measured"})
 
 
 @pytest.mark.unit
@@ -492,3 +509,31 @@ def test_every_way_of_naming_a_version_resolves_to_it(store, model_name, tmp_pat
     by_run = registry.resolve(target.run_id)
     assert (by_run.version, by_run.artifact_uri, by_run.label) == (
         None, f"runs:/{target.run_id}/adapter", f"run-{target.run_id[:8]}")
+
+
+@SQLITE_ONLY
+def test_an_evaluation_recorded_part_way_counts_as_none(store, model_name, tmp_path, capsys, monkeypatch):
+    """Writes cut short (the tracking server gone) leave no figures that gates would read: neither
+    the new evaluation's first ones nor the old one's."""
+    from mlflow import MlflowClient
+
+    add_version(model_name, GOOD, tmp_path)
+    writes = []
+
+    def lost_after_two(self, name, version, key, value):
+        writes.append(key)
+        if len(writes) > 2:
+            raise ConnectionError("the tracking server went away")
+        return original(self, name, version, key, value)
+
+    original = MlflowClient.set_model_version_tag
+    with monkeypatch.context() as patched:
+        patched.setattr(MlflowClient, "set_model_version_tag", lost_after_two)
+        with pytest.raises(ConnectionError):
+            record_evaluation(model_name, "1", {**GOOD, "exact_match": 0.10}, "second-evaluation")
+    version = version_info(model_name, "1")
+    assert registry.EVAL_RUN_TAG not in version.tags and registry.eval_metrics(version) == {}
+    code, _, err = run_promote(capsys, model_name, "1")
+    assert code == 2 and "v1 has no evaluation yet: run `mlflow run . -e evaluate" in err
+    record_evaluation(model_name, "1", {"exact_match": 0.7, "rows": 10.0}, "third-evaluation")
+    assert registry.eval_metrics(version_info(model_name, "1")) == {"exact_match": 0.7, "rows": 10.0}

@@ -261,6 +261,30 @@ def test_train_refuses_to_resume_a_finished_training(tracking_uri, capsys):
     assert store_state() == before
 
 
+def test_train_refuses_to_resume_a_training_stopped_after_it_registered(tracking_uri, capsys, tmp_path):
+    """SIGTERM right after registration: the run ends KILLED with its version registered, and the
+    tag that says so unwritten. A resume would register the same adapter a second time."""
+    import mlflow
+
+    from loraflow import registry, train
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"loraflow.job": "train", "loraflow.registered_model": "viggo-tiny-lora",
+                         "loraflow.ray_run": "loraflow_sft-0123abcd"})
+        mlflow.log_text(TINY_CONFIG.read_text(), "config/train_config.yaml")
+        mlflow.log_artifacts(str(adapter), registry.ADAPTER_ARTIFACT_PATH)
+    mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
+    registry.register_adapter("viggo-tiny-lora", run.info.run_id, {}, "test", registry.file_digests(adapter))
+    before = store_state()
+    assert refused(train.main, ["--resume", run.info.run_id], capsys) == (
+        f"resume={run.info.run_id}: that training registered viggo-tiny-lora version 1 before it was stopped; "
+        "there is nothing to continue. Evaluate that version, or start a new training.")
+    assert store_state() == before
+
+
 @pytest.mark.parametrize("driver, message", [
     (None, "that run is still marked RUNNING and records no driver process, so loraflow cannot tell whether it "
            "still trains. Stop it first, or wait until it ends."),

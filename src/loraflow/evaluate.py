@@ -7,6 +7,7 @@ version for promotion gates."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -23,6 +24,7 @@ from loraflow import (
     job_configs,
     ray_cluster,
     registry,
+    registry_lock,
     tracking,
 )
 from loraflow.envs import PROJECT_ROOT
@@ -113,7 +115,7 @@ def evaluate(model_ref: str, config_path: str) -> Evaluation:
                 mlflow.end_run("KILLED")
                 raise
         if ref.version is not None:
-            _tag_version(ref.version, metrics, run.info.run_id)
+            record_evaluation(ref.version.name, str(ref.version.version), metrics, run.info.run_id)
         return Evaluation(run.info.run_id, metrics)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -329,12 +331,22 @@ def _log_intent_views(rows, metrics: dict[str, float], viggo) -> None:
     plt.close(fig)
 
 
-def _tag_version(version, metrics: dict[str, float], eval_run_id: str) -> None:
+def record_evaluation(name: str, number: str, metrics: dict[str, float], eval_run_id: str) -> None:
+    """The figures promotion gates check, onto the version, under the registry lock. The evaluation's
+    run tag is removed first and written last: the figures count only with it (registry.eval_metrics),
+    so writes cut short leave a version with no evaluation, to evaluate again, not a mix of two."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    for key in registry.EVAL_METRICS:  # what promotion gates may check
-        if key in metrics:
-            client.set_model_version_tag(version.name, version.version, registry.EVAL_TAG_PREFIX + key,
-                                         f"{metrics[key]:.6f}")
-    client.set_model_version_tag(version.name, version.version, registry.EVAL_RUN_TAG, eval_run_id)
+    with registry_lock.locked(client, name):
+        with contextlib.suppress(MlflowException):  # not evaluated before
+            client.delete_model_version_tag(name, number, registry.EVAL_RUN_TAG)
+        stale = [key for key in client.get_model_version(name, number).tags
+                 if key.startswith(registry.EVAL_TAG_PREFIX) and key[len(registry.EVAL_TAG_PREFIX):] not in metrics]
+        for key in stale:
+            client.delete_model_version_tag(name, number, key)
+        for key in registry.EVAL_METRICS:  # what promotion gates may check
+            if key in metrics:
+                client.set_model_version_tag(name, number, registry.EVAL_TAG_PREFIX + key, f"{metrics[key]:.6f}")
+        client.set_model_version_tag(name, number, registry.EVAL_RUN_TAG, eval_run_id)

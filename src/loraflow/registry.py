@@ -109,7 +109,10 @@ def parse_adapter_id(adapter: str) -> tuple[str, str]:
 
 
 def eval_metrics(version: ModelVersion) -> dict[str, float]:
-    """The figures of a version's latest evaluation, by metric name."""
+    """The figures of a version's latest evaluation, by metric name; none unless its run tag, written
+    last (evaluate.record_evaluation), says that they are complete."""
+    if EVAL_RUN_TAG not in version.tags:
+        return {}
     return {key[len(EVAL_TAG_PREFIX):]: float(value) for key, value in version.tags.items()
             if key.startswith(EVAL_TAG_PREFIX) and key[len(EVAL_TAG_PREFIX):] in EVAL_METRICS}
 
@@ -299,9 +302,10 @@ def _check_adapter_files(folder: Path, label: str) -> None:
     except ValueError as exc:
         raise UserError(f"{label}: {ADAPTER_CONFIG} is not valid JSON ({exc}); {fix}.") from None
     weights = folder / "adapter_model.safetensors"
+    if (folder / "adapter_model.bin").is_file():  # a pickle: loading it can run any code it carries
+        raise UserError(f"{label} holds adapter_model.bin, a pickle, which loraflow does not load (it can run "
+                        "code); save the adapter as safetensors (LLaMA-Factory's default, save_safetensors: true).")
     if not weights.is_file():
-        if (folder / "adapter_model.bin").is_file():
-            return
         raise UserError(f"{label} has no adapter_model.safetensors (no LoRA weights); {fix}.")
     from safetensors import safe_open
 

@@ -76,7 +76,9 @@ def locked(client: MlflowClient, name: str, wait_s: float = 60.0):
 
 def _heartbeat(client: MlflowClient, lock: str, token: str, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
-        with contextlib.suppress(MlflowException):  # a missed beat is retried; STALE_AFTER_S is many beats
+        # Any failure (the server unreachable, a timeout) costs one beat, never the thread: a missed
+        # beat is retried, and STALE_AFTER_S is many beats.
+        with contextlib.suppress(Exception):
             if client.get_registered_model(lock).tags.get(LOCK_OWNER_TAG) == token:
                 client.set_registered_model_tag(lock, LOCK_HEARTBEAT_TAG, str(time.time()))
 

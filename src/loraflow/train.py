@@ -143,6 +143,12 @@ def _continuation_of(run_id: str) -> tuple[train_config.TrainConfig, str]:
     if RESUMED_BY_TAG in run.data.tags:
         raise UserError(f"resume={run_id}: run {run.data.tags[RESUMED_BY_TAG]} already continues that training; "
                         "resume that run instead, if it did not finish.")
+    # Stopped after it registered its version, before it could say so on the run: it is done.
+    registered = mlflow.MlflowClient().search_model_versions(f"run_id='{run_id}'")
+    if registered:
+        raise UserError(f"resume={run_id}: that training registered {registered[0].name} version "
+                        f"{registered[0].version} before it was stopped; there is nothing to continue. Evaluate that "
+                        "version, or start a new training.")
     raw = yaml.safe_load(text)
     raw.pop("output_dir", None)  # the new run gets its own
     raw["run_name"] = f"{run.info.run_name}-resumed"
