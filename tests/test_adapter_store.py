@@ -72,12 +72,16 @@ def test_a_version_without_adapter_config_is_refused_and_nothing_is_listed(track
     ({"adapter_config.json": '{"r": 8}', "adapter_model.safetensors": b""}, "adapter_model.safetensors is damaged"),
     ({"adapter_config.json": '{"r": 8', "adapter_model.safetensors": "later"}, "adapter_config.json is not valid JSON"),
     ({"adapter_config.json": '{"r": 8}'}, "has no adapter_model.safetensors"),
-], ids=["corrupted-weights", "empty-weights", "broken-config", "no-weights"])
+    ({"adapter_config.json": '{"r": 8}', "adapter_model.bin": b"\x80\x04pickle"},
+     r"holds adapter_model.bin, a pickle, which loraflow does not load \(it can run code\); save the adapter as "
+     "safetensors"),
+], ids=["corrupted-weights", "empty-weights", "broken-config", "no-weights", "pickled-weights"])
 def test_a_damaged_adapter_is_refused_and_nothing_is_listed(tracking_uri, bucket, tmp_path, files, message):
     store = adapter_store.LoraStore(bucket)
     with pytest.raises(UserError, match=message) as refused:
         store.publish(_version(tmp_path, files))
-    assert "viggo-store-test v1" in str(refused.value) and "train a new version" in str(refused.value)
+    assert "viggo-store-test v1" in str(refused.value)
+    assert "pickle" in message or "train a new version" in str(refused.value)  # the fix, named
     assert store.adapters() == []
 
 
@@ -165,3 +169,22 @@ def test_a_store_key_that_leaves_the_folder_is_refused_and_nothing_is_written(bu
     assert f"holds the key {key[len(folder) + 1:]!r}" in str(refused.value)
     assert "nothing was downloaded" in str(refused.value)
     assert list(outside.iterdir()) == [] and list(dst.iterdir()) == [] and not (tmp_path / "x").exists()
+
+
+def test_the_local_store_leaves_this_processes_aws_settings_alone(monkeypatch, tmp_path):
+    """serve's own S3 server when no lora_store is set: the process may also reach a real S3 (an
+    artifact store), so its AWS settings stay as they were; the store carries its own."""
+    import os
+
+    mine = {"AWS_ENDPOINT_URL_S3": "https://s3.example.invalid", "AWS_ACCESS_KEY_ID": "AKIAREALKEY",
+            "AWS_SECRET_ACCESS_KEY": "real-secret", "AWS_REGION": "eu-west-1"}
+    for key, value in mine.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "adapter_config.json").write_text('{"r": 8}')
+    with adapter_store.local_s3_server() as store:
+        assert {key: os.environ[key] for key in mine} == mine
+        assert store.upload("viggo-local-v1", tmp_path) == "viggo-local-v1"
+        assert store.adapters() == ["viggo-local-v1"]
+        assert store.settings["AWS_ENDPOINT_URL_S3"].startswith("http://127.0.0.1:")
+        assert store.settings["AWS_ACCESS_KEY_ID"] == "loraflow"  # made up: moto takes any
+    assert {key: os.environ[key] for key in mine} == mine

@@ -218,7 +218,7 @@ def test_a_credential_in_mlflow_run_overrides_is_refused_and_erased_from_the_sto
                            "-P", f"overrides={{hub_token: {secret}}}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=os.environ.copy())
     assert proc.returncode == 1, proc.stderr[-3000:]  # `mlflow run`'s own code for a failed entry point
-    assert f"error: Invalid training config:\n  hub_token in {ROOT / 'configs/train/default.yaml'} holds a " \
+    assert f"error: Invalid training config:\n  hub_token in {ROOT / 'configs/train/default.yaml'} with overrides {{hub_token}} holds a " \
            "credential (its name says so)." in proc.stderr, proc.stderr[-3000:]
     client = MlflowClient()
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=ViewType.ALL)
@@ -563,13 +563,13 @@ def test_serve_refuses_a_version_it_cannot_check_before_starting_anything(tracki
 
 
 def test_serve_refuses_a_model_source_other_than_the_versions_base_model():
-    """Checked on the function: in serve_forever it comes after the adapter is published."""
-    from loraflow import serve
+    """Checked on the function: in serve_forever it comes before the adapter is published or Ray starts."""
+    from loraflow import adapter_store, serve
 
     config = serve.load_config(str(ROOT / "configs/serve/default.yaml"))
     config.llm_config["model_loading_config"]["model_source"] = "/models/another-model"
     with pytest.raises(UserError) as err:
-        serve.llm_config(config, TINY, "s3://loraflow-adapters/adapters")
+        serve.llm_config(config, TINY, adapter_store.LoraStore("s3://loraflow-adapters/adapters", {}))
     assert str(err.value) == (
         f"The served version was trained on {TINY}, but the serving config's model_source is /models/another-model; "
         f"set it to null or to {TINY}.")

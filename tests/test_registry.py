@@ -67,3 +67,28 @@ def test_a_versions_adapter_id_and_its_evaluation_figures():
         "loraflow.eval.made_up": "1", "loraflow.lora_rank": "16"})
     assert registry.adapter_id(version) == "viggo-smollm2-lora-v3"
     assert registry.eval_metrics(version) == {"exact_match": 0.505, "rows": 1083.0}
+
+
+@pytest.mark.unit
+def test_a_base_models_identity_covers_its_tokenizer_and_chat_template(tmp_path):
+    """An adapter answers well only with the prompt tokens it was trained on: a base model whose
+    tokenizer, chat template or generation defaults changed is another base model."""
+    from loraflow import base_models
+
+    folder = tmp_path / "Tiny-Model"
+    folder.mkdir()
+    files = {"config.json": "{}", "model.safetensors": "weights", "tokenizer.json": "{}",
+             "tokenizer_config.json": '{"chat_template": "A"}', "chat_template.jinja": "A",
+             "generation_config.json": "{}", "README.md": "about"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    first = base_models.base_model_identity(str(folder))
+    assert first.startswith("Tiny-Model@sha256:")
+    (folder / "README.md").write_text("about it, longer")
+    assert base_models.base_model_identity(str(folder)) == first
+    seen = {first}
+    for name in ("tokenizer_config.json", "chat_template.jinja", "tokenizer.json", "generation_config.json"):
+        (folder / name).write_text(files[name] + " ")
+        identity = base_models.base_model_identity(str(folder))
+        assert identity not in seen, name
+        seen.add(identity)

@@ -266,6 +266,18 @@ def test_evaluate_needs_a_lora_store_on_a_multi_node_cluster(cluster, trained):
     assert "Traceback" not in proc.stderr
 
 
+def test_serve_needs_a_lora_store_on_a_multi_node_cluster(cluster, promoted):
+    serve_config = yaml.safe_load((ROOT / "configs" / "serve" / "default.yaml").read_text())
+    serve_config.update(port=free_port(), lora_store=None)
+    path = cluster["tmp"] / "serve-local-store.yaml"
+    path.write_text(yaml.safe_dump(serve_config))
+    proc = subprocess.run([sys.executable, str(ROOT / "mlproject" / "serve.py"), "--name", NAME, "--config", str(path)],
+                          cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "several nodes" in proc.stderr and "set lora_store: s3://bucket/prefix" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_evaluate_on_the_cluster_through_the_s3_lora_store(cluster, evaluated):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     version = _client(cluster).get_model_version(NAME, "1")

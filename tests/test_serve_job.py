@@ -5,6 +5,7 @@ by serve itself), queried with the real openai client over loopback."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -25,10 +26,12 @@ import yaml
 from browser import chromium, page_text
 from conftest import ROOT, copy_store
 from mlflow import MlflowClient
-from servers import Lines, MlflowServer, free_port
+from servers import Lines, MlflowServer, free_port, s3_server
 
 from loraflow import canary, promote, traces
 from loraflow import registry as registry_contract
+from loraflow.evaluate import record_evaluation
+from loraflow.registry_lock import locked
 
 NAME = "viggo-tiny-lora"
 MODEL_ID = "tiny"
@@ -49,19 +52,18 @@ def registry(tiny_trainings, tmp_path_factory):
         environment = pytest.MonkeyPatch()  # this module's store, undone for the modules after it
         environment.setenv("MLFLOW_TRACKING_URI", tracking.url)
         mlflow.set_tracking_uri(tracking.url)
-        client = MlflowClient()
         for version in ("1", "2"):
-            for key, value in GOOD.items():
-                client.set_model_version_tag(NAME, version, f"loraflow.eval.{key}", str(value))
+            record_evaluation(NAME, version, GOOD, "serve-test")
         assert promote.main(["--name", NAME, "--version", "1"]) == 0
         yield tracking
         environment.undo()
         mlflow.set_tracking_uri(None)
 
 
-def _serve_config(tmp_path, port: int) -> str:
+def _serve_config(tmp_path, port: int, lora_store: str | None = None) -> str:
     config = yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text())
-    config.update(port=port, api_key_env="LORAFLOW_TEST_API_KEY", poll_interval_s=1, metrics_interval_s=1)
+    config.update(port=port, api_key_env="LORAFLOW_TEST_API_KEY", poll_interval_s=1, metrics_interval_s=1,
+                  lora_store=lora_store)
     config["traces"]["sample_rate"] = 1.0  # every answer traced: the traces test counts them
     config["metrics_export_port"] = free_port()
     config["llm_config"]["model_loading_config"]["model_id"] = MODEL_ID
@@ -73,8 +75,8 @@ def _serve_config(tmp_path, port: int) -> str:
 class ServeProcess:
     """`serve` following the registry's Production alias; started again when a test stopped it."""
 
-    def __init__(self, registry: MlflowServer, folder: Path):
-        self.registry, self.folder, self.proc = registry, folder, None
+    def __init__(self, registry: MlflowServer, folder: Path, lora_store: str):
+        self.registry, self.folder, self.lora_store, self.proc = registry, folder, lora_store, None
 
     def running(self) -> tuple[subprocess.Popen, int, Path]:
         if self.proc is None or self.proc.poll() is not None:
@@ -84,7 +86,8 @@ class ServeProcess:
             env = {**os.environ, "MLFLOW_TRACKING_URI": self.registry.url, "LORAFLOW_TEST_API_KEY": API_KEY}
             with open(self.log, "w") as out:
                 self.proc = subprocess.Popen([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME,
-                                              "--config", _serve_config(self.folder, self.port)], cwd=ROOT,
+                                              "--config", _serve_config(self.folder, self.port, self.lora_store)],
+                                             cwd=ROOT,
                                              env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 600
             while '"serving"' not in self.log.read_text(errors="replace"):
@@ -101,8 +104,25 @@ class ServeProcess:
 
 
 @pytest.fixture(scope="module")
-def serve_process(registry, tmp_path_factory):
-    serving = ServeProcess(registry, tmp_path_factory.mktemp("serve"))
+def lora_store():
+    """The module server's LoRA store: a bucket on an S3 server of the tests' own, so that a test can
+    change it as an intruder would (serve's own local S3 server: the mlflow run test)."""
+    with s3_server() as endpoint:
+        environment = pytest.MonkeyPatch()  # the server inherits these
+        for key, value in {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            environment.setenv(key, value)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="serve-test")
+        yield "s3://serve-test/adapters"
+        environment.undo()
+
+
+@pytest.fixture(scope="module")
+def serve_process(registry, lora_store, tmp_path_factory):
+    serving = ServeProcess(registry, tmp_path_factory.mktemp("serve"), lora_store)
     yield serving
     serving.kill()
 
@@ -215,6 +235,8 @@ def test_one_model_by_id_with_the_checks_of_completions(server):
     assert stable.model_extra["metadata"]["loraflow"]["serving"] == f"{NAME}-v1"
     assert client(port).models.retrieve(f"{MODEL_ID}:{NAME}-v1").id == f"{MODEL_ID}:{NAME}-v1"
     for adapter, status, message in [("%2e%2e", 400, "Invalid adapter id"), ("x" * 300, 400, "Invalid adapter id"),
+                                     ("a/b", 400, "Invalid adapter id 'a/b'"), ("../x", 400, "Invalid adapter id"),
+                                     ("s3://other-bucket/x", 400, "Invalid adapter id 's3:"),
                                      ("no-such-adapter", 404, "Unknown adapter 'no-such-adapter'")]:
         with pytest.raises(openai.APIStatusError) as caught:
             client(port).models.retrieve(f"{MODEL_ID}:{adapter}")
@@ -225,10 +247,10 @@ def test_the_api_key_reaches_no_ray_process(server):
     """Ray's processes inherit serve's environment; the key is taken out of it before Ray starts
     (the replicas get its SHA-256)."""
     proc, _, _ = server
-    ray_pids = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and int(pid) != proc.pid
-                and b"ray" in _read(f"/proc/{pid}/cmdline")]
-    assert len(ray_pids) >= 3  # gcs, raylet, the replicas at least
-    holding = [pid for pid in ray_pids if API_KEY.encode() in _read(f"/proc/{pid}/environ")]
+    started = [pid for pid in _session_pids(proc.pid) if pid != proc.pid]  # everything serve started
+    commands = b" ".join(_read(f"/proc/{pid}/cmdline") for pid in started)
+    assert all(name in commands for name in (b"gcs_server", b"raylet", b"ServeReplica"))
+    holding = [pid for pid in started if API_KEY.encode() in _read(f"/proc/{pid}/environ")]
     assert holding == []
 
 
@@ -256,31 +278,40 @@ def test_streaming_chat(server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-def test_missing_or_wrong_api_key_is_refused(server):
+@pytest.mark.parametrize("path, body", [
+    ("/v1/models", None), (f"/v1/models/{MODEL_ID}:production", None), (f"/v1/models/{MODEL_ID}", None),
+    ("/v1/chat/completions", {"model": f"{MODEL_ID}:production", "messages": [{"role": "user", "content": "hi"}],
+                              "max_tokens": 2}),
+    ("/v1/completions", {"model": f"{MODEL_ID}:production", "prompt": "hi", "max_tokens": 2}),
+    ("/v1/embeddings", {"model": f"{MODEL_ID}:production", "input": "hi"}),
+    ("/tokenize", {"model": f"{MODEL_ID}:production", "prompt": "hi"}),
+    ("/detokenize", {"model": f"{MODEL_ID}:production", "tokens": [1, 2]}),
+], ids=["models", "model-stable", "model-base", "chat", "completions", "embeddings", "tokenize", "detokenize"])
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_every_route_needs_the_api_key(server, path, body, key):
     _, port, _ = server
-    with pytest.raises(openai.AuthenticationError, match="API key"):
-        client(port, "wrong").models.list()
-    with pytest.raises(openai.AuthenticationError):
-        client(port, "wrong").chat.completions.create(model=f"{MODEL_ID}:production",
-                                                      messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    # No key at all (the openai client insists on one, so a bare HTTP request).
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models")
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers,
+                                     data=None if body is None else json.dumps(body).encode())
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=30)
     assert caught.value.code == 401
+    assert "Missing or wrong API key: send `Authorization: Bearer <key>`." in caught.value.read().decode()
 
 
 @pytest.mark.parametrize(
     "adapter, status",
     [("../../etc", 400), ("s3://other-bucket/adapter", 400), ("viggo-tiny-lora-v1/../x", 400),
-     ("%2e%2e", 400), ("no-such-adapter", 404), ("x" * 300, 400)],
+     ("%2e%2e", 400), ("no-such-adapter", 404), ("x" * 300, 400), ("a/b", 400)],
 )
 def test_bad_adapter_ids_are_refused(server, adapter, status):
     _, port, _ = server
     with pytest.raises(openai.APIStatusError) as caught:
         ask(port, model=f"{MODEL_ID}:{adapter}")
     assert caught.value.status_code == status
-    assert "adapter" in caught.value.message.lower()
+    expected = (f"Invalid adapter id {adapter!r}: use a name listed by /v1/models." if status == 400 else
+                f"Unknown adapter {adapter!r}: /v1/models lists what is served.")
+    assert expected in caught.value.message, caught.value.message
 
 
 def test_oversized_prompt_is_refused_with_the_limit(server):
@@ -474,8 +505,7 @@ def _register_like(store: MlflowClient, v2, tmp_path, **changes) -> str:
         mlflow.log_artifacts(str(local), registry.ADAPTER_ARTIFACT_PATH)
     version = registry.register_adapter(NAME, run.info.run_id, {**v2.tags, **changes}, "serve test",
                                         registry.file_digests(local))
-    for key, value in GOOD.items():
-        store.set_model_version_tag(NAME, version.version, f"loraflow.eval.{key}", str(value))
+    record_evaluation(NAME, str(version.version), GOOD, "serve-test")
     return str(version.version)
 
 
@@ -673,10 +703,21 @@ def _wait_for_rollout_end(timeout: float = 120) -> None:
 def test_a_canary_whose_answers_do_not_parse_is_rolled_back_while_clients_send(server, registry, tmp_path):
     """A policy that asks for half of the answers to parse: the candidate's do not (the tiny model's
     one-token answers), so after 20 of them the server rolls it back, under load: no request fails,
-    the registry records the live figures and why, v2 keeps its stage, and v1 then answers all."""
+    the registry records the live figures and why, v2 keeps its stage, and v1 then answers all.
+    While the registry cannot take the verdict (its lock held elsewhere), the candidate serves nothing."""
     _, port, _ = server
     _start_canary(tmp_path, "0.5", min_requests=20, min_parse_validity=0.5, max_p95_ratio=100.0)
-    served, failures = _load(port, 200, 4)
+    _wait_for_status(port, lambda s: s["canary"] is not None)
+    # Asked for by its id, the candidate is answered, but its judgement counts only the stable name's traffic.
+    assert {ask(port, model=f"{MODEL_ID}:{NAME}-v2", max_tokens=1).parse().model for _ in range(30)} \
+        == {f"{MODEL_ID}:{NAME}-v2"}
+    time.sleep(3)  # three polls
+    assert registry_contract.rollout(MlflowClient(), NAME) is not None
+    with locked(MlflowClient(), NAME):  # the verdict waits for the registry
+        served, failures = _load(port, 200, 4)
+        status = _wait_for_status(port, lambda s: s["canary"] is None)
+        assert status["canary"] is None and registry_contract.rollout(MlflowClient(), NAME) is not None
+        assert {answer.model for answer in _load(port, 20, 2)[0]} == {f"{MODEL_ID}:{NAME}-v1"}
     _wait_for_rollout_end()
     assert failures == [] and len(served) == 200
     store = MlflowClient()
@@ -696,6 +737,8 @@ def test_a_canary_whose_answers_do_not_parse_is_rolled_back_while_clients_send(s
     status = _wait_for_status(port, lambda s: s["canary"] is None)
     assert status["canary"] is None
     assert {answer.model for answer in _load(port, 20, 2)[0]} == {f"{MODEL_ID}:{NAME}-v1"}
+    with pytest.raises(openai.NotFoundError, match=f"Unknown adapter '{NAME}-v2'"):  # no longer served by id either
+        ask(port, model=f"{MODEL_ID}:{NAME}-v2")
 
 
 def test_a_canary_that_holds_steps_up_and_is_promoted(server, tmp_path):
@@ -814,14 +857,16 @@ def test_served_requests_are_traced_with_the_version_and_export_to_a_dataset(ser
 
 
 def test_sigterm_shuts_down_cleanly(server):
-    """SIGTERM (what a service manager sends): Serve, Ray and the S3 server shut down, exit 0, the
-    port is closed, no process of serve's session is left, its MLflow run ends FINISHED."""
+    """SIGTERM to serve's whole process group (what systemd sends by default: serve and Ray's
+    processes at once): Serve and Ray shut down without waiting on Serve's stopped controller, exit
+    0, the port is closed, no process of serve's session is left, its MLflow run ends FINISHED."""
     proc, port, log = server
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
     assert _serving_run(log).info.status == "FINISHED"
     assert "shutting down" in log.read_text(errors="replace")
     assert "Traceback" not in log.read_text(errors="replace")
+    assert "Controller failed to shut down" not in log.read_text(errors="replace")
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
         pass
     _assert_session_ends(proc.pid)
@@ -862,6 +907,81 @@ def _session_processes(session: int) -> list[str]:
     """The command lines of the processes in a session."""
     return [_read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
             for pid in _session_pids(session)]
+
+
+def test_a_local_instance_listens_on_loopback_only(server):
+    """Serve's session (serve, Ray's GCS, raylet, dashboard, metrics port, the engine) listens on
+    loopback, and the machine's other addresses are refused on the API and metrics ports. The one
+    exception is Ray Serve 2.60's own: each replica's inter-deployment gRPC server binds [::]
+    (hard-coded in ray/serve/_private/replica.py); it refuses calls without Ray's token."""
+    import grpc
+    import psutil
+
+    proc, port, _ = server
+    session = set(_session_pids(proc.pid))
+    listening = [(c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in session]
+    assert len(listening) >= 5  # the API, Ray's services and its metrics port
+    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs  # link-local ones need a scope
+              if a.family in (socket.AF_INET, socket.AF_INET6) and "%" not in a.address and not _is_loopback(a.address)
+              and not ipaddress.ip_address(a.address).is_link_local]
+    assert others, "this machine has no address beyond loopback to try"
+    beyond = [(pid, ip, listens) for pid, ip, listens in listening if not _is_loopback(ip)]
+    assert all(_read(f"/proc/{pid}/cmdline").startswith(b"ray::ServeReplica:") for pid, _, _ in beyond), beyond
+    for _, _, listens in beyond:
+        call = grpc.insecure_channel(f"{others[0]}:{listens}").unary_unary("/ray.serve.ASGIService/HandleRequest")
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    metrics_port = yaml.safe_load((Path(_config_of(proc)).read_text()))["metrics_export_port"]
+    for address in others:
+        for target in (port, metrics_port):
+            with pytest.raises(ConnectionRefusedError), socket.create_connection((address, target), timeout=5):
+                pass
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def _config_of(proc: subprocess.Popen) -> str:
+    cmdline = _read(f"/proc/{proc.pid}/cmdline").split(b"\0")
+    return cmdline[cmdline.index(b"--config") + 1].decode()
+
+
+def test_only_published_versions_are_served_and_a_changed_store_folder_is_withdrawn(server, lora_store):
+    """A folder in the LoRA store that this server did not publish is not served (404, not listed);
+    a published one whose files change afterwards is withdrawn (503 naming the files) on the stable
+    name and by id, before any engine can load it; deleted, it is published again from the registry."""
+    import boto3
+
+    _, port, _ = server
+    bucket, _, prefix = lora_store[len("s3://"):].partition("/")
+    s3 = boto3.client("s3")
+    published = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{NAME}-v1/")["Contents"]]
+    for key in published:  # the same files under a name loraflow never published (evaluate's run-* uploads)
+        s3.copy_object(Bucket=bucket, CopySource={"Bucket": bucket, "Key": key},
+                       Key=key.replace(f"{NAME}-v1/", "run-0123abcd/"))
+    with pytest.raises(openai.NotFoundError, match="Unknown adapter 'run-0123abcd'"):
+        ask(port, model=f"{MODEL_ID}:run-0123abcd")
+    assert f"{MODEL_ID}:run-0123abcd" not in {m.id for m in client(port).models.list().data}
+
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/{NAME}-v1/adapter_config.json", Body=b'{"r": 8, "changed": true}')
+    status = _wait_for_status(port, lambda s: s["registry"]["state"] == "error")
+    assert "differs from the registered adapter" in status["registry"]["error"]
+    for model in (f"{MODEL_ID}:production", f"{MODEL_ID}:{NAME}-v1"):
+        with pytest.raises(openai.InternalServerError) as refused:
+            ask(port, model=model)
+        assert refused.value.status_code == 503
+        assert (f"{NAME}-v1 is not served: its files in the LoRA store changed after publishing "
+                f"(adapter_config.json); delete {lora_store}/{NAME}-v1") in refused.value.message
+
+    for key in published:
+        s3.delete_object(Bucket=bucket, Key=key)
+    status = _wait_for_status(port, lambda s: s["registry"]["state"] == "ok")
+    assert status["serving"] == f"{NAME}-v1"
+    assert ask(port).parse().model == f"{MODEL_ID}:{NAME}-v1"
 
 
 def test_a_pathological_1mb_prompt_is_traced_cut_while_other_clients_are_answered(server):

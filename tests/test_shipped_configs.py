@@ -20,7 +20,7 @@ CHECK_IN_INFER_ENV = textwrap.dedent("""
     import json, sys
     from ray.data.llm import vLLMEngineProcessorConfig
     from ray.serve.llm import LLMConfig
-    from loraflow import evaluate, serve
+    from loraflow import adapter_store, evaluate, serve
 
     kind, path, base_model = sys.argv[1:]
     if kind == "evaluate":
@@ -32,7 +32,7 @@ CHECK_IN_INFER_ENV = textwrap.dedent("""
                           "accelerator_type": built.accelerator_type}))
     else:
         config = serve.load_config(path)
-        built = LLMConfig(**serve.llm_config(config, base_model, "s3://bucket/adapters"))
+        built = LLMConfig(**serve.llm_config(config, base_model, adapter_store.LoraStore("s3://bucket/adapters", {})))
         print(json.dumps({"model_id": built.model_loading_config.model_id,
                           "model_source": built.model_loading_config.model_source,
                           "lora_path": built.lora_config.dynamic_lora_loading_path,

@@ -26,18 +26,25 @@ LOCAL_BUCKET = "loraflow-adapters"
 
 
 class LoraStore:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, settings: dict[str, str] | None = None):
+        """`settings`: the S3 environment variables its readers need (endpoint, region; the local
+        server's made-up credentials), also handed to Ray's processes; default: this environment's
+        endpoint and region (s3_settings), credentials from each machine's own environment or role."""
         if not uri.startswith("s3://"):
             raise UserError(f"LoRA store {uri!r} must be an s3:// URI "
                             "(Ray Serve LLM loads adapters from cloud storage).")
         self.uri = uri.rstrip("/")
         self.bucket, _, prefix = self.uri[len("s3://"):].partition("/")
         self.prefix = f"{prefix}/" if prefix else ""
+        self.settings = settings if settings is not None else s3_settings()
 
     def _s3(self):
-        import boto3  # reads AWS_ENDPOINT_URL_S3 / credentials from the environment
+        import boto3  # what settings leave out comes from the environment
 
-        return boto3.client("s3")
+        given = self.settings.get
+        return boto3.client("s3", endpoint_url=given("AWS_ENDPOINT_URL_S3"), region_name=given("AWS_REGION"),
+                            aws_access_key_id=given("AWS_ACCESS_KEY_ID"),
+                            aws_secret_access_key=given("AWS_SECRET_ACCESS_KEY"))
 
     def has(self, adapter: str) -> bool:
         listed = self._s3().list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}{adapter}/{ADAPTER_CONFIG}")
@@ -52,6 +59,14 @@ class LoraStore:
                 if len(parts) == 2 and parts[1] == ADAPTER_CONFIG:
                     found.append(parts[0])
         return sorted(found)
+
+    def listing(self, adapter: str) -> dict[str, str]:
+        """The store's objects of one adapter folder, {relative key: "ETag size"}: any rewrite of a
+        file changes it."""
+        folder = f"{self.prefix}{adapter}/"
+        return {item["Key"][len(folder):]: f"{item['ETag']} {item['Size']}"
+                for page in self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
+                for item in page.get("Contents", [])}
 
     def publish(self, version) -> str:
         """Copy a registered version's adapter into the store once, checked against the digests
@@ -138,14 +153,12 @@ def moto_s3_server(port: int | None = None):
 
 @contextlib.contextmanager
 def local_s3_server():
-    """Start moto's S3 server, point this process (and the Ray workers it starts) at it, and yield
-    the URI of an empty store in it."""
+    """Start moto's S3 server and yield an empty LoRA store in it. This process's own AWS settings
+    are left alone (they may point the artifact store at a real S3): the store carries its endpoint."""
     with moto_s3_server() as endpoint:
         # Credentials are required by the S3 protocol; moto accepts any. Ray's S3 reader needs a region.
-        os.environ.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "loraflow",
-                           "AWS_SECRET_ACCESS_KEY": "loraflow", "AWS_REGION": "us-east-1",
-                           "AWS_DEFAULT_REGION": "us-east-1"})
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=LOCAL_BUCKET)
-        yield f"s3://{LOCAL_BUCKET}/adapters"
+        store = LoraStore(f"s3://{LOCAL_BUCKET}/adapters", {
+            "AWS_ENDPOINT_URL_S3": endpoint, "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "loraflow", "AWS_SECRET_ACCESS_KEY": "loraflow"})
+        store._s3().create_bucket(Bucket=LOCAL_BUCKET)
+        yield store

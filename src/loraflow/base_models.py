@@ -51,15 +51,15 @@ def portable_base_model(path: str) -> str:
 
 def base_model_identity(model: str) -> str:
     """What a base model is, the same on every machine: a local folder's name plus a digest of its
-    config and weight files (`SmolLM2-135M-Instruct@sha256:...`); a hub id as it stands (its files
-    are not here to digest). Hashing reads the weights (16 s for a 7B model's 15 GB on the lent
-    H200's disk), so each folder's identity is kept in .cache/ and recomputed when a file's size or
-    modification time changes."""
+    config, weight, tokenizer and chat-template files (`SmolLM2-135M-Instruct@sha256:...`); a hub
+    id as it stands (its files are not here to digest). Hashing reads the weights (16 s for a 7B
+    model's 15 GB on the lent H200's disk), so each folder's identity is kept in .cache/ and
+    recomputed when a file's size or modification time changes."""
     source = base_model_source(model)
     folder = Path(source).resolve()
     if not folder.is_dir():
         return source
-    files = [p for p in sorted(folder.iterdir()) if p.name == "config.json" or p.suffix in (".safetensors", ".bin")]
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and _is_identity_file(p)]
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     try:
         known = json.loads(_IDENTITIES.read_text())
@@ -73,6 +73,17 @@ def base_model_identity(model: str) -> str:
         _IDENTITIES.parent.mkdir(parents=True, exist_ok=True)
         _IDENTITIES.write_text(json.dumps({**known, str(folder): {"files": stamp, "identity": identity}}, indent=1))
     return identity
+
+
+# What decides an adapter's answers besides its own weights: the weights and config, the tokenizer
+# and chat template (the prompt's tokens) and the generation defaults that vLLM reads.
+_IDENTITY_FILES = {"config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt"}
+
+
+def _is_identity_file(path: Path) -> bool:
+    return (path.name in _IDENTITY_FILES or path.suffix in (".safetensors", ".bin")
+            or path.name.startswith(("tokenizer", "chat_template")))
 
 
 def _gguf_package_dir() -> Path:

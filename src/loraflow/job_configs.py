@@ -128,6 +128,10 @@ class ServeConfig(Schema):
     metrics_export_port: int | None = Field(ge=1, le=65535, description="a local Ray instance's Prometheus port; "
                                                                         "null: Ray picks one")
     ray_num_cpus: int | None = Field(ge=1, description="logical CPUs of a local Ray instance; ignored on a cluster")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests the API works on at once; more wait in its "
+                                                            "queue")
+    max_queued_requests: int = Field(256, ge=1, description="requests waiting beyond those; more are answered 503 "
+                                                            "at once (back-pressure)")
     llm_config: dict[str, Any] = Field(description="ray.serve.llm.LLMConfig's fields; serve fills in model_source "
                                                    "and the LoRA path; no credentials (runtime_env's HF_TOKEN, "
                                                    "engine_kwargs' hf_token): set those in the environment of the "
@@ -137,7 +141,6 @@ class ServeConfig(Schema):
     def _no_credentials(self) -> ServeConfig:
         _refuse_credentials({"llm_config": self.llm_config})  # what Ray's dashboard shows
         return self
-
 
     @field_validator("live_validity")
     @classmethod

@@ -15,6 +15,7 @@ from loraflow import console
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 
+_LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a single node on 127.0.0.1 (compat: Ray's own switch)
 # Unix socket paths are limited to 107 bytes; Ray puts its sockets deep under the temp dir.
 _MAX_TEMP_DIR_LEN = 40
 
@@ -23,11 +24,16 @@ def connect(address: str | None = None, num_cpus: int | None = None, metrics_exp
     """Join RAY_ADDRESS's cluster, or start a local instance (declaring `num_cpus` logical CPUs
     when given: Ray's CPUs are scheduling slots, not cores; exporting metrics for Prometheus on
     `metrics_export_port` when given)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A local instance listens on loopback only: Ray otherwise binds its GCS, raylet and the
+        # Prometheus metrics port on every interface. This switch (read when ray is imported) makes
+        # Ray take 127.0.0.1 as the node's address, as it does on macOS and Windows.
+        os.environ.setdefault(_LOOPBACK_ONLY, "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     # ray.init replaces the SIGTERM handler with one that aborts the process; the entry points
     # need theirs, to end their MLflow run KILLED.
     sigterm_handler = signal.getsignal(signal.SIGTERM)

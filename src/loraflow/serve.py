@@ -86,7 +86,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def llm_config(config: ServeConfig, base_model: str, lora_store_uri: str) -> dict[str, Any]:
+def llm_config(config: ServeConfig, base_model: str, store: adapter_store.LoraStore) -> dict[str, Any]:
     """The LLMConfig fields: the file's, plus the base model and the LoRA store."""
     fields = copy.deepcopy(config.llm_config)
     loading = fields.setdefault("model_loading_config", {})
@@ -94,9 +94,9 @@ def llm_config(config: ServeConfig, base_model: str, lora_store_uri: str) -> dic
         raise UserError(f"The served version was trained on {base_model}, but the serving config's "
                         f"model_source is {loading['model_source']}; set it to null or to {base_model}.")
     loading["model_source"] = base_models.base_model_source(base_model)
-    fields.setdefault("lora_config", {})["dynamic_lora_loading_path"] = lora_store_uri
+    fields.setdefault("lora_config", {})["dynamic_lora_loading_path"] = store.uri
     runtime_env = fields.setdefault("runtime_env", {})
-    runtime_env["env_vars"] = {**adapter_store.s3_settings(), **runtime_env.get("env_vars", {})}
+    runtime_env["env_vars"] = {**store.settings, **runtime_env.get("env_vars", {})}
     return fields
 
 
@@ -106,7 +106,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's proxy and metrics agents listen on its nodes, not here
         _check_port_free(config.host, config.port)
         if config.metrics_export_port is not None:
-            _check_port_free("0.0.0.0", config.metrics_export_port, "metrics_export_port")
+            _check_port_free("127.0.0.1", config.metrics_export_port, "metrics_export_port")  # loopback only
     tracking_uri = tracking.configure()
     first = registry.find_version(name, number=version, alias=alias)
     run_name = f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}"
@@ -116,28 +116,33 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     base_model_id = base_models.base_model_identity(base_model)
     registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
     with contextlib.ExitStack() as stack:
-        store_uri = config.lora_store or stack.enter_context(adapter_store.local_s3_server())
-        store = adapter_store.LoraStore(store_uri)
-        fields = llm_config(config, base_model, store.uri)  # refuses a model_source mismatch before publishing
+        store = (adapter_store.LoraStore(config.lora_store) if config.lora_store
+                 else stack.enter_context(adapter_store.local_s3_server()))
+        fields = llm_config(config, base_model, store)  # refuses a model_source mismatch before publishing
         adapter = store.publish(first)
-        # After the S3 settings: Ray workers inherit them.
         ray_cluster.connect(num_cpus=config.ray_num_cpus, metrics_export_port=config.metrics_export_port)
         from ray import serve
 
-        stack.callback(_shutdown)
+        stack.callback(_shutdown, local=not os.environ.get("RAY_ADDRESS"))
+        if config.lora_store is None and ray_cluster.alive_nodes() > 1:
+            raise UserError("This Ray cluster has several nodes, and engines on the others cannot reach this "
+                            "machine's local S3 server: set lora_store: s3://bucket/prefix in the serving config "
+                            "(a store every node can read).")
         # One HTTP proxy, on the head node: the API's address is the one in the config, whatever
         # the number of nodes (put a load balancer in front for more).
         serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port})
         from ray.serve.llm import LLMConfig, build_openai_app
 
-        serving_run = launched or _serving_run(stack, run_name, name)
+        serving_run = launched or _serving_run(run_name, name)
+        _end_when_stopped(stack, serving_run, mlflow_runs_it=launched is not None)
         app = build_openai_app({
             "llm_configs": [LLMConfig(**fields)],
             "ingress_cls_config": {
                 "ingress_cls": "loraflow.serving_ingress:LoraflowIngress",
                 "ingress_extra_kwargs": {
                     "registered_model": name, "alias": alias, "pinned_version": version,
-                    "lora_store_uri": store.uri, "base_model_id": base_model_id,
+                    "lora_store_uri": store.uri, "lora_store_settings": store.settings,
+                    "base_model_id": base_model_id,
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
                     "poll_interval_s": config.poll_interval_s, "tracking_uri": tracking_uri,
                     "live_validity": config.live_validity, "serving_run_id": serving_run,
@@ -149,9 +154,12 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
             # Follow-the-registry state lives in each ingress replica; one keeps it simple on one machine.
             "ingress_deployment_config": {
                 "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                # Ray Serve LLM's default is 1e9 of each: no back-pressure at all.
+                "max_ongoing_requests": config.max_ongoing_requests,
+                "max_queued_requests": config.max_queued_requests,
                 # Traces are written by the Tracer's one thread, one at a time: MLflow's own async export
                 # sends up to 10 at once, which starved the registry watcher's calls to the tracking server.
-                "ray_actor_options": {"runtime_env": {"env_vars": {**adapter_store.s3_settings(),
+                "ray_actor_options": {"runtime_env": {"env_vars": {**store.settings,
                                                                    "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}}},
             },
         })
@@ -170,25 +178,33 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
             time.sleep(3600)
 
 
-def _serving_run(stack: contextlib.ExitStack, name: str, registered_model: str) -> str:
-    """The MLflow run this server logs its live figures into, when `mlflow run` made none: one per
-    server, ended FINISHED when it shuts down, FAILED when it could not start (a killed server's
-    stays RUNNING)."""
+def _serving_run(name: str, registered_model: str) -> str:
+    """The MLflow run this server logs its live figures into, when `mlflow run` made none: one per server."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
     tracking.use_model_experiment(registered_model)
     experiment = (os.environ.get("MLFLOW_EXPERIMENT_ID")
                   or tracking.experiment_named(os.environ["MLFLOW_EXPERIMENT_NAME"]))  # a name the user chose
-    run = client.create_run(experiment, run_name=name, tags={registry.JOB_TAG: "serve",
-                                                             "mlflow.user": getpass.getuser()})
+    return MlflowClient().create_run(experiment, run_name=name, tags={
+        registry.JOB_TAG: "serve", "mlflow.user": getpass.getuser()}).info.run_id
 
-    def end(kind, exc, traceback) -> None:  # Ctrl-C and SIGTERM are how a server is meant to stop
+
+def _end_when_stopped(stack: contextlib.ExitStack, run_id: str, mlflow_runs_it: bool) -> None:
+    """The server's run ends with it: FINISHED on Ctrl-C or SIGTERM (how a server is meant to stop),
+    FAILED when it could not start; a SIGKILLed server's stays RUNNING. `mlflow run`'s own run is
+    ended here only while still RUNNING: a SIGTERM to the whole process group (systemd's default)
+    stops `mlflow run` before it can end it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+
+    def end(kind, exc, traceback) -> None:
+        if mlflow_runs_it and client.get_run(run_id).info.status != "RUNNING":
+            return
         stopped = kind is None or issubclass(kind, KeyboardInterrupt)
-        client.set_terminated(run.info.run_id, "FINISHED" if stopped else "FAILED")
+        client.set_terminated(run_id, "FINISHED" if stopped else "FAILED")
 
     stack.push(end)
-    return run.info.run_id
 
 
 def _experiment_of(run_id: str) -> str:
@@ -197,10 +213,14 @@ def _experiment_of(run_id: str) -> str:
     return MlflowClient().get_run(run_id).info.experiment_id
 
 
-def _shutdown() -> None:
+def _shutdown(local: bool) -> None:
+    """Stop Serve and leave Ray. A local instance goes whole (ray.shutdown stops every process of
+    it): asking Serve's controller first waited 30 s when a SIGTERM to the process group had
+    already stopped it. On a cluster, Serve's application is deleted first."""
     import ray
     from ray import serve
 
-    with contextlib.suppress(Exception):
-        serve.shutdown()
+    if not local:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
     ray.shutdown()

@@ -13,13 +13,13 @@
 - a sample of the answered requests logged as MLflow traces (traces.py), when the config asks;
 - the live figures also as Ray Serve metrics, for Prometheus (serving_metrics.py);
 - an API key (when configured; only its SHA-256 reaches the replicas);
-- adapter ids are checked: a plain folder name that exists in the LoRA store, nothing else.
+- only what this server published and verified is served (Production's versions since it started,
+  the canary's candidate), by the stable name or by id; each poll lists their store folders, and
+  one whose files changed since is withdrawn (503 naming the files) until it is published again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -33,7 +33,8 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import Response
 
-from loraflow import adapter_store, canary, registry, serving_metrics, traces
+from loraflow import adapter_store, canary, registry, serving_auth, serving_metrics, traces
+from loraflow.errors import UserError
 from loraflow.job_configs import TracesConfig
 
 logger = logging.getLogger("loraflow.serve")
@@ -43,7 +44,8 @@ ROUTE_KEY_HEADER = "x-loraflow-route-key"  # requests with the same key land on 
 
 class LoraflowIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
-                 pinned_version: str | None, lora_store_uri: str, api_key_sha256: str | None,
+                 pinned_version: str | None, lora_store_uri: str, lora_store_settings: dict[str, str],
+                 api_key_sha256: str | None,
                  base_model_id: str, poll_interval_s: float, tracking_uri: str, live_validity: str,
                  serving_run_id: str, serving_experiment_id: str, metrics_interval_s: float, traces_settings: dict,
                  **kwargs):
@@ -59,12 +61,17 @@ class LoraflowIngress(OpenAiIngress):
         self._registered_model = registered_model
         self._alias = alias
         self._base_model_id = base_model_id  # what the engine runs; versions trained on another are refused
-        self._store = adapter_store.LoraStore(lora_store_uri)
+        self._store = adapter_store.LoraStore(lora_store_uri, lora_store_settings)
         self._key_sha256 = api_key_sha256
-        self._known: tuple[float, set[str]] = (0.0, set())  # (when listed, adapter ids in the store)
+        # The adapters served: those this server published and verified (Production's versions since it
+        # started, the canary's candidate), each with its store folder's listing then; a folder whose
+        # files changed since is withdrawn until it is published again (store.md: delete it).
+        self._servable: dict[str, dict[str, str]] = {}
+        self._withdrawn: dict[str, str] = {}  # adapter id -> why it is not served
         self._registry = {"state": "starting", "version": None, "adapter": None, "error": None, "checked_at": None}
         self._target: str | None = None  # the adapter id the stable name routes to
         self._canary: dict | None = None  # the rollout followed (registry.rollout) and its candidate's adapter id
+        self._verdict: tuple | None = None  # (rollout, verdict, figures) the registry has not taken yet
         self._is_valid = canary.validity_check(live_validity)  # the task's grammar (serve checked the name)
         self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
         self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
@@ -82,6 +89,7 @@ class LoraflowIngress(OpenAiIngress):
             time.sleep(min(interval, metrics_interval))
             if follow:
                 self._watch_once(None, warm_up=True)
+            self._check_store()
             followed = self._canary
             self._metrics.canary_weight(followed["rollout"]["weight"] if followed else 0.0)
             if time.monotonic() - logged_at >= metrics_interval:
@@ -113,9 +121,9 @@ class LoraflowIngress(OpenAiIngress):
             adapter = registry.adapter_id(version)
             registry.check_base_model(version.tags.get(registry.BASE_MODEL_ID_TAG), self._base_model_id, adapter,
                                       fix="restart serve to change the base model")
-            if adapter != self._target:
-                self._store.publish(version)
-                if warm_up and self._target is not None:
+            if adapter != self._target or adapter not in self._servable:
+                self._publish(version)
+                if warm_up and self._target is not None and adapter != self._target:
                     self._warm_up(adapter)
                 logger.info("%s:%s now routes to %s (was %s)", self._base_id, self._alias, adapter, self._target)
                 self._target = adapter
@@ -134,8 +142,13 @@ class LoraflowIngress(OpenAiIngress):
         client = mlflow.MlflowClient()
         rollout = registry.rollout(client, self._registered_model)
         if rollout is None or rollout["version"] == production_version:
-            self._canary = None
+            self._canary, self._verdict = None, None
             return
+        if self._verdict is not None:
+            if self._verdict[0] == rollout:
+                self._finish(*self._verdict)  # again, the candidate serving nothing meanwhile
+                return
+            self._verdict = None  # the rollout changed meanwhile (a person's change): theirs stands
         followed = self._canary
         if followed is None or followed["rollout"] != rollout:
             try:
@@ -144,10 +157,11 @@ class LoraflowIngress(OpenAiIngress):
                 registry.check_base_model(candidate.tags.get(registry.BASE_MODEL_ID_TAG), self._base_model_id,
                                           adapter, fix="a canary must be trained on the base model served")
                 if followed is None or followed["adapter"] != adapter:
-                    self._store.publish(candidate)
+                    self._publish(candidate)
                     if warm_up:
                         self._warm_up(adapter)
-            except Exception as exc:  # noqa: BLE001 - a candidate that cannot serve is rolled back
+            except (UserError, AdapterLoadFailed) as exc:  # it cannot serve; an unreachable store or
+                # registry (any other error) is retried at the next poll, the candidate serving nothing
                 self._finish(rollout, canary.Verdict("roll back", [f"it cannot be served: {exc}"[:1000]]))
                 return
             self._judged = {}  # a new candidate or share: judge on what it serves from now on
@@ -161,13 +175,41 @@ class LoraflowIngress(OpenAiIngress):
         if verdict.decision != "wait":
             self._finish(rollout, verdict, figures)
 
+    def _publish(self, version) -> None:
+        """Copy a version into the LoRA store (checked against its registered digests) and serve it."""
+        adapter = self._store.publish(version)
+        self._servable[adapter] = self._store.listing(adapter)
+        self._withdrawn.pop(adapter, None)
+
+    def _check_store(self) -> None:
+        """Withdraw a served adapter whose store folder changed since it was verified: an engine that
+        restarts would load the changed files (each replica reads {store}/{id} at first use)."""
+        for adapter, verified in list(self._servable.items()):
+            try:
+                now = self._store.listing(adapter)
+            except Exception as exc:  # noqa: BLE001 - the store unreachable: checked again at the next poll
+                logger.warning("could not list the LoRA store's %s: %s", adapter, exc)
+                return
+            if now != verified:
+                changed = sorted(name for name in verified.keys() | now.keys() if verified.get(name) != now.get(name))
+                self._withdrawn[adapter] = (f"its files in the LoRA store changed after publishing "
+                                            f"({', '.join(changed)}); delete {self._store.uri}/{adapter} so that "
+                                            "it is published again from the registry")
+                del self._servable[adapter]
+                logger.warning("%s withdrawn: %s", adapter, self._withdrawn[adapter])
+
     def _finish(self, rollout: dict, verdict: canary.Verdict, figures: dict | None = None) -> None:
+        """Carry out a verdict in the registry. The candidate's share goes first, so that a registry
+        that cannot take the verdict now (it is retried at each poll) leaves no share with it."""
         from loraflow import promote
 
+        if self._canary is not None and self._canary["adapter"] != self._target:  # no longer served by id either
+            self._servable.pop(self._canary["adapter"], None)
+        self._canary, self._judged, self._verdict = None, {}, (rollout, verdict, figures or {})
         logger.info("canary %s-v%s: %s (%s)", self._registered_model, rollout["version"], verdict.decision,
                     "; ".join(verdict.reasons))
         print(promote.finish_canary(self._registered_model, rollout, verdict, figures or {}), flush=True)
-        self._canary, self._judged = None, {}  # the next poll reads what the registry says now
+        self._verdict = None  # the next poll reads what the registry says now
 
     def _warm_up(self, adapter: str) -> None:
         """Load the new adapter on a replica before the stable name moves to it: a broken adapter
@@ -177,18 +219,15 @@ class LoraflowIngress(OpenAiIngress):
         try:
             chunks = list(self._get_configured_serve_handle(model).completions.remote(body, None))
         except Exception as exc:  # noqa: BLE001 - the engine's refusal can come as any exception
-            raise RuntimeError(f"adapter {adapter} failed to load: {exc}") from exc
+            raise AdapterLoadFailed(f"adapter {adapter} failed to load: {exc}") from exc
         errors = [chunk for chunk in chunks if type(chunk).__name__ == "ErrorResponse"]
         if errors:
-            raise RuntimeError(f"adapter {adapter} failed to load: {errors[0].error.message}")
+            raise AdapterLoadFailed(f"adapter {adapter} failed to load: {errors[0].error.message}")
 
     # -- requests --------------------------------------------------------------------------------
     def _authorize(self, request: Request | None) -> None:
-        if self._key_sha256 is None or request is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[len("Bearer "):] if given.startswith("Bearer ") else ""
-        if not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self._key_sha256):
+        authorization = request.headers.get("authorization", "") if request is not None else None
+        if not serving_auth.accepted(self._key_sha256, authorization):
             raise OpenAIHTTPException(message="Missing or wrong API key: send `Authorization: Bearer <key>`.",
                                       status_code=401, type="AuthenticationError")
 
@@ -205,25 +244,24 @@ class LoraflowIngress(OpenAiIngress):
                 raise OpenAIHTTPException(message=f"No version of {self._registered_model} has the alias "
                                           f"{self._alias!r} yet.", status_code=503, type="ServiceUnavailable")
             followed = self._canary
-            if split and followed is not None and canary.takes_candidate(followed["rollout"]["weight"], key):
+            if split and followed is not None and followed["adapter"] in self._servable \
+                    and canary.takes_candidate(followed["rollout"]["weight"], key):
                 return f"{self._base_id}:{followed['adapter']}", "canary"
-            return f"{self._base_id}:{self._target}", "production"
+            return f"{self._base_id}:{self._served(self._target)}", "production"
         if not registry.is_valid_adapter_id(adapter):
             raise OpenAIHTTPException(message=f"Invalid adapter id {adapter!r}: use a name listed by /v1/models.",
                                       status_code=400, type="InvalidModel")
-        if not self._in_store(adapter):
+        return f"{self._base_id}:{self._served(adapter)}", "id"
+
+    def _served(self, adapter: str) -> str:
+        """`adapter`, if it is served: published and verified by this server, its files unchanged since."""
+        if adapter in self._withdrawn:
+            raise OpenAIHTTPException(message=f"{adapter} is not served: {self._withdrawn[adapter]}.",
+                                      status_code=503, type="ServiceUnavailable")
+        if adapter not in self._servable:
             raise OpenAIHTTPException(message=f"Unknown adapter {adapter!r}: /v1/models lists what is served.",
                                       status_code=404, type="InvalidModel")
-        return model, "id"
-
-    def _in_store(self, adapter: str) -> bool:
-        """Whether the store holds this adapter. Folders are never removed, so a hit is cached for
-        good; a miss lists the store again, at most once a second."""
-        listed_at, adapters = self._known
-        if adapter not in adapters and time.monotonic() - listed_at > 1:
-            adapters = set(self._store.adapters())
-            self._known = (time.monotonic(), adapters)
-        return adapter in adapters
+        return adapter
 
     async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
         self._authorize(raw_request)
@@ -284,12 +322,15 @@ class LoraflowIngress(OpenAiIngress):
             choice = answer["choices"][0]
             text = (choice["message"]["content"] if "message" in choice else choice.get("text")) or ""
             valid = bool(self._is_valid(text))
-        for stats in (self._live, self._judged):
+        # A canary is judged on the stable name's traffic only: a client that names the candidate
+        # by its id does not choose what its judgement sees.
+        judged = (self._live, self._judged) if route in ("production", "canary") else (self._live,)
+        for stats in judged:
             self._stats(stats, adapter).record(latency_s, error is not None, tokens, valid)
         self._metrics.record(adapter, request.state.loraflow_route, latency_s, error is not None, tokens, valid)
         if error is not None or text is not None:
             self._tracer.offer(endpoint, inputs, text, adapter, request.state.loraflow_route, valid, started_ns,
-                               time.time_ns(), error=None if error is None else str(error)[:1000])
+                               time.time_ns(), error=None if error is None else _error_text(error))
 
     @staticmethod
     def _stats(stats: dict[str, canary.LiveStats], adapter: str | None) -> canary.LiveStats:
@@ -297,11 +338,12 @@ class LoraflowIngress(OpenAiIngress):
 
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
-        listed = await super().models()
-        if self._target is not None:
-            target = await self.model(f"{self._base_id}:{self._target}")
-            if target is not None:
-                listed.data.append(self._stable_card(target))
+        listed = await super().models()  # every folder in the store: only what is served is listed
+        listed.data = [card for card in listed.data if card.id == self._base_id
+                       or card.id.partition(":")[2] in self._servable]
+        if self._target is not None:  # with its state, also when its adapter is withdrawn
+            served = self._target in self._servable and await self.model(f"{self._base_id}:{self._target}")
+            listed.data.append(self._stable_card(served or await self.model(self._base_id)))
         return listed
 
     async def model_data(self, model: str, request: Request) -> ModelCard:
@@ -325,6 +367,16 @@ class LoraflowIngress(OpenAiIngress):
                 "canary": rollout, "registry": dict(self._registry),
                 "live": {adapter: stats.figures() for adapter, stats in list(self._live.items())},
                 "traces_dropped": self._tracer.dropped}
+
+
+def _error_text(exc: Exception) -> str:
+    """What a failed request's trace says: Ray's OpenAIHTTPException keeps its text in `message`
+    (its str() is empty, which made the trace look like an answer)."""
+    return (getattr(exc, "message", None) or str(exc) or type(exc).__name__)[:1000]
+
+
+class AdapterLoadFailed(RuntimeError):
+    """An engine refused an adapter at its warm-up request."""
 
 
 def _lost_lora_load_race(exc: Exception) -> bool:

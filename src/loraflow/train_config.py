@@ -62,7 +62,9 @@ _FIELDS_CACHE = PROJECT_ROOT / ".cache" / "llamafactory-fields"
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     raw = job_configs.read_mapping(path, "Training config", "see configs/train/default.yaml")
     raw.update(overrides or {})
-    return from_dict(raw, source=str(path))
+    # A key at fault may come from either: messages name both.
+    source = f"{path} with overrides {{{', '.join(map(str, overrides))}}}" if overrides else str(path)
+    return from_dict(raw, source=source)
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
