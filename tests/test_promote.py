@@ -283,9 +283,10 @@ def test_concurrent_promotions_end_with_exactly_one_production(store, model_name
     start = tmp_path / "go"
     script = (
         "import os, sys, time\n"
-        f"sys.argv = ['promote', '--name', {model_name!r}, '--version', sys.argv[1]]\n"
+        "version = sys.argv[1]\n"
+        f"sys.argv = ['promote', '--name', {model_name!r}, '--version', version]\n"
         "from loraflow.promote import main\n"
-        f"open(os.path.join({str(tmp_path)!r}, 'ready-' + sys.argv[1]), 'w').close()\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready-' + version), 'w').close()\n"
         f"while not os.path.exists({str(start)!r}): time.sleep(0.001)\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

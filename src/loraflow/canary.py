@@ -14,12 +14,10 @@ live figures, then promoted to Production or rolled back.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 import random
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,17 +27,6 @@ from loraflow.job_configs import RolloutPolicy
 def policy_of(rollout: dict) -> RolloutPolicy:
     """The policy a rollout (registry.rollout) was started with."""
     return RolloutPolicy.model_validate(rollout["policy"])
-
-
-def validity_check(name: str) -> Callable[[str], Any] | None:
-    """The task's grammar named as `module:function` (e.g. evaluation.viggo:parse): a truthy result
-    means the answer is valid. None when there is no such function."""
-    module, _, function = str(name).partition(":")
-    try:
-        found = getattr(importlib.import_module(module), function, None) if function else None
-    except ImportError:
-        return None
-    return found if callable(found) else None
 
 
 def check_weight(weight: Any) -> bool:

@@ -8,7 +8,9 @@ not a setting to ignore."""
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -90,6 +92,17 @@ class EvaluateConfig(Schema):
 
 # -- serve ----------------------------------------------------------------------------------------
 
+def validity_check(name: str) -> Callable[[str], Any] | None:
+    """The task's grammar named as `module:function` (a serving config's live_validity, e.g.
+    evaluation.viggo:parse): a truthy result means the answer is valid. None when there is no such function."""
+    module, _, function = str(name).partition(":")
+    try:
+        found = getattr(importlib.import_module(module), function, None) if function else None
+    except ImportError:
+        return None
+    return found if callable(found) else None
+
+
 class TracesConfig(Schema):
     """The serving config's `traces`: which answered requests become MLflow traces."""
 
@@ -146,8 +159,6 @@ class ServeConfig(Schema):
     @classmethod
     def _is_a_function(cls, name: str) -> str:
         # Checked here so that a typo fails before Ray starts rather than in a replica.
-        from loraflow.canary import validity_check  # canary reads RolloutPolicy from here
-
         if validity_check(name) is None:
             raise ValueError(f"{name!r} is not a function named as module:function, such as evaluation.viggo:parse "
                              "(it tells whether an answer is valid for the task)")

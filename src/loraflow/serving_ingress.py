@@ -33,7 +33,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import Response
 
-from loraflow import adapter_store, canary, registry, serving_auth, serving_metrics, traces
+from loraflow import adapter_store, canary, job_configs, registry, serving_auth, serving_metrics, traces
 from loraflow.errors import UserError
 from loraflow.job_configs import TracesConfig
 
@@ -72,7 +72,7 @@ class LoraflowIngress(OpenAiIngress):
         self._target: str | None = None  # the adapter id the stable name routes to
         self._canary: dict | None = None  # the rollout followed (registry.rollout) and its candidate's adapter id
         self._verdict: tuple | None = None  # (rollout, verdict, figures) the registry has not taken yet
-        self._is_valid = canary.validity_check(live_validity)  # the task's grammar (serve checked the name)
+        self._is_valid = job_configs.validity_check(live_validity)  # the task's grammar (serve checked the name)
         self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
         self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
         self._serving_run, self._logged = serving_run_id, 0  # MLflow run of this server, figures logged so far
