@@ -65,7 +65,7 @@ class LoraflowIngress(OpenAiIngress):
         self._key_sha256 = api_key_sha256
         # The adapters served: those this server published and verified (Production's versions since it
         # started, the canary's candidate), each with its store folder's listing then; a folder whose
-        # files changed since is withdrawn until it is published again (store.md: delete it).
+        # files changed since is withdrawn until it is deleted and published again.
         self._servable: dict[str, dict[str, str]] = {}
         self._withdrawn: dict[str, str] = {}  # adapter id -> why it is not served
         self._registry = {"state": "starting", "version": None, "adapter": None, "error": None, "checked_at": None}
