@@ -294,13 +294,18 @@ def test_concurrent_promotions_end_with_exactly_one_production(store, model_name
     procs = [subprocess.Popen([sys.executable, "-c", script, v], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in versions]
 
-    deadline = time.monotonic() + 120  # every process has imported mlflow and waits at the start line
-    while not all((tmp_path / f"ready-{v}").exists() for v in versions):
-        assert time.monotonic() < deadline and all(proc.poll() is None for proc in procs), \
-            [proc.communicate()[0] for proc in procs if proc.poll() is not None]
-        time.sleep(0.05)
-    start.touch()
-    outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    try:
+        deadline = time.monotonic() + 120  # every process has imported mlflow and waits at the start line
+        while not all((tmp_path / f"ready-{v}").exists() for v in versions):
+            assert time.monotonic() < deadline and all(proc.poll() is None for proc in procs), \
+                [proc.communicate()[0] for proc in procs if proc.poll() is not None]
+            time.sleep(0.05)
+        start.touch()
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    finally:  # a failure leaves no process polling for the start file
+        for proc in procs:
+            proc.kill()
+            proc.wait()
     assert [proc.returncode for proc in procs] == [0] * len(procs), outputs
 
     in_production = [v for v, stage in stages(model_name).items() if stage == "Production"]
