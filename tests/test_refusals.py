@@ -28,17 +28,18 @@ from loraflow.errors import UserError
 @pytest.fixture(autouse=True)
 def _entry_point_state():
     """An entry point's main() sets process-wide state (quiet-mode variables, warning filters,
-    logger levels, a SIGTERM handler): put it back, so that the files after this one see none."""
+    logger levels, SIGTERM and SIGINT handlers): put it back, so that the files after this one see none."""
     environ, filters = dict(os.environ), list(warnings.filters)
     levels = {name: logging.getLogger(name).level for name in console._QUIET_LOGGERS}
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {stopping: signal.getsignal(stopping) for stopping in (signal.SIGTERM, signal.SIGINT)}
     yield
     os.environ.clear()
     os.environ.update(environ)
     warnings.filters[:] = filters
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-    signal.signal(signal.SIGTERM, handler)
+    for stopping, handler in handlers.items():
+        signal.signal(stopping, handler)
 
 
 def refused(main, argv: list[str], capsys) -> str:

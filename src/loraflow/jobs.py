@@ -1,5 +1,6 @@
 """What every entry point does around its job: SIGTERM counts as Ctrl-C (so MLflow runs end
-KILLED and locks are released), and errors print plainly with an exit code, not a traceback."""
+KILLED and locks are released), the first of them stops the job and later ones do not cut its
+cleanup short, and errors print plainly with an exit code, not a traceback."""
 
 from __future__ import annotations
 
@@ -12,14 +13,26 @@ from loraflow import console
 from loraflow.errors import JobFailed, UserError, parse_bool
 
 
-def _raise_interrupt(signum, frame):
+def _stop(signum, frame):
+    # `mlflow run` answers Ctrl-C by sending its job a SIGTERM too, and systemd signals the whole
+    # process group: the job is stopping already, and its cleanup (runs ended, locks released,
+    # Ray and servers stopped) must run whole.
+    for stopping in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(stopping) is _stop:
+            signal.signal(stopping, _already_stopping)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _already_stopping(signum, frame):
+    pass
 
 
 def run_job(job: Callable[[], int | None], interrupted: str, interrupted_code: int = 130,
             verbose: str = "false") -> int:
     """Run an entry point's job; returns the exit code (the job's own, 0 by default)."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started ignoring it (nohup, `&`)
+        signal.signal(signal.SIGINT, _stop)
     try:
         console.setup(parse_bool("verbose", verbose))
         return job() or 0

@@ -54,6 +54,17 @@ def connect(address: str | None = None, num_cpus: int | None = None, metrics_exp
     signal.signal(signal.SIGTERM, sigterm_handler)
 
 
+def shutdown() -> None:
+    """Leave Ray (a local instance stops whole). Ray's core worker puts SIGTERM back to its default
+    on the way out: a SIGTERM during the rest of the job's cleanup would then kill the process
+    silently, its runs left RUNNING. The entry point's handler is put back."""
+    import ray
+
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    ray.shutdown()
+    signal.signal(signal.SIGTERM, sigterm_handler)
+
+
 def worker_logs_hint() -> str:
     """Where to look when a Ray worker failed and quiet mode kept its output off the console."""
     if console.verbose():

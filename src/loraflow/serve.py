@@ -217,10 +217,9 @@ def _shutdown(local: bool) -> None:
     """Stop Serve and leave Ray. A local instance goes whole (ray.shutdown stops every process of
     it): asking Serve's controller first waited 30 s when a SIGTERM to the process group had
     already stopped it. On a cluster, Serve's application is deleted first."""
-    import ray
     from ray import serve
 
     if not local:
         with contextlib.suppress(Exception):
             serve.shutdown()
-    ray.shutdown()
+    ray_cluster.shutdown()
