@@ -1,6 +1,7 @@
 """`mlflow run . -e pipeline`: the tiny model trained, evaluated (real vLLM through Ray Data LLM)
 and promoted in one command, which then says where to look; then the MLflow UI checked in a real
-browser (headless Chromium): the runs, their comparison and the registered version's stage."""
+browser (headless Chromium): the runs, their comparison and the registered version's stage. The
+refused gate's branch runs the pipeline's promotion step alone, on a registered, evaluated version."""
 
 import json
 import os
@@ -12,6 +13,8 @@ from browser import chromium, page_text
 from conftest import ROOT, TINY_CONFIG
 from mlflow import MlflowClient
 from servers import mlflow_server
+
+from loraflow import pipeline
 
 
 def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
@@ -58,23 +61,19 @@ def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
         page_text(browser, f"{url}/#/models/viggo-tiny-lora", ["Version 1", "@ production"], "mlflow-model.png")
 
 
-def test_a_refused_gate_is_a_result_the_version_stays_registered(tracking_uri, tmp_path):
-    """The gate asks for more rows than were evaluated: exit 0, the summary says refused and why,
-    and the version stays registered, evaluated, in no stage."""
-    eval_config = yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())
-    eval_config.update(max_rows=4, sampling={"temperature": 0.0, "max_tokens": 16})
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_config))
+def test_a_refused_gate_is_a_result_the_version_stays_registered(tracking_uri, tmp_path, capsys):
+    """The pipeline's last step, after its evaluation: the gate asks for more rows than were
+    evaluated, so the summary says refused and why, and the version stays registered, evaluated,
+    in no stage (the pipeline then exits 0: its exit code is the evaluation's)."""
+    from test_promote import add_version
+
+    version = add_version("viggo-tiny-lora", {"parse_validity": 0.99, "slot_f1": 0.91, "exact_match": 0.64,
+                                              "rows": 4}, tmp_path)
     (tmp_path / "gates.yaml").write_text("stages: {Production: {minimum: {rows: 5}}}")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "mlproject/pipeline.py"), "--train-config", str(TINY_CONFIG),
-         "--overrides", f"{{output_dir: {tmp_path / 'out'}}}", "--eval-config", str(tmp_path / "eval.yaml"),
-         "--promote-config", str(tmp_path / "gates.yaml")],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{"):])
-    assert (summary["version"], summary["evaluated"], summary["gate"], summary["promoted_to"]) == (
-        "1", True, "refused", None)
-    assert "[pipeline] not promoted: viggo-tiny-lora v1 does not pass the Production gate (rows)" in proc.stdout
-    version = MlflowClient().get_model_version("viggo-tiny-lora", "1")
-    assert version.current_stage == "None" and version.aliases == []
-    assert version.tags["loraflow.eval.rows"] == "4.000000" and "loraflow.promotion.gate" not in version.tags
+    assert pipeline.promote_step("viggo-tiny-lora", version, "Production", str(tmp_path / "gates.yaml")) == {
+        "gate": "refused", "promoted_to": None}
+    assert "[pipeline] not promoted: viggo-tiny-lora v1 does not pass the Production gate (rows)" in \
+        capsys.readouterr().out
+    stored = MlflowClient().get_model_version("viggo-tiny-lora", version)
+    assert stored.current_stage == "None" and stored.aliases == []
+    assert stored.tags["loraflow.eval.rows"] == "4.000000" and "loraflow.promotion.gate" not in stored.tags

@@ -44,16 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True,
                         help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/STAGE or a run id")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation YAML")
-    parser.add_argument("--result-file", default="",
-                        help="also write the evaluation run's id and metrics there, as JSON (what the pipeline reads)")
     console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     def job() -> None:
         result = evaluate(args.model, args.config)
         print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=2))
-        if args.result_file:
-            Path(args.result_file).write_text(json.dumps(dataclasses.asdict(result)))
 
     return run_job(job, "interrupted: the evaluation run is marked KILLED", verbose=args.verbose)
 

@@ -12,10 +12,17 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from loraflow import console, evaluate, promote, promotion_gates, registry, tracking, train, train_config
+from loraflow import (
+    console,
+    evaluate,
+    promote,
+    promotion_gates,
+    registry,
+    tracking,
+    train,
+    train_config,
+)
 from loraflow.envs import PROJECT_ROOT
 from loraflow.jobs import run_job
 
@@ -50,30 +57,37 @@ def run(train_config_path: str, overrides: str, eval_config: str, promote_config
     version = train.train(train_config_path, train_config.parse_overrides(overrides))
     print(f"[pipeline] trained and registered {version.name} v{version.version}", flush=True)
 
-    code, evaluation = _evaluate(f"models:/{version.name}/{version.version}", eval_config)
+    code = _evaluate(f"models:/{version.name}/{version.version}", eval_config)
     summary = {"registered_model": version.name, "version": str(version.version), "train_run_id": version.run_id,
                "evaluated": code == 0, "evaluate_exit_code": code, "promoted_to": None, "gate": None}
     if code == 0:
-        summary["eval_run_id"], summary["metrics"] = evaluation["run_id"], evaluation["metrics"]
-        promotion = promote.promote(version.name, str(version.version), stage, "pipeline: gate passed", False,
-                                    promote_config)
-        print(f"[pipeline] not promoted: {promotion.message}" if promotion.refused else promotion.message, flush=True)
-        summary["gate"] = promotion.gate
-        summary["promoted_to"] = None if promotion.refused else stage
+        summary.update(_evaluation_of(version.name, str(version.version)))
+        summary.update(promote_step(version.name, str(version.version), stage, promote_config))
     summary.update(_where_to_look(uri, version, summary.get("eval_run_id")))
     return summary
 
 
-def _evaluate(model: str, eval_config: str) -> tuple[int, dict | None]:
-    """The evaluate entry point in the infer environment: its exit code and, when it succeeded, its
-    result (the evaluation run's id and metrics)."""
+def _evaluate(model: str, eval_config: str) -> int:
+    """The evaluate entry point in the infer environment; its exit code."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # a run of its own, nested
-    with tempfile.TemporaryDirectory(prefix="loraflow-pipeline-") as folder:
-        result = Path(folder) / "evaluation.json"
-        code = subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "evaluate.py"), "--model", model,
-                               "--config", eval_config, "--result-file", str(result)],
-                              env=env, cwd=PROJECT_ROOT).returncode
-        return code, json.loads(result.read_text()) if code == 0 else None
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "evaluate.py"), "--model", model,
+                           "--config", eval_config], check=False, env=env, cwd=PROJECT_ROOT).returncode
+
+
+def _evaluation_of(name: str, number: str) -> dict:
+    """The evaluation the version now carries (evaluate records it there): its run id and metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run_id = client.get_model_version(name, number).tags[registry.EVAL_RUN_TAG]
+    return {"eval_run_id": run_id, "metrics": client.get_run(run_id).data.metrics}
+
+
+def promote_step(name: str, number: str, stage: str, promote_config: str) -> dict:
+    """Promote the evaluated version behind its gate; a refused gate is a result, not an error."""
+    promotion = promote.promote(name, number, stage, "pipeline: gate passed", False, promote_config)
+    print(f"[pipeline] not promoted: {promotion.message}" if promotion.refused else promotion.message, flush=True)
+    return {"gate": promotion.gate, "promoted_to": None if promotion.refused else stage}
 
 
 def _where_to_look(uri: str, version, eval_run_id: str | None) -> dict:
