@@ -278,25 +278,6 @@ def test_failure_inside_llamafactory_marks_run_failed(tracking_uri, tmp_path, ve
     assert registered_versions() == []
 
 
-def test_interrupt_marks_run_killed_and_registers_nothing(tracking_uri, start_train):
-    proc = start_train("--config", str(TINY_CONFIG), "--overrides", "{max_samples: 64}")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until training has logged its first step
-        runs = _all_runs()
-        if runs and "loss" in runs[0].data.metrics:
-            break
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(1)
-    else:
-        pytest.fail("training never logged a step")
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "marked KILLED" in stderr
-    assert _only_run().info.status == "KILLED"
-    assert registered_versions() == []
-
-
 LONGER = "{max_samples: 96, save_steps: 4, eval_steps: 12}"  # 24 steps, a checkpoint every 4
 
 
@@ -374,34 +355,6 @@ def _wait_until_gone(pids: set[int]) -> None:
         time.sleep(1)
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint_in_the_same_run(tracking_uri, start_train):
-    """SIGKILL the Ray Train worker mid-run: Ray Train restarts it (ray_max_failures: 1), it
-    continues from the last committed checkpoint, and the run stays one run with every step, one
-    version. A checkpoint is committed before the next step runs, so once step 6 is logged the
-    checkpoint of step 4 is known to survive the kill."""
-    proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER)
-    run_id = _wait_for_step(proc, 6)
-    _kill_the_worker(proc)
-    killed_at_ms = int(time.time() * 1000)
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-
-    run = _only_run()
-    assert run.info.run_id == run_id and run.info.status == "FINISHED"
-    before = _loss_steps(run_id, until_ms=killed_at_ms)
-    after = _loss_steps(run_id, after_ms=killed_at_ms)
-    last = before[-1]
-    assert before == list(range(1, last + 1))  # nothing logged twice before the kill
-    # The worker continued from a checkpoint (every 4 steps): the last one committed before the
-    # kill, which is the one at or below the last logged step (at it only if it was committed).
-    resumed_from = int(run.data.tags["loraflow.resumed_from_step"])
-    assert resumed_from % 4 == 0 and (last - 1) // 4 * 4 <= resumed_from <= last
-    assert after == list(range(resumed_from + 1, 25))  # each step after the checkpoint once, to the end
-    [version] = registered_versions()
-    assert version.run_id == run_id
-    print(f"worker killed after step {last}, resumed from the checkpoint at step {resumed_from}")
-
-
 def _assert_continued(first: str, checkpoint_at_least: int) -> str:
     """The one registered version comes from a run that continued `first` from a checkpoint."""
     [version] = registered_versions()
@@ -415,13 +368,15 @@ def _assert_continued(first: str, checkpoint_at_least: int) -> str:
 
 
 def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, start_train):
-    """The driver is stopped (SIGTERM): the run ends KILLED, nothing is registered. `--resume RUN`
-    continues from its last checkpoint into a new run tagged with the first one's id."""
+    """The driver is stopped (SIGTERM, as Ctrl-C): exit 130, the run ends KILLED, nothing is
+    registered. `--resume RUN` continues from its last checkpoint into a new run tagged with the
+    first one's id."""
     proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER)
     first = _wait_for_step(proc, 10)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 130 and MlflowClient().get_run(first).info.status == "KILLED"
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "marked KILLED" in stderr, stderr[-3000:]
+    assert MlflowClient().get_run(first).info.status == "KILLED"
     assert registered_versions() == []
 
     done = run_train("--resume", first, timeout=900)
@@ -435,12 +390,15 @@ def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, star
     assert again.returncode == 2 and "there is nothing to continue" in again.stderr
 
 
-def test_resume_of_a_failed_run_and_of_a_dead_drivers_run(tracking_uri, start_train):
-    """A: a worker killed with no restarts left (ray_max_failures: 0) fails the run; resume is
-    refused while A's driver still lives. B resumes A; B's driver is SIGKILLed, which leaves B
-    RUNNING. C resumes B from its last checkpoint, ends B FAILED, finishes and registers; each run
-    is linked to the one it continues, and a run already continued is not resumed twice."""
-    proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER[:-1] + ", ray_max_failures: 0}")
+def test_a_killed_worker_resumes_then_fails_and_a_dead_drivers_run_is_resumed(tracking_uri, start_train):
+    """A (ray_max_failures: 1): its Ray Train worker SIGKILLed mid-run is restarted by Ray Train
+    and continues from the last committed checkpoint in the same run, every step once. A
+    checkpoint is committed before the next step runs, so once step 6 is logged the checkpoint of
+    step 4 is known to survive the kill. Resume is refused while A's driver lives. The worker
+    killed again, with no restarts left, fails A. B resumes A; B's driver is SIGKILLed, which
+    leaves B RUNNING. C resumes B from its last checkpoint, ends B FAILED, finishes and registers;
+    each run is linked to the one it continues, and a run already continued is not resumed twice."""
+    proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER[:-1] + ", ray_max_failures: 1}")
     a = _wait_for_step(proc, 6)
     alive = run_train("--resume", a)
     assert alive.returncode == 2, alive.stderr[-3000:]
@@ -449,9 +407,22 @@ def test_resume_of_a_failed_run_and_of_a_dead_drivers_run(tracking_uri, start_tr
         "or stop it (Ctrl-C, or kill that pid), then resume.")
     assert len(_all_runs()) == 1  # the refusal made no run
     _kill_the_worker(proc)
+    killed_at_ms = int(time.time() * 1000)
+    _wait_for_run_step(proc, lambda run: "loraflow.resumed_from_step" in run.data.tags, max(_loss_steps(a)) + 2)
+    _kill_the_worker(proc)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "error: training failed:" in stderr, stderr[-3000:]
     assert MlflowClient().get_run(a).info.status == "FAILED" and registered_versions() == []
+    before, after = _loss_steps(a, until_ms=killed_at_ms), _loss_steps(a, after_ms=killed_at_ms)
+    last = before[-1]
+    assert before == list(range(1, last + 1))  # nothing logged twice before the first kill
+    # The worker continued from a checkpoint (every 4 steps): the last one committed before the
+    # kill, which is the one at or below the last logged step (at it only if it was committed);
+    # then each step after it once, until the second kill.
+    resumed_from = int(MlflowClient().get_run(a).data.tags["loraflow.resumed_from_step"])
+    assert resumed_from % 4 == 0 and (last - 1) // 4 * 4 <= resumed_from <= last
+    assert after == list(range(resumed_from + 1, resumed_from + 1 + len(after))) and after[-1] > last, after
+    print(f"worker killed after step {last}, resumed from the checkpoint at step {resumed_from}")
 
     proc = start_train("--resume", a)
     b = _wait_for_run_step(proc, lambda run: run.data.tags.get("loraflow.resumed_from") == a, 10)
