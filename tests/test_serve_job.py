@@ -612,13 +612,16 @@ def _start_canary(tmp_path: Path, weight: str, **policy) -> dict:
     return registry_contract.rollout(MlflowClient(), NAME)
 
 
-def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, serve_process, registry, tmp_path):
+def test_a_canary_splits_the_stable_name_and_survives_a_restart(server, serve_process, registry, tmp_path):
     """v2 as a 50% canary: 200 requests from 4 clients all succeed and are labelled, both versions
     answer in about equal shares, a request key always lands on the same version, a version asked
     for by its id is not split, /v1/models shows the rollout and each version's live figures. The
-    server is then SIGKILLed with all its processes: started again, it reads the same rollout from
-    the registry and splits again. weight=0 stops it."""
-    proc, port, _ = server
+    server is then stopped as systemd stops a service, SIGTERM to its whole process group (serve and
+    Ray's processes at once): Serve and Ray shut down without waiting on Serve's stopped controller,
+    exit 0, the port is closed, no process of serve's session is left, its MLflow run ends FINISHED.
+    Started again, it reads the same rollout from the registry (the server keeps none of it) and
+    splits again. weight=0 stops it."""
+    proc, port, log = server
     rollout = _start_canary(tmp_path, "0.5", min_requests=100_000)  # never judged here
     status = _wait_for_status(port, lambda s: s["canary"] is not None)
     assert status["canary"] == {"version": "2", "serving": f"{NAME}-v2", "weight": 0.5,
@@ -642,8 +645,14 @@ def test_a_canary_splits_the_stable_name_and_survives_a_killed_server(server, se
     assert {ask(port, model=f"{MODEL_ID}:{NAME}-v1", max_tokens=1).parse().model for _ in range(10)} \
         == {f"{MODEL_ID}:{NAME}-v1"}
 
-    _kill_session(proc.pid)  # the machine losing the server, Ray and all
-    assert proc.wait(timeout=30) == -signal.SIGKILL
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
+    assert _serving_run(log).info.status == "FINISHED"
+    said = log.read_text(errors="replace")
+    assert "shutting down" in said and "Traceback" not in said and "Controller failed to shut down" not in said, \
+        said[-3000:]
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        pass
     _assert_session_ends(proc.pid)
     _, port, _ = serve_process.running()
     status = _wait_for_status(port, lambda s: s["canary"] is not None)
@@ -854,22 +863,6 @@ def test_served_requests_are_traced_with_the_version_and_export_to_a_dataset(ser
     rows = [json.loads(line) for line in (out / "served.jsonl").read_text().splitlines()]
     assert rows == [{"instruction": "Blizzard North made Diablo II.", "input": f"Mail {traces.REDACTED} about it.",
                      "output": text} for _, text in answers]
-
-
-def test_sigterm_shuts_down_cleanly(server):
-    """SIGTERM to serve's whole process group (what systemd sends by default: serve and Ray's
-    processes at once): Serve and Ray shut down without waiting on Serve's stopped controller, exit
-    0, the port is closed, no process of serve's session is left, its MLflow run ends FINISHED."""
-    proc, port, log = server
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, log.read_text(errors="replace")[-3000:]
-    assert _serving_run(log).info.status == "FINISHED"
-    assert "shutting down" in log.read_text(errors="replace")
-    assert "Traceback" not in log.read_text(errors="replace")
-    assert "Controller failed to shut down" not in log.read_text(errors="replace")
-    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
-        pass
-    _assert_session_ends(proc.pid)
 
 
 def _assert_session_ends(session: int) -> None:
