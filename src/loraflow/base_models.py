@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from loraflow import compat
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import file_digests
@@ -142,10 +143,7 @@ def prepare_smollm2(dest: Path = SMOLLM2_DIR) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             _gguf_package_dir(), gguf_file=_GGUF_FILE, dtype=torch.float32
         )
-        # The weights are de-quantized on load; without this, saving refuses a "gguf" model.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        compat.forget_quantization(model)
         model.config.bos_token_id = tokenizer.bos_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id

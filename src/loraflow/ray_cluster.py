@@ -11,11 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loraflow import console
+from loraflow import compat, console
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 
-_LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a single node on 127.0.0.1 (compat: Ray's own switch)
 # Unix socket paths are limited to 107 bytes; Ray puts its sockets deep under the temp dir.
 _MAX_TEMP_DIR_LEN = 40
 
@@ -29,7 +28,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, metrics_exp
         # A local instance listens on loopback only: Ray otherwise binds its GCS, raylet and the
         # Prometheus metrics port on every interface. This switch (read when ray is imported) makes
         # Ray take 127.0.0.1 as the node's address, as it does on macOS and Windows.
-        os.environ.setdefault(_LOOPBACK_ONLY, "0")
+        os.environ.setdefault(compat.RAY_LOOPBACK_ONLY_ENV, "0")
     import ray
 
     if ray.is_initialized():
@@ -45,11 +44,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, metrics_exp
         # workers run in the driver's, whichever one started the node.
         ray.init(address=address, runtime_env={"py_executable": sys.executable}, **output)
     else:
-        # Ray starts its workers at nice 15, below its own always-waking processes: on a machine
-        # without spare cores the training and engine processes then lose the CPU to them at
-        # every wake-up (a bf16 training step took 1.6x as long in a Ray task as outside).
-        ray.init(num_cpus=num_cpus, _temp_dir=str(_local_temp_dir()), _system_config={"worker_niceness": 0},
-                 _metrics_export_port=metrics_export_port, **output)
+        compat.init_local_ray(num_cpus, str(_local_temp_dir()), metrics_export_port, **output)
     console.quiet_loggers()
     signal.signal(signal.SIGTERM, sigterm_handler)
 

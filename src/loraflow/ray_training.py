@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from loraflow import console, ray_cluster
+from loraflow import compat, console, ray_cluster
 from loraflow.errors import JobFailed, UserError
 from loraflow.registry import RESUMED_FROM_STEP_TAG
 from loraflow.train_config import RaySettings
@@ -176,7 +176,7 @@ def regional_compile_callback():
 
     On a GPU the loss is compiled too: it is no module, so no region holds it, and run eagerly it
     writes the logits out again in float32, then their log-softmax, and reads both back for the
-    gradient; compiled, it reads the bfloat16 logits and writes their gradient (docs/benchmarks.md
+    gradient; compiled, it reads the bfloat16 logits and writes their gradient (docs/benchmarks-log.md
     part 5). On the CPU that traffic is not what a step waits for: no gain was measured there."""
     import torch
     from accelerate.utils import TorchDynamoPlugin, compile_regions_deepspeed
@@ -196,10 +196,9 @@ def regional_compile_callback():
         def on_train_end(self, args, state, control, **kwargs):
             """How many graphs torch.compile made: 0 with torch_compile on means the model ran uncompiled."""
             import mlflow
-            from torch._dynamo.utils import counters
 
             if args.torch_compile and state.is_world_process_zero and mlflow.active_run():
-                mlflow.log_metric(COMPILED_GRAPHS_METRIC, counters["stats"]["unique_graphs"], step=state.global_step)
+                mlflow.log_metric(COMPILED_GRAPHS_METRIC, compat.compiled_graph_count(), step=state.global_step)
 
     return RegionalCompileCallback()
 

@@ -28,21 +28,21 @@ import time
 from typing import Any
 
 from fastapi import Request
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import Response
 
-from loraflow import adapter_store, canary, job_configs, registry, serving_auth, serving_metrics, traces
+from loraflow import adapter_store, canary, compat, job_configs, registry, serving_auth, serving_metrics, traces
 from loraflow.errors import UserError
 from loraflow.job_configs import TracesConfig
 
+ModelCard, ModelList, OpenAIHTTPException = compat.openai_api_models()
 logger = logging.getLogger("loraflow.serve")
 ADAPTER_HEADER = "x-loraflow-adapter"
 ROUTE_KEY_HEADER = "x-loraflow-route-key"  # requests with the same key land on the same side of a canary
 
 
-class LoraflowIngress(OpenAiIngress):
+class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
                  pinned_version: str | None, lora_store_uri: str, lora_store_settings: dict[str, str],
                  api_key_sha256: str | None,
@@ -217,7 +217,7 @@ class LoraflowIngress(OpenAiIngress):
         model = f"{self._base_id}:{adapter}"
         body = CompletionRequest(model=model, prompt="hi", max_tokens=1)
         try:
-            chunks = list(self._get_configured_serve_handle(model).completions.remote(body, None))
+            chunks = list(self.engine_handle(model).completions.remote(body, None))
         except Exception as exc:  # noqa: BLE001 - the engine's refusal can come as any exception
             raise AdapterLoadFailed(f"adapter {adapter} failed to load: {exc}") from exc
         errors = [chunk for chunk in chunks if type(chunk).__name__ == "ErrorResponse"]
@@ -263,20 +263,21 @@ class LoraflowIngress(OpenAiIngress):
                                       status_code=404, type="InvalidModel")
         return adapter
 
-    async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
+    async def dispatch(self, body, call_method: str, raw_request: Request | None):
+        """Every OpenAI route's request, parsed, before the engine: authorized, then routed."""
         self._authorize(raw_request)
         key = (raw_request.headers.get(ROUTE_KEY_HEADER) if raw_request is not None else None) or body.user
         body.model, route = self._route(body.model, split=True, key=key)
         if raw_request is not None:
             raw_request.state.loraflow_model, raw_request.state.loraflow_route = body.model, route
         try:
-            async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+            async for response in self.ray_dispatch(body, call_method, raw_request):
                 yield response
         except Exception as exc:  # noqa: BLE001 - only the one known race is retried, the rest re-raised
             if not _lost_lora_load_race(exc):
                 raise
             # The load that failed happened before anything was answered; the adapter is loaded now.
-            async for response in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+            async for response in self.ray_dispatch(body, call_method, raw_request):
                 yield response
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:

@@ -10,6 +10,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from loraflow import compat
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import JOB_TAG
@@ -148,21 +149,13 @@ def erase_launch_param(key: str) -> str | None:
     if not run_id:
         return None
     import mlflow
-    from mlflow.store.tracking.dbmodels.models import SqlParam
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from sqlalchemy import text
 
-    store = mlflow.MlflowClient()._tracking_client.store
-    if not isinstance(store, SqlAlchemyStore):
-        return (f"`mlflow run` has logged it as the parameter {key} of run {run_id} in "
-                f"{display_uri(mlflow.get_tracking_uri())}, where MLflow cannot delete a parameter: delete that run "
-                f"(mlflow runs delete --run-id {run_id}), have the store purged (mlflow gc on the server) and "
-                "replace the credential.")
-    with store.ManagedSessionMaker(read_only=False) as session:
-        if store.db_type == "sqlite":
-            session.execute(text("PRAGMA secure_delete = ON"))
-        session.query(SqlParam).filter(SqlParam.run_uuid == run_id, SqlParam.key == key).delete()
-    return None
+    if compat.delete_run_param(run_id, key):
+        return None
+    return (f"`mlflow run` has logged it as the parameter {key} of run {run_id} in "
+            f"{display_uri(mlflow.get_tracking_uri())}, where MLflow cannot delete a parameter: delete that run "
+            f"(mlflow runs delete --run-id {run_id}), have the store purged (mlflow gc on the server) and "
+            "replace the credential.")
 
 
 def _check_reachable(uri: str) -> None:
