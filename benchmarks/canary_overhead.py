@@ -47,7 +47,7 @@ MODEL_ID = "tiny"
 
 def train_two_versions(env: dict, log) -> None:
     for overrides in ("{}", "{seed: 7, learning_rate: 3.0e-2}"):
-        done = subprocess.run([sys.executable, str(ROOT / "mlproject/train.py"), "--config",
+        done = subprocess.run([sys.executable, str(ROOT / "mlproject/run.py"), "train", "--config",
                                str(ROOT / "configs/train/tiny.yaml"), "--overrides", overrides],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
@@ -147,7 +147,7 @@ def main() -> None:
     (work / "promote.yaml").write_text(yaml.safe_dump({
         **yaml.safe_load((ROOT / "configs/promote/default.yaml").read_text()),
         "rollout": {"weight": 0.5, "steps": [], "min_requests": 10 ** 9}}))  # never judged: the split alone
-    server = subprocess.Popen([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME, "--config",
+    server = subprocess.Popen([sys.executable, str(ROOT / "mlproject/run.py"), "serve", "--name", NAME, "--config",
                                str(work / "serve.yaml")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:

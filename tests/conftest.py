@@ -49,7 +49,7 @@ def tiny_trainings(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-trainings")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
     for overrides in ("{}", "{seed: 7, learning_rate: 3.0e-2}"):
-        proc = subprocess.run([sys.executable, str(ROOT / "mlproject" / "train.py"), "--config", str(TINY_CONFIG),
+        proc = subprocess.run([*entry_point("train"), "--config", str(TINY_CONFIG),
                                "--overrides", overrides], cwd=ROOT, capture_output=True, text=True, timeout=600,
                               env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,10 +63,15 @@ def copy_store(database: Path, folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def entry_point(name: str) -> list[str]:
+    """The command that starts entry point `name` as `mlflow run . -e NAME` does, without its run."""
+    return [sys.executable, str(ROOT / "mlproject" / "run.py"), name]
+
+
 def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the train entry point's script as a process, with the caller's environment."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "mlproject" / "train.py"), *args],
+        [*entry_point("train"), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
     )
 

@@ -11,7 +11,7 @@ from conftest import ROOT
 from mlflow import MlflowClient
 from test_promote import GOOD, add_version, stages
 
-from loraflow import canary, promote, registry
+from loraflow import canary, entry_points, promote, registry
 from loraflow.errors import UserError
 from loraflow.job_configs import RolloutPolicy
 
@@ -106,12 +106,12 @@ def versions(tracking_uri, tmp_path) -> MlflowClient:
     """v1 in Production, v2 and v3 evaluated like good ones, v4 not evaluated."""
     for metrics in (GOOD, GOOD, GOOD, None):
         add_version(NAME, metrics, tmp_path)
-    assert promote.main(["--name", NAME, "--version", "1"]) == 0
+    assert entry_points.main("promote", ["--name", NAME, "--version", "1"]) == 0
     return MlflowClient()
 
 
 def canary_main(version: str, *extra: str) -> int:
-    return promote.main(["--name", NAME, "--version", version, "--stage", "Canary", *extra])
+    return entry_points.main("promote", ["--name", NAME, "--version", version, "--stage", "Canary", *extra])
 
 
 def test_a_canary_starts_changes_weight_and_stops(versions, capsys):
@@ -156,9 +156,9 @@ def test_bad_canary_requests_are_refused_and_change_nothing(versions, capsys, ve
 
 
 def test_a_weight_without_stage_canary_and_a_canary_without_production_are_refused(versions, capsys):
-    assert promote.main(["--name", NAME, "--version", "2", "--weight", "0.5"]) == 2
+    assert entry_points.main("promote", ["--name", NAME, "--version", "2", "--weight", "0.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: weight is for stage=Canary only."
-    assert promote.main(["--name", NAME, "--version", "1", "--stage", "Archived"]) == 0
+    assert entry_points.main("promote", ["--name", NAME, "--version", "1", "--stage", "Archived"]) == 0
     assert canary_main("2") == 2
     assert capsys.readouterr().err.strip() == (f"error: {NAME} has no version in Production for a canary to be "
                                                "compared with: promote one first.")
@@ -173,7 +173,7 @@ def test_an_unevaluated_candidate_does_not_pass_the_staging_gate(versions, capsy
 
 def test_promoting_the_candidate_by_hand_ends_its_rollout(versions, capsys):
     assert canary_main("2") == 0
-    assert promote.main(["--name", NAME, "--version", "2", "--reason", "looks fine"]) == 0
+    assert entry_points.main("promote", ["--name", NAME, "--version", "2", "--reason", "looks fine"]) == 0
     assert f"{NAME} v2: canary promoted (looks fine)" in capsys.readouterr().out
     assert registry.rollout(versions, NAME) is None
     assert stages(NAME) == {"1": "Archived", "2": "Production", "3": "None", "4": "None"}
@@ -227,7 +227,7 @@ def test_a_persons_promotion_during_a_canary_ends_it_and_the_servers_verdict_doe
     judged = registry.rollout(versions, NAME)
     assert judged["production"] == "1"
     capsys.readouterr()
-    assert promote.main(["--name", NAME, "--version", "3", "--reason", "v3 now"]) == 0
+    assert entry_points.main("promote", ["--name", NAME, "--version", "3", "--reason", "v3 now"]) == 0
     assert f"{NAME} v2: canary stopped (Production changed: v3 moved to Production)" in capsys.readouterr().out
     assert registry.rollout(versions, NAME) is None
     v2 = versions.get_model_version(NAME, "2")
@@ -240,10 +240,10 @@ def test_a_persons_promotion_during_a_canary_ends_it_and_the_servers_verdict_doe
 
 
 def test_a_rollback_during_a_canary_ends_it(versions, capsys):
-    assert promote.main(["--name", NAME, "--version", "2"]) == 0
+    assert entry_points.main("promote", ["--name", NAME, "--version", "2"]) == 0
     assert canary_main("3") == 0
     capsys.readouterr()
-    assert promote.rollback_main(["--name", NAME, "--reason", "v2 misbehaves"]) == 0
+    assert entry_points.main("rollback", ["--name", NAME, "--reason", "v2 misbehaves"]) == 0
     assert f"{NAME} v3: canary stopped (Production rolled back to v1)" in capsys.readouterr().out
     assert registry.rollout(versions, NAME) is None
     assert stages(NAME) == {"1": "Production", "2": "Archived", "3": "None", "4": "None"}

@@ -1,83 +1,97 @@
-"""MLproject is the command line users see, argparse the one the code reads: every entry point's
-parameters, defaults and required ones are the same in both (a default changed in one place only
-would make `mlflow run` and `python mlproject/X.py` behave differently)."""
+"""Each entry point is declared once, in src/loraflow/entry_points.py: MLproject (the command line
+`mlflow run` users see) is generated from the declarations, and so is the command line the code
+reads; each job function takes exactly the declared parameters."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
+import inspect
 import re
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import yaml
 from conftest import ROOT
 
-from loraflow import evaluate, pipeline, promote, registry, serve, traces, train
+from loraflow import entry_points
+from loraflow.entry_points import ENTRY_POINTS
 
 pytestmark = pytest.mark.unit
 
-MAINS = {"train": train.main, "evaluate": evaluate.main, "pipeline": pipeline.main, "promote": promote.main,
-         "rollback": promote.rollback_main, "export_traces": traces.main, "serve": serve.main}
-ENTRY_POINTS = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+
+def test_mlproject_is_generated_from_the_declarations():
+    assert (ROOT / "MLproject").read_text() == entry_points.mlproject_text(), (
+        "MLproject differs from src/loraflow/entry_points.py: regenerate it with "
+        "`.venvs/train/bin/python -m loraflow.entry_points > MLproject`")
 
 
-class _Parsed(Exception):
-    pass
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_each_job_takes_exactly_its_declared_parameters(name):
+    point = ENTRY_POINTS[name]
+    module, _, function = point.function.partition(":")
+    job = getattr(importlib.import_module(module), function)
+    assert list(inspect.signature(job).parameters) == [param.name for param in point.params]
 
 
-def _parser_of(main) -> argparse.ArgumentParser:
-    """The parser `main` builds, taken at its parse_args call (nothing of the job runs)."""
-    seen = []
-
-    def capture(self, args=None, namespace=None):
-        seen.append(self)
-        raise _Parsed
-
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(_Parsed):
-        main([])
-    return seen[0]
-
-
-def _same(name: str, mlproject_default, argparse_default) -> bool:
-    if name == "config" or name.endswith("_config"):  # MLproject's are relative to the project
-        return (ROOT / str(mlproject_default)).resolve() == Path(argparse_default).resolve()
-    return str(mlproject_default) == str(argparse_default)
-
-
-def test_every_entry_point_is_a_loraflow_main():
-    assert set(ENTRY_POINTS) == set(MAINS)
-    for entry, main in MAINS.items():
-        script = (ROOT / "mlproject" / f"{entry}.py").read_text()
-        assert f"from {main.__module__} import {main.__name__}" in script
-
-
-@pytest.mark.parametrize("entry", sorted(MAINS))
-def test_mlproject_parameters_are_the_argparse_options_with_the_same_defaults(entry):
-    spec = ENTRY_POINTS[entry]
-    flags = dict(re.findall(r"(--[\w-]+) \{(\w+)\}", spec["command"]))  # --flag {parameter}
-    assert sorted(flags.values()) == sorted(spec["parameters"])
-    options = {action.option_strings[0]: action for action in _parser_of(MAINS[entry])._actions
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_the_command_line_has_each_parameter_with_mlprojects_default(name):
+    declared = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][name]["parameters"]
+    options = {action.dest: action for action in entry_points.parser(ENTRY_POINTS[name])._actions
                if action.option_strings and action.dest != "help"}
-    assert set(options) == set(flags), "an option missing from MLproject's command, or the reverse"
-    for flag, name in flags.items():
-        parameter, action = spec["parameters"][name], options[flag]
-        if "default" in parameter:
-            assert not action.required, f"{entry} {flag}: MLproject has a default, argparse requires it"
-            assert _same(name, parameter["default"], action.default), (entry, flag, parameter["default"],
-                                                                       action.default)
+    assert set(options) == set(declared)
+    for param, spec in declared.items():
+        action = options[param]
+        assert action.option_strings == ["--" + param.replace("_", "-")]
+        if "default" not in spec:
+            assert action.required, param
+        elif spec["type"] == "path":  # MLflow makes it absolute, relative to the project
+            assert Path(action.default) == ROOT / spec["default"], param
         else:
-            assert action.required, f"{entry} {flag}: required in MLproject, not in argparse"
+            assert action.default == spec["default"], param
 
 
 def test_the_default_registered_model_is_the_default_training_configs():
     config = yaml.safe_load((ROOT / "configs/train/default.yaml").read_text())
-    assert config["registered_model_name"] == registry.DEFAULT_MODEL_NAME
+    assert config["registered_model_name"] == entry_points.DEFAULT_MODEL_NAME
 
 
 def test_every_config_parameter_is_a_path():
     """MLflow makes a `path` absolute (the jobs may run from elsewhere) and refuses a missing one."""
-    configs = {f"{entry}.{name}": parameter["type"] for entry, spec in ENTRY_POINTS.items()
-               for name, parameter in spec["parameters"].items() if name == "config" or name.endswith("_config")}
-    assert len(configs) == 7
-    assert {name for name, kind in configs.items() if kind != "path"} == set()
+    configs = {f"{point.name}.{param.name}": param.kind for point in ENTRY_POINTS.values() for param in point.params
+               if param.name == "config" or param.name.endswith("_config")}
+    assert len(configs) == 7 and set(configs.values()) == {"path"}
+
+
+def test_run_py_names_the_entry_points_when_given_none_of_them(capsys):
+    assert entry_points.run_script(["nope"]) == 2
+    assert capsys.readouterr().err == ("usage: python mlproject/run.py {train,evaluate,pipeline,promote,rollback,"
+                                       "export_traces,serve} [--option value ...]\n")
+
+
+def _documented_commands() -> list[tuple[str, str]]:
+    """Every `mlflow run . -e NAME ...` in the README and docs/ (a shell line continued with `\\`
+    read whole), with where it is."""
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        if doc.name == "benchmarks-log.md":  # a dated notebook: commands of their day
+            continue
+        text = doc.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            for command in re.findall(r"mlflow run \. -e [^`&;|]*", line):
+                found.append((doc.name, command))
+    return found
+
+
+def test_every_documented_mlflow_run_names_a_real_entry_point_and_parameters():
+    commands = _documented_commands()
+    assert len(commands) >= 20, commands
+    for doc, command in commands:
+        name = command.split()[4]
+        if name == "NAME":  # the general form
+            continue
+        assert name in ENTRY_POINTS, f"{doc}: {command}"
+        declared = {param.name for param in ENTRY_POINTS[name].parameters}
+        given = re.findall(r"-P ([a-z_]+)=", command)
+        assert set(given) <= declared, f"{doc}: {command} gives {set(given) - declared}, not parameters of {name}"
+        for path in re.findall(r"-P \w*config=(configs/\S+\.yaml)", command):
+            assert (ROOT / path).is_file(), f"{doc}: {command} names {path}, which does not exist"

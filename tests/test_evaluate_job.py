@@ -4,12 +4,11 @@ the train entry point trained and registered, scored by evaluation/viggo.py."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, copy_store
+from conftest import ROOT, copy_store, entry_point
 from mlflow import MlflowClient
 
 SMALL_EVAL = {"max_rows": 6, "sampling": {"temperature": 0.0, "max_tokens": 24}}
@@ -40,7 +39,7 @@ def _config(tmp_path, **changes):
 
 
 def run_evaluate(model, config, timeout=900):
-    return subprocess.run([sys.executable, str(ROOT / "mlproject/evaluate.py"), "--model", model,
+    return subprocess.run([*entry_point("evaluate"), "--model", model,
                            "--config", config], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=os.environ.copy())
 
@@ -55,7 +54,7 @@ def per_row(trained, tmp_path_factory) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained}
     config = _config(tmp_path_factory.mktemp("per-row"), baseline=True, guided_decoding=True, merge_adapter=False,
                      engine=FLOAT32_ENGINE)
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/evaluate.py"), "--model", "models:/viggo-tiny-lora/1",
+    proc = subprocess.run([*entry_point("evaluate"), "--model", "models:/viggo-tiny-lora/1",
                            "--config", config], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     version = MlflowClient(tracking_uri=trained).get_model_version("viggo-tiny-lora", "1")

@@ -21,7 +21,7 @@ from browser import chromium, page_text
 from conftest import ROOT
 from servers import mlflow_server, postgres_server
 
-from loraflow import promote, registry
+from loraflow import entry_points, promote, registry
 from loraflow.errors import UserError
 from loraflow.evaluate import record_evaluation
 from loraflow.registry_lock import locked
@@ -76,7 +76,7 @@ def add_version(name: str, metrics: dict[str, float] | None, tmp_path) -> str:
 
 
 def run_promote(capsys, name, version, stage="Production", *extra: str) -> tuple[int, str, str]:
-    code = promote.main(["--name", name, "--version", version, "--stage", stage, *extra])
+    code = entry_points.main("promote", ["--name", name, "--version", version, "--stage", stage, *extra])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -194,7 +194,7 @@ def test_rollback_walks_back_through_production_history(store, model_name, tmp_p
     for version in versions:
         assert run_promote(capsys, model_name, version)[0] == 0
 
-    assert promote.rollback_main(["--name", model_name, "--reason", "v3 answers badly"]) == 0
+    assert entry_points.main("rollback", ["--name", model_name, "--reason", "v3 answers badly"]) == 0
     assert "(rollback)" in capsys.readouterr().out
     assert alias_target(model_name, "production") == versions[1]
     assert stages(model_name)[versions[2]] == "Archived"
@@ -203,9 +203,9 @@ def test_rollback_walks_back_through_production_history(store, model_name, tmp_p
     assert rolled.tags["loraflow.promotion.reason"] == "v3 answers badly"
     assert "rolled back" in version_info(model_name, versions[2]).description
 
-    assert promote.rollback_main(["--name", model_name]) == 0
+    assert entry_points.main("rollback", ["--name", model_name]) == 0
     assert alias_target(model_name, "production") == versions[0]
-    assert promote.rollback_main(["--name", model_name]) == 2
+    assert entry_points.main("rollback", ["--name", model_name]) == 2
     assert "Nothing to roll back to" in capsys.readouterr().err
     assert stages(model_name)[versions[0]] == "Production"
 
@@ -230,7 +230,7 @@ def test_bad_promotion_requests_are_refused_clearly(args, message, tmp_path, mon
     mlflow.set_tracking_uri(uri)
     add_version("viggo-bad", GOOD, tmp_path)
     full = args if "--name" in args else ["--name", "viggo-bad", *args]
-    assert promote.main(full) == 2
+    assert entry_points.main("promote", full) == 2
     assert message in capsys.readouterr().err
     assert stages("viggo-bad") == {"1": "None"}  # nothing moved
     assert stages("viggo-bad") == {"1": "None"}
@@ -285,10 +285,10 @@ def test_concurrent_promotions_end_with_exactly_one_production(store, model_name
         "import os, sys, time\n"
         "version = sys.argv[1]\n"
         f"sys.argv = ['promote', '--name', {model_name!r}, '--version', version]\n"
-        "from loraflow.promote import main\n"
+        "from loraflow import entry_points, promote  # noqa: F401 - imported before the start line\n"
         f"open(os.path.join({str(tmp_path)!r}, 'ready-' + version), 'w').close()\n"
         f"while not os.path.exists({str(start)!r}): time.sleep(0.001)\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "sys.exit(entry_points.main('promote', sys.argv[1:]))\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
     procs = [subprocess.Popen([sys.executable, "-c", script, v], env=env, cwd=ROOT,
@@ -330,7 +330,7 @@ def test_a_promotion_that_dies_part_way_releases_the_lock_and_the_next_change_co
     with monkeypatch.context() as patched:  # dies after the stage moved, before the aliases
         patched.setattr(promote, "_sync_alias", lost)
         with pytest.raises(ConnectionError):
-            promote.main(["--name", model_name, "--version", "2", "--reason", "half"])
+            entry_points.main("promote", ["--name", model_name, "--version", "2", "--reason", "half"])
     assert stages(model_name) == {"1": "Archived", "2": "Production", "3": "None"}
     assert alias_target(model_name, "production") == "1"  # stage and alias disagree
     client = MlflowClient()
@@ -477,9 +477,10 @@ def _measured(scores: dict, version: str = "1"):
 @pytest.mark.unit
 def test_default_gates_pass_the_default_recipe_and_refuse_smaller_trainings():
     """configs/promote/default.yaml against the committed figures it cites."""
-    from loraflow import promotion_gates
+    from loraflow import job_configs, promotion_gates
+    from loraflow.job_configs import PromoteConfig
 
-    gates = promotion_gates.load(promotion_gates.DEFAULT_CONFIG).stages
+    gates = promotion_gates.load(job_configs.shipped_default(PromoteConfig)).stages
     results = ROOT / "benchmarks" / "results"
     default = json.loads((results / "quality-default.json").read_text())
     assert promotion_gates.check(gates["Production"], "Production", _measured(default), None).passed
@@ -503,7 +504,7 @@ def test_every_way_of_naming_a_version_resolves_to_it(store, model_name, tmp_pat
 
     add_version(model_name, GOOD, tmp_path)
     version = add_version(model_name, GOOD, tmp_path)
-    assert promote.main(["--name", model_name, "--version", version]) == 0
+    assert entry_points.main("promote", ["--name", model_name, "--version", version]) == 0
     target = MlflowClient().get_model_version(model_name, version)
     for text in (f"models:/{model_name}/{version}", f"models:/{model_name}@production",
                  f"models:/{model_name}/Production"):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY_CONFIG
+from conftest import ROOT, TINY_CONFIG, entry_point
 from servers import free_port
 
-from loraflow import console, registry
+from loraflow import console, entry_points, registry
 from loraflow.errors import UserError
 
 
@@ -42,9 +42,9 @@ def _entry_point_state():
         signal.signal(stopping, handler)
 
 
-def refused(main, argv: list[str], capsys) -> str:
-    """Run an entry point's main(); it must exit 2 with one plain error message. Returns it."""
-    code = main(argv)
+def refused(name: str, argv: list[str], capsys) -> str:
+    """Run entry point `name` in this process; it must exit 2 with one plain error message. Returns it."""
+    code = entry_points.main(name, argv)
     err = capsys.readouterr().err
     assert code == 2, err[-3000:]
     assert "Traceback" not in err
@@ -151,20 +151,19 @@ def _damage(viggo: Path, how: str) -> None:
     ("jsonl_row_not_an_object", "{viggo}/train.jsonl line 3: expected a JSON object, got list."),
 ], ids=_HOW)
 def test_train_refuses_bad_data_before_a_run(tracking_uri, tmp_path, viggo_copy, capsys, how, message):
-    from loraflow import train
 
     _damage(viggo_copy, how)
     config = _train_config(tmp_path, dataset_dir=str(viggo_copy))
-    assert refused(train.main, ["--config", str(config)], capsys) == message.format(viggo=viggo_copy.resolve())
+    assert refused("train", ["--config", str(config)], capsys) == message.format(viggo=viggo_copy.resolve())
     nothing_written()
 
 
 def test_train_refuses_a_remote_dataset_dir_that_cannot_be_downloaded(tracking_uri, tmp_path, capsys, monkeypatch):
-    from loraflow import datasets, train
+    from loraflow import datasets
 
     monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
     url = f"http://127.0.0.1:{free_port()}/viggo"  # nothing listens there
-    message = refused(train.main, ["--config", str(_train_config(tmp_path, dataset_dir=url))], capsys)
+    message = refused("train", ["--config", str(_train_config(tmp_path, dataset_dir=url))], capsys)
     assert message.startswith(f"Cannot download {url}/dataset_info.json: <urlopen error ")
     assert "Connection refused" in message and message.endswith(".")
     nothing_written()
@@ -192,7 +191,6 @@ def test_train_refuses_a_remote_dataset_dir_that_cannot_be_downloaded(tracking_u
 ], ids=["config_not_yaml", "config_not_a_mapping", "overrides_not_yaml", "no_workers", "max_failures",
         "no_model", "no_dataset", "output_dir_not_writable", "ray_storage_not_writable"])
 def test_train_refuses_a_bad_config_before_a_run(tracking_uri, tmp_path, capsys, config, overrides, message):
-    from loraflow import train
 
     if isinstance(config, str):
         path = tmp_path / "train.yaml"
@@ -200,7 +198,7 @@ def test_train_refuses_a_bad_config_before_a_run(tracking_uri, tmp_path, capsys,
     else:
         changes = dict(config or {})
         path = _train_config(tmp_path, drop=changes.pop("drop", ()), **changes)
-    got = refused(train.main, ["--config", str(path), "--overrides", overrides], capsys)
+    got = refused("train", ["--config", str(path), "--overrides", overrides], capsys)
     expected = message.format(path=path)
     assert got.startswith(expected), got
     if "YAML:" not in expected:
@@ -232,15 +230,14 @@ def test_a_credential_in_mlflow_run_overrides_is_refused_and_erased_from_the_sto
 @pytest.mark.parametrize("job", ["evaluate", "train"])
 def test_messages_name_the_store_without_the_uris_query(tracking_uri, tmp_path, capsys, monkeypatch, job):
     """The URI's user info and query are where credentials travel: messages leave them out."""
-    from loraflow import evaluate, train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"{tracking_uri}?timeout=20")
     run_id = "0123456789abcdef0123456789abcdef"
     if job == "evaluate":
-        message = refused(evaluate.main, ["--model", run_id, "--config", str(_eval_config(tmp_path))], capsys)
+        message = refused("evaluate", ["--model", run_id, "--config", str(_eval_config(tmp_path))], capsys)
         assert message == f"Model reference {run_id!r}: there is no run with that id in {tracking_uri}."
     else:
-        message = refused(train.main, ["--resume", run_id], capsys)
+        message = refused("train", ["--resume", run_id], capsys)
         assert message == (f"resume={run_id}: there is no training run with that id and a logged config in "
                            f"{tracking_uri}.")
     nothing_written()
@@ -250,13 +247,12 @@ def test_train_refuses_to_resume_a_finished_training(tracking_uri, capsys):
     """Without training first (test_train_job covers it after a real one): a finished run with a config."""
     import mlflow
 
-    from loraflow import train
 
     with mlflow.start_run() as run:
         mlflow.set_tags({"loraflow.job": "train", "loraflow.registered_model": "viggo-tiny-lora"})
         mlflow.log_text(TINY_CONFIG.read_text(), "config/train_config.yaml")
     before = store_state()
-    assert refused(train.main, ["--resume", run.info.run_id], capsys) == (
+    assert refused("train", ["--resume", run.info.run_id], capsys) == (
         f"resume={run.info.run_id}: that training finished (see its run); there is nothing to continue. "
         "Start a new training instead.")
     assert store_state() == before
@@ -267,7 +263,7 @@ def test_train_refuses_to_resume_a_training_stopped_after_it_registered(tracking
     tag that says so unwritten. A resume would register the same adapter a second time."""
     import mlflow
 
-    from loraflow import registry, train
+    from loraflow import registry
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -280,7 +276,7 @@ def test_train_refuses_to_resume_a_training_stopped_after_it_registered(tracking
     mlflow.MlflowClient().set_terminated(run.info.run_id, "KILLED")
     registry.register_adapter("viggo-tiny-lora", run.info.run_id, {}, "test", registry.file_digests(adapter))
     before = store_state()
-    assert refused(train.main, ["--resume", run.info.run_id], capsys) == (
+    assert refused("train", ["--resume", run.info.run_id], capsys) == (
         f"resume={run.info.run_id}: that training registered viggo-tiny-lora version 1 before it was stopped; "
         "there is nothing to continue. Evaluate that version, or start a new training.")
     assert store_state() == before
@@ -300,7 +296,7 @@ def test_train_refuses_to_resume_a_training_that_may_still_run(tracking_uri, cap
     """Without training first (test_train_job covers a live and a dead driver after a real one)."""
     import mlflow
 
-    from loraflow import processes, train
+    from loraflow import processes
 
     tags = {"loraflow.job": "train", "loraflow.registered_model": "viggo-tiny-lora"}
     if driver == "this process":
@@ -315,7 +311,7 @@ def test_train_refuses_to_resume_a_training_that_may_still_run(tracking_uri, cap
     if driver == "continued":
         client.set_terminated(run.info.run_id, "KILLED")
     before = store_state()
-    assert refused(train.main, ["--resume", run.info.run_id], capsys) == (
+    assert refused("train", ["--resume", run.info.run_id], capsys) == (
         f"resume={run.info.run_id}: " + message.format(pid=os.getpid()))
     assert store_state() == before
 
@@ -389,10 +385,9 @@ def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
         "engine_env_not_strings", "max_lora_rank", "merge_adapter_not_bool", "merge_adapter_with_lora_store",
         "numbers"])
 def test_evaluate_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
-    from loraflow import evaluate
 
     path = _bad_config(tmp_path, changes, _eval_config)
-    assert refused(evaluate.main, ["--model", "models:/viggo-eval/1", "--config", str(path)], capsys) == (
+    assert refused("evaluate", ["--model", "models:/viggo-eval/1", "--config", str(path)], capsys) == (
         message.format(path=path))
     nothing_written()
 
@@ -413,10 +408,9 @@ CREDENTIAL_FIX = ("credentials do not belong in a config, which is logged to MLf
 def test_evaluate_refuses_a_credential_in_its_config_and_shows_it_nowhere(tracking_uri, tmp_path, capsys, changes,
                                                                           found):
     """The config becomes the run's parameters and engine_env Ray's runtime_env: refused before either exists."""
-    from loraflow import evaluate
 
     path = _eval_config(tmp_path, **changes)
-    code = evaluate.main(["--model", "models:/viggo-eval/1", "--config", str(path)])
+    code = entry_points.main("evaluate", ["--model", "models:/viggo-eval/1", "--config", str(path)])
     out, err = capsys.readouterr()
     assert code == 2
     assert err == f"error: Evaluation config {path}: {found}: {CREDENTIAL_FIX}; see configs/evaluate/default.yaml.\n"
@@ -427,7 +421,7 @@ def test_evaluate_refuses_a_credential_in_its_config_and_shows_it_nowhere(tracki
 def test_the_evaluate_script_refuses_an_engine_that_is_not_a_mapping(tracking_uri, tmp_path):
     """The process users start (it moves itself into the infer environment): exit 2, no traceback."""
     path = _eval_config(tmp_path, engine="bfloat16")
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/evaluate.py"), "--model", "models:/viggo-eval/1",
+    proc = subprocess.run([*entry_point("evaluate"), "--model", "models:/viggo-eval/1",
                            "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ.copy())
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -443,7 +437,6 @@ TINY = "./.cache/models/tiny-smollm2"
 @pytest.mark.parametrize("kind", ["not_understood", "not_a_selector", "run_without_base_model",
                                   "version_without_base_model", "no_base_model_id", "base_model_not_here"])
 def test_evaluate_refuses_what_it_cannot_check_before_a_run(tracking_uri, tmp_path, capsys, kind):
-    from loraflow import evaluate
 
     text = "models:/viggo-eval/1"
     if kind == "not_understood":
@@ -470,7 +463,7 @@ def test_evaluate_refuses_what_it_cannot_check_before_a_run(tracking_uri, tmp_pa
                                              registry.BASE_MODEL_ID_TAG: "no-such-model@sha256:0123456789abcdef"})
         message = "Base model ./.cache/models/no-such-model is not on this machine; run ./setup.sh."
     before = store_state()
-    assert refused(evaluate.main, ["--model", text, "--config", str(_eval_config(tmp_path, max_rows=4))],
+    assert refused("evaluate", ["--model", text, "--config", str(_eval_config(tmp_path, max_rows=4))],
                    capsys) == message
     assert store_state() == before  # no evaluation run, no loraflow.eval.* tags
 
@@ -490,7 +483,6 @@ def _serve_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path
                          ids=["runtime_env", "engine_kwargs"])
 def test_serve_refuses_a_credential_in_llm_config_and_shows_it_nowhere(tracking_uri, tmp_path, capsys, where, key):
     """LLMConfig's runtime_env and engine arguments are shown on Ray's dashboard."""
-    from loraflow import serve
 
     llm_config = yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text())["llm_config"]
     section = llm_config
@@ -498,7 +490,7 @@ def test_serve_refuses_a_credential_in_llm_config_and_shows_it_nowhere(tracking_
         section = section.setdefault(name, {})
     section[key] = SECRET
     path = _serve_config(tmp_path, llm_config=llm_config)
-    code = serve.main(["--name", "viggo-serve", "--config", str(path)])
+    code = entry_points.main("serve", ["--name", "viggo-serve", "--config", str(path)])
     out, err = capsys.readouterr()
     assert code == 2
     assert err == (f"error: Serving config {path}: llm_config.{'.'.join(where)}.{key} holds a credential (its name "
@@ -534,10 +526,9 @@ def test_serve_refuses_a_credential_in_llm_config_and_shows_it_nowhere(tracking_
 ], ids=["missing", "keys", "not_a_mapping", "live_validity", "metrics_interval", "metrics_port", "port_and_auth",
         "trace_rate", "trace_redact"])
 def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
-    from loraflow import serve
 
     path = _bad_config(tmp_path, changes, _serve_config)
-    assert refused(serve.main, ["--name", "viggo-serve", "--config", str(path)], capsys) == message.format(path=path)
+    assert refused("serve", ["--name", "viggo-serve", "--config", str(path)], capsys) == message.format(path=path)
     nothing_written()
 
 
@@ -551,14 +542,13 @@ def test_serve_refuses_a_version_it_cannot_check_before_starting_anything(tracki
                                                                           monkeypatch, tags, message):
     from mlflow import MlflowClient
 
-    from loraflow import serve
 
     version = add_version(tmp_path, "viggo-serve", tags)
     MlflowClient().set_registered_model_alias("viggo-serve", "production", version.version)
     monkeypatch.delenv("LORAFLOW_REFUSALS_API_KEY", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     before = store_state()
-    assert refused(serve.main, ["--name", "viggo-serve", "--config", str(_serve_config(tmp_path))], capsys) == message
+    assert refused("serve", ["--name", "viggo-serve", "--config", str(_serve_config(tmp_path))], capsys) == message
     assert store_state() == before
     assert "AWS_ENDPOINT_URL_S3" not in os.environ  # no LoRA store was started, nothing published
 
@@ -593,13 +583,12 @@ def test_serve_refuses_a_model_source_other_than_the_versions_base_model():
      "got 'lots'; see configs/promote/default.yaml."),
 ], ids=["unknown_gate_key", "compare_without_metric", "minimum_not_a_mapping", "max_regression_not_a_number"])
 def test_promote_refuses_a_bad_gate_and_moves_nothing(tracking_uri, tmp_path, capsys, content, message):
-    from loraflow import promote
 
     add_version(tmp_path, "viggo-promote", {"loraflow.base_model": TINY})
     path = tmp_path / "gates.yaml"
     path.write_text(content)
     before = store_state()
-    assert refused(promote.main, ["--name", "viggo-promote", "--version", "1", "--config", str(path)],
+    assert refused("promote", ["--name", "viggo-promote", "--version", "1", "--config", str(path)],
                    capsys) == message.format(path=path)
     assert store_state() == before
 
@@ -608,7 +597,7 @@ def test_the_promote_script_refuses_force_that_is_not_a_boolean(tracking_uri, tm
     """`-P force=maybe` through the process users start: exit 2 (not 1), nothing moved."""
     add_version(tmp_path, "viggo-promote", {"loraflow.base_model": TINY})
     before = store_state()
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/promote.py"), "--name", "viggo-promote",
+    proc = subprocess.run([*entry_point("promote"), "--name", "viggo-promote",
                            "--version", "1", "--force", "maybe"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=os.environ.copy())
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -628,10 +617,26 @@ def test_the_promote_script_refuses_force_that_is_not_a_boolean(tracking_uri, tm
 ], ids=["eval_config", "gates", "stage"])
 def test_the_pipeline_refuses_a_later_steps_bad_input_before_training(tracking_uri, tmp_path, capsys, argument,
                                                                       value, message):
-    from loraflow import pipeline
 
     if value.endswith(".yaml"):
         value = str(tmp_path / value)
-    assert refused(pipeline.main, ["--train-config", str(TINY_CONFIG), argument, value], capsys) == (
+    assert refused("pipeline", ["--train-config", str(TINY_CONFIG), argument, value], capsys) == (
         message.format(value=value))
     nothing_written()
+
+
+@pytest.mark.parametrize("name, args", [
+    ("train", ["--config", "configs/train/tiny.yaml"]),
+    ("evaluate", ["--model", "models:/viggo-tiny-lora/1"]),
+    ("promote", ["--name", "viggo-tiny-lora", "--version", "1"]),
+    ("serve", ["--name", "viggo-tiny-lora"]),
+])
+def test_an_unreachable_tracking_server_is_named_at_once(name, args):
+    """Not MLflow's minutes of retries and a traceback: exit 2 naming the server, nothing started."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run([*entry_point(name), *args], cwd=ROOT,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"The tracking server {uri} cannot be reached (" in proc.stderr
+    assert "start it, or point MLFLOW_TRACKING_URI at a running one." in proc.stderr
+    assert "Traceback" not in proc.stderr

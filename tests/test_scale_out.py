@@ -28,7 +28,7 @@ import boto3
 import openai
 import pytest
 import yaml
-from conftest import ROOT, TINY_CONFIG
+from conftest import ROOT, TINY_CONFIG, entry_point
 from google.protobuf.json_format import MessageToJson
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
@@ -96,9 +96,9 @@ def _mlflow_run(cluster, entry_point: str, *params: str, timeout: int = 900, env
     return proc
 
 
-def _entry_point(cluster, script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python mlproject/<script>`, started without `mlflow run`, its output recorded for the secret search."""
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject" / script), *args], cwd=ROOT, capture_output=True,
+def _entry_point(cluster, name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python mlproject/run.py NAME`, started without `mlflow run`, its output recorded for the secret search."""
+    proc = subprocess.run([*entry_point(name), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=env or cluster["env"])
     cluster["outputs"].append(proc.stdout + proc.stderr)
     return proc
@@ -149,7 +149,7 @@ def served(cluster, promoted) -> dict:
     path = cluster["tmp"] / "serve.yaml"
     path.write_text(yaml.safe_dump(serve_config))
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "mlproject" / "serve.py"), "--name", NAME, "--config", str(path),
+        [*entry_point("serve"), "--name", NAME, "--config", str(path),
          "--verbose", "true"],
         cwd=ROOT, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -204,7 +204,7 @@ def refused(cluster) -> dict:
                                1, "dataset_dir holds a credential (a user name in it")
     overrides = f"{{hub_token: {PLANTED['hub_token in train.py --overrides']}}}"
     attempts["train.py --overrides"] = (
-        _entry_point(cluster, "train.py", "--config", str(TINY_CONFIG), "--overrides", overrides), 2, "hub_token in")
+        _entry_point(cluster, "train", "--config", str(TINY_CONFIG), "--overrides", overrides), 2, "hub_token in")
 
     secret = PLANTED["hub_token in mlflow run -P overrides"]
     proc = _mlflow_run(cluster, "train", f"config={TINY_CONFIG}", f"overrides={{hub_token: {secret}}}", typed=secret)
@@ -235,7 +235,7 @@ def refused(cluster) -> dict:
     uri = f"{cluster['tracking']}/?token={PLANTED['MLFLOW_TRACKING_URI (?token=)']}"
     env = {**cluster["env"], "MLFLOW_TRACKING_URI": uri}
     attempts["MLFLOW_TRACKING_URI ?token="] = (
-        _entry_point(cluster, "train.py", "--config", str(TINY_CONFIG), env=env),
+        _entry_point(cluster, "train", "--config", str(TINY_CONFIG), env=env),
         2, "MLFLOW_TRACKING_URI carries a credential (the query parameter token)")
     ray_jobs.append(len(ray_dashboard(cluster["dashboard"], "/api/jobs/")))
     return {"attempts": attempts, "ray_jobs": ray_jobs}
@@ -271,7 +271,7 @@ def test_serve_needs_a_lora_store_on_a_multi_node_cluster(cluster, promoted):
     serve_config.update(port=free_port(), lora_store=None)
     path = cluster["tmp"] / "serve-local-store.yaml"
     path.write_text(yaml.safe_dump(serve_config))
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject" / "serve.py"), "--name", NAME, "--config", str(path)],
+    proc = subprocess.run([*entry_point("serve"), "--name", NAME, "--config", str(path)],
                           cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "several nodes" in proc.stderr and "set lora_store: s3://bucket/prefix" in proc.stderr

@@ -24,11 +24,11 @@ import openai
 import pytest
 import yaml
 from browser import chromium, page_text
-from conftest import ROOT, copy_store
+from conftest import ROOT, copy_store, entry_point
 from mlflow import MlflowClient
 from servers import Lines, MlflowServer, free_port, s3_server
 
-from loraflow import canary, promote, traces
+from loraflow import canary, entry_points, traces
 from loraflow import registry as registry_contract
 from loraflow.evaluate import record_evaluation
 from loraflow.registry_lock import locked
@@ -54,7 +54,7 @@ def registry(tiny_trainings, tmp_path_factory):
         mlflow.set_tracking_uri(tracking.url)
         for version in ("1", "2"):
             record_evaluation(NAME, version, GOOD, "serve-test")
-        assert promote.main(["--name", NAME, "--version", "1"]) == 0
+        assert entry_points.main("promote", ["--name", NAME, "--version", "1"]) == 0
         yield tracking
         environment.undo()
         mlflow.set_tracking_uri(None)
@@ -85,7 +85,7 @@ class ServeProcess:
             self.port, self.log = free_port(), self.folder / f"serve-{time.monotonic_ns()}.log"
             env = {**os.environ, "MLFLOW_TRACKING_URI": self.registry.url, "LORAFLOW_TEST_API_KEY": API_KEY}
             with open(self.log, "w") as out:
-                self.proc = subprocess.Popen([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME,
+                self.proc = subprocess.Popen([*entry_point("serve"), "--name", NAME,
                                               "--config", _serve_config(self.folder, self.port, self.lora_store)],
                                              cwd=ROOT,
                                              env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -134,7 +134,7 @@ def server(serve_process):
     proc, port, log = serve_process.running()
     _no_rollout()
     if MlflowClient().get_model_version_by_alias(NAME, "production").version != "1":
-        assert promote.main(["--name", NAME, "--version", "1", "--reason", "serve test: start from v1"]) == 0
+        assert entry_points.main("promote", ["--name", NAME, "--version", "1", "--reason", "serve test: start from v1"]) == 0
     status = _wait_for_status(port, lambda s: (s["serving"], s["registry"]["state"], s["canary"])
                               == (f"{NAME}-v1", "ok", None), 120)
     assert (status["serving"], status["registry"]["state"], status["canary"]) == (f"{NAME}-v1", "ok", None), status
@@ -146,7 +146,7 @@ def _no_rollout() -> None:
     store = MlflowClient()
     rollout = registry_contract.rollout(store, NAME)
     if rollout is not None:
-        assert promote.main(["--name", NAME, "--version", rollout["version"], "--stage", "Canary",
+        assert entry_points.main("promote", ["--name", NAME, "--version", rollout["version"], "--stage", "Canary",
                              "--weight", "0"]) == 0
     for key in store.get_model_version(NAME, "2").tags:
         if key.startswith(registry_contract.CANARY_TAG_PREFIX):
@@ -335,7 +335,7 @@ def test_oversized_prompt_is_refused_with_the_limit(server):
 )
 def test_nothing_to_serve_is_a_clear_error(registry, args, message):
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry.url}
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/serve.py"), *args], cwd=ROOT, env=env,
+    proc = subprocess.run([*entry_point("serve"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
@@ -355,7 +355,7 @@ def test_unsafe_serving_configs_are_refused(registry, tmp_path, changes, message
     with open(config, "w") as f:
         yaml.safe_dump(raw, f)
     env = {k: v for k, v in os.environ.items() if k != "LORAFLOW_TEST_API_KEY"}
-    proc = subprocess.run([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME, "--config", config],
+    proc = subprocess.run([*entry_point("serve"), "--name", NAME, "--config", config],
                           cwd=ROOT, env={**env, "MLFLOW_TRACKING_URI": registry.url}, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -368,7 +368,7 @@ def test_a_port_in_use_is_refused_before_anything_starts(registry, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, str(ROOT / "mlproject/serve.py"), "--name", NAME,
+        proc = subprocess.run([*entry_point("serve"), "--name", NAME,
                                "--config", _serve_config(tmp_path, port)], cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "MLFLOW_TRACKING_URI": registry.url, "LORAFLOW_TEST_API_KEY": API_KEY},
                               timeout=120)
@@ -452,7 +452,7 @@ def test_1000_requests_across_a_promotion_fail_none(server, registry):
     def promote_at_100(done: int) -> None:
         if done == 100:
             promotion.append(subprocess.Popen(
-                [sys.executable, str(ROOT / "mlproject/promote.py"), "--name", NAME, "--version", "2",
+                [*entry_point("promote"), "--name", NAME, "--version", "2",
                  "--reason", "serve test"], cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": registry.url},
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
@@ -522,13 +522,13 @@ def test_a_promoted_version_that_cannot_serve_is_refused_and_the_last_good_keeps
     _, port, _ = server
     store = MlflowClient()
     bad = _register_like(store, store.get_model_version(NAME, "2"), tmp_path, **changes)
-    assert promote.main(["--name", NAME, "--version", bad, "--reason", "serve test: a version that cannot serve"]) == 0
+    assert entry_points.main("promote", ["--name", NAME, "--version", bad, "--reason", "serve test: a version that cannot serve"]) == 0
     status = _wait_for_status(port, lambda s: s["registry"]["state"] == "error", timeout=120)
     assert status["registry"]["state"] == "error" and refusal in status["registry"]["error"], status
     assert f"{NAME}-v{bad}" in status["registry"]["error"] and status["serving"] == f"{NAME}-v1"
     served, failures = _load(port, 10, 2)
     assert failures == [] and {answer.model for answer in served} == {f"{MODEL_ID}:{NAME}-v1"}
-    assert promote.main(["--name", NAME, "--version", "1", "--reason", "serve test: back to v1"]) == 0
+    assert entry_points.main("promote", ["--name", NAME, "--version", "1", "--reason", "serve test: back to v1"]) == 0
     status = _wait_for_status(port, lambda s: s["registry"]["state"] == "ok")
     assert (status["registry"]["state"], status["registry"]["version"], status["serving"]) == ("ok", "1", f"{NAME}-v1")
 
@@ -607,7 +607,7 @@ def _canary_config(tmp_path: Path, **policy) -> str:
 
 
 def _start_canary(tmp_path: Path, weight: str, **policy) -> dict:
-    assert promote.main(["--name", NAME, "--version", "2", "--stage", "Canary", "--weight", weight,
+    assert entry_points.main("promote", ["--name", NAME, "--version", "2", "--stage", "Canary", "--weight", weight,
                          "--config", _canary_config(tmp_path, **policy), "--reason", "serve test"]) == 0
     return registry_contract.rollout(MlflowClient(), NAME)
 
@@ -681,7 +681,7 @@ def test_a_canary_splits_the_stable_name_and_survives_a_restart(server, serve_pr
         assert history[-1].value == requests and [m.step for m in history] == sorted(m.step for m in history)
     assert _wait_for_metric(run.info.run_id, "live.canary_weight", 0.5)[-1].value == 0.5
 
-    assert promote.main(["--name", NAME, "--version", "2", "--stage", "Canary", "--weight", "0",
+    assert entry_points.main("promote", ["--name", NAME, "--version", "2", "--stage", "Canary", "--weight", "0",
                          "--reason", "serve test: stop"]) == 0
     assert _wait_for_status(port, lambda s: s["canary"] is None)["canary"] is None
     assert {answer.model for answer in _load(port, 20, 2)[0]} == {f"{MODEL_ID}:{NAME}-v1"}
@@ -859,7 +859,7 @@ def test_served_requests_are_traced_with_the_version_and_export_to_a_dataset(ser
                   ["Traces", f"Mail {traces.REDACTED} ab"], "mlflow-served-traces.png")
 
     out = tmp_path / "served"
-    assert traces.main(["--name", NAME, "--out", str(out), "--since", since.isoformat()]) == 0
+    assert entry_points.main("export_traces", ["--name", NAME, "--out", str(out), "--since", since.isoformat()]) == 0
     rows = [json.loads(line) for line in (out / "served.jsonl").read_text().splitlines()]
     assert rows == [{"instruction": "Blizzard North made Diablo II.", "input": f"Mail {traces.REDACTED} about it.",
                      "output": text} for _, text in answers]

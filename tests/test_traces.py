@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from servers import mlflow_server
 from test_promote import GOOD, add_version
 
-from loraflow import datasets, job_configs, promote, registry, traces
+from loraflow import datasets, entry_points, job_configs, registry, traces
 from loraflow.errors import UserError
 from loraflow.evaluate import chat_messages
 from loraflow.job_configs import ServeConfig, TracesConfig
@@ -168,7 +168,7 @@ def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_trai
     assert all("jo@example.com" not in json.dumps(t.data.spans[0].inputs) for t in logged)
 
     out = tmp_path / "served"
-    assert traces.main(["--name", NAME, "--out", str(out)]) == 0
+    assert entry_points.main("export_traces", ["--name", NAME, "--out", str(out)]) == 0
     exported = [json.loads(line) for line in (out / "served.jsonl").read_text().splitlines()]
     assert exported == rows  # in the order they were asked; the completion and the failure are not rows
     assert json.loads((out / "dataset_info.json").read_text()) == {"served": {
@@ -177,7 +177,7 @@ def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_trai
     assert [f.name for f in datasets.load_datasets(str(out), ["served"])] == ["served"]
 
     by_version = tmp_path / "v2-valid"
-    assert traces.main(["--name", NAME, "--out", str(by_version), "--version", "2", "--valid-only", "true"]) == 0
+    assert entry_points.main("export_traces", ["--name", NAME, "--out", str(by_version), "--version", "2", "--valid-only", "true"]) == 0
     assert [json.loads(line) for line in (by_version / "served.jsonl").read_text().splitlines()] == rows[5:7]
 
     # The train entry point trains the tiny model on it, and registers what it trained.
@@ -212,7 +212,7 @@ def test_only_traces_of_a_servers_run_are_exported(traced, tmp_path):
     assert len(client.search_traces(locations=["0", elsewhere], filter_string=wanted, max_results=100)) == 12
 
     out = tmp_path / "served"
-    assert traces.main(["--name", NAME, "--out", str(out)]) == 0
+    assert entry_points.main("export_traces", ["--name", NAME, "--out", str(out)]) == 0
     assert [json.loads(line) for line in (out / "served.jsonl").read_text().splitlines()] == rows
 
 
@@ -314,12 +314,12 @@ def test_a_trace_that_fails_to_be_written_is_ended_as_error_not_left_in_progress
     (["--since", "yesterday"], "error: since 'yesterday' is not a time such as 2026-12-01"),
     (["--since", "2999-01-01"],
      f"error: No logged chat traces of {NAME} from a server's run (tagged loraflow.job=serve) match"),
-    (["--valid-only", "maybe"], "error: valid-only must be true or false, not 'maybe'."),
+    (["--valid-only", "maybe"], "error: valid_only must be true or false, not 'maybe'."),
     (["--dataset", "../x"], "error: dataset '../x' must be a plain name such as served"),
 ])
 def test_an_export_that_cannot_be_made_is_refused_and_writes_nothing(traced, tmp_path, capsys, extra, message):
     out = tmp_path / "served"
-    assert traces.main(["--name", NAME, "--out", str(out), *extra]) == 2
+    assert entry_points.main("export_traces", ["--name", NAME, "--out", str(out), *extra]) == 2
     assert capsys.readouterr().err.startswith(message)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".served")) == []
 
@@ -328,7 +328,7 @@ def test_an_export_never_writes_over_a_folder_that_holds_files(traced, tmp_path,
     out = tmp_path / "served"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert traces.main(["--name", NAME, "--out", str(out)]) == 2
+    assert entry_points.main("export_traces", ["--name", NAME, "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"error: {out} already exists and is not an empty folder: choose another " \
                                       "out, or remove it.\n"
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
@@ -353,7 +353,7 @@ def test_mlflow_run_export_traces_writes_the_dataset_in_a_named_run(traced, tmp_
 
 def test_a_basic_auth_tracking_server_serves_jobs_what_the_credentials_in_the_environment_allow(
         tracking_uri, tmp_path, monkeypatch, capsys):
-    """README: an `mlflow server --app-name basic-auth`. A job sends MLFLOW_TRACKING_USERNAME and
+    """docs/usage.md: an `mlflow server --app-name basic-auth`. A job sends MLFLOW_TRACKING_USERNAME and
     MLFLOW_TRACKING_PASSWORD: without them, or as a user with the default READ permission, promote
     exits 2 saying what to do and changes nothing; as the admin it promotes."""
     import mlflow
@@ -373,18 +373,18 @@ def test_a_basic_auth_tracking_server_serves_jobs_what_the_credentials_in_the_en
             get_app_client("basic-auth", tracking_uri=url).create_user("reader", "reader-password-1")
             login("reader", "reader-password-1")
             capsys.readouterr()
-            assert promote.main(["--name", NAME, "--version", version]) == 2
+            assert entry_points.main("promote", ["--name", NAME, "--version", version]) == 2
             assert capsys.readouterr().err == "error: The tracking server refused the request: its user 'reader' " \
                                               "lacks the permission; an admin of its basic-auth app can grant it.\n"
             for unset in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
                 monkeypatch.delenv(unset)
-            assert promote.main(["--name", NAME, "--version", version]) == 2
+            assert entry_points.main("promote", ["--name", NAME, "--version", version]) == 2
             assert capsys.readouterr().err == "error: The tracking server refused the request as unauthenticated: " \
                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to one of its users (or " \
                 "MLFLOW_TRACKING_TOKEN), or check them if set.\n"
             login("admin", "admin-password-1")
             assert MlflowClient().get_model_version(NAME, version).current_stage == "None"
-            assert promote.main(["--name", NAME, "--version", version]) == 0
+            assert entry_points.main("promote", ["--name", NAME, "--version", version]) == 0
             assert MlflowClient().get_model_version(NAME, version).current_stage == "Production"
         finally:
             mlflow.set_tracking_uri(tracking_uri)

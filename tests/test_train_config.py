@@ -1,6 +1,5 @@
 """The training config is checked against LLaMA-Factory's own argument dataclasses."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -268,26 +267,3 @@ def test_every_cpu_config_has_the_defaults_speed_settings():
 
     assert speed("smollm2-cpu-long.yaml") == speed("default.yaml")
     assert speed("default.yaml")[0] == {"flash_attn": "disabled", "torch_compile": True, "bf16": True, "use_cpu": True}
-
-
-@pytest.mark.parametrize("entry_point, args", [
-    ("train.py", ["--config", "configs/train/tiny.yaml"]),
-    ("evaluate.py", ["--model", "models:/viggo-tiny-lora/1"]),
-    ("promote.py", ["--name", "viggo-tiny-lora", "--version", "1"]),
-    ("serve.py", ["--name", "viggo-tiny-lora"]),
-])
-def test_an_unreachable_tracking_server_is_named_at_once(entry_point, args):
-    """Not MLflow's minutes of retries and a traceback: exit 2 naming the server, nothing started."""
-    import subprocess
-    import sys
-
-    from servers import free_port
-
-    root = Path(__file__).resolve().parents[1]
-    uri = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.run([sys.executable, str(root / "mlproject" / entry_point), *args], cwd=root,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"The tracking server {uri} cannot be reached (" in proc.stderr
-    assert "start it, or point MLFLOW_TRACKING_URI at a running one." in proc.stderr
-    assert "Traceback" not in proc.stderr

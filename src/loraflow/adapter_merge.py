@@ -1,7 +1,7 @@
 """An adapter merged into its base model's weights with LLaMA-Factory's own `export`, run in the
 train environment (where LLaMA-Factory and PEFT are). evaluate uses it on CPU engines: vLLM's
 CPU LoRA kernels gather every token's adapter matrices in float32, which made the whole test
-split about 7x slower than merged weights on 2 cores (docs/benchmarks.md part 4)."""
+split about 7x slower than merged weights on 2 cores (docs/benchmarks-log.md part 4)."""
 
 from __future__ import annotations
 

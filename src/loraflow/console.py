@@ -1,6 +1,6 @@
 """How much the entry points print. Quiet by default: results, errors and progress bars on the
 driver, while the Ray workers' own output (LLaMA-Factory, transformers, vLLM, Ray Train) stays in
-Ray's log files. `--verbose` (MLproject `-P verbose=true`) or LORAFLOW_VERBOSE=1 streams it all.
+Ray's log files. `-P verbose=true` (`--verbose true`) or LORAFLOW_VERBOSE=1 streams it all.
 The choice travels in the environment, so Ray workers and subprocesses follow it."""
 
 from __future__ import annotations
@@ -21,14 +21,6 @@ _QUIET_ENV = {
     "PYTHONWARNINGS": "ignore",
 }
 _QUIET_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "filelock", "urllib3", "botocore", "alembic")
-
-
-def add_verbose_flag(parser) -> None:
-    parser.add_argument(
-        "--verbose", default="false",
-        help="stream every library's and Ray worker's log lines (default false: results, errors and "
-        f"progress bars only; {VERBOSE_ENV}=1 does the same)",
-    )
 
 
 def verbose() -> bool:

@@ -1,7 +1,7 @@
 """Which Python environment runs which job, and moving a process into it.
 
 LLaMA-Factory 0.9.5 needs transformers<=5.6 while vLLM needs transformers>=5.16, so the project
-keeps two environments with the same ray and mlflow versions (see README "Environments"):
+keeps two environments with the same ray and mlflow versions (see docs/usage.md, "What the set-up makes"):
   train  - LLaMA-Factory, torch, Ray Train
   infer  - vLLM, Ray Data LLM, Ray Serve LLM
 An entry point calls `enter(kind)` first: if the running interpreter lacks what the job needs,

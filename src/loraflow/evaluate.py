@@ -6,7 +6,6 @@ version for promotion gates."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -30,28 +29,12 @@ from loraflow import (
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.job_configs import EvaluateConfig
-from loraflow.jobs import run_job
-
-DEFAULT_CONFIG = job_configs.shipped_default(EvaluateConfig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlflow run . -e evaluate",
-        description="Evaluate a registered LoRA adapter on the ViGGO test split with vLLM "
-        "through Ray Data LLM, and log per-row predictions and metrics to MLflow.",
-    )
-    parser.add_argument("--model", required=True,
-                        help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/STAGE or a run id")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="evaluation YAML")
-    console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-
-    def job() -> None:
-        result = evaluate(args.model, args.config)
-        print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=2))
-
-    return run_job(job, "interrupted: the evaluation run is marked KILLED", verbose=args.verbose)
+def job(model: str, config: str) -> None:
+    """The evaluate entry point (entry_points.py)."""
+    result = evaluate(model, config)
+    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=2))
 
 
 LIGHT_STAGE = {"num_cpus": 0.25}  # Ray Data LLM's pre/post-processing and chat-template stages (see evaluate)

@@ -7,45 +7,20 @@ step's exit code."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
-from loraflow import (
-    console,
-    evaluate,
-    promote,
-    promotion_gates,
-    registry,
-    tracking,
-    train,
-    train_config,
-)
+from loraflow import evaluate, promote, promotion_gates, registry, tracking, train, train_config
 from loraflow.envs import PROJECT_ROOT
-from loraflow.jobs import run_job
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlflow run . -e pipeline",
-        description="Train a LoRA adapter, evaluate the new version, and promote it if it passes the gate.",
-    )
-    parser.add_argument("--train-config", default=str(train.DEFAULT_CONFIG), help="training YAML")
-    parser.add_argument("--overrides", default="", help="YAML mapping of training config keys to replace")
-    parser.add_argument("--eval-config", default=str(evaluate.DEFAULT_CONFIG), help="evaluation YAML")
-    parser.add_argument("--promote-config", default=str(promotion_gates.DEFAULT_CONFIG), help="gates YAML")
-    parser.add_argument("--promote-stage", default="Production", help="stage to promote to: Staging or Production")
-    console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-
-    def job() -> int:
-        summary = run(args.train_config, args.overrides, args.eval_config, args.promote_config, args.promote_stage)
-        print(json.dumps(summary, indent=2))
-        return summary["evaluate_exit_code"]
-
-    return run_job(job, "interrupted", verbose=args.verbose)
+def job(train_config: str, overrides: str, eval_config: str, promote_config: str, promote_stage: str) -> int:
+    """The pipeline entry point (entry_points.py); its exit code is the evaluation's."""
+    summary = run(train_config, overrides, eval_config, promote_config, promote_stage)
+    print(json.dumps(summary, indent=2))
+    return summary["evaluate_exit_code"]
 
 
 def run(train_config_path: str, overrides: str, eval_config: str, promote_config: str, stage: str) -> dict:
@@ -70,7 +45,7 @@ def run(train_config_path: str, overrides: str, eval_config: str, promote_config
 def _evaluate(model: str, eval_config: str) -> int:
     """The evaluate entry point in the infer environment; its exit code."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # a run of its own, nested
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "evaluate.py"), "--model", model,
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "mlproject" / "run.py"), "evaluate", "--model", model,
                            "--config", eval_config], check=False, env=env, cwd=PROJECT_ROOT).returncode
 
 

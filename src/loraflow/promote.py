@@ -9,7 +9,6 @@ Production also carries the alias `staging` or `production`, so `models:/NAME/Pr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import warnings
@@ -20,77 +19,40 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from loraflow import canary, console, promotion_gates, registry, registry_lock, tracking
-from loraflow.errors import UserError, parse_bool
+from loraflow import canary, promotion_gates, registry, registry_lock, tracking
+from loraflow.errors import UserError
 from loraflow.job_configs import Gate
-from loraflow.jobs import run_job
 
 HISTORY_LENGTH = 100  # of the Production history kept (registry.PRODUCTION_HISTORY_TAG), for rollback
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlflow run . -e promote",
-        description="Move a registered adapter version to Staging, Production or Archived. Staging and "
-        "Production are gated on the version's evaluation metrics (configs/promote/default.yaml).",
-    )
-    parser.add_argument("--name", default=registry.DEFAULT_MODEL_NAME, help="registered model name")
-    parser.add_argument("--version", required=True, help="version number to move")
-    parser.add_argument("--stage", default="Production", help="Staging, Production, Archived, or Canary (a share of "
-                        "the stable name's live requests, judged by the server; see --weight)")
-    parser.add_argument("--weight", default="", help="Canary: the share of requests, 0 < w <= 1 (default: the "
-                        "config's rollout weight); 0 stops the rollout")
-    parser.add_argument("--reason", default="", help="why; recorded on the version (required with --force)")
-    parser.add_argument("--force", default="false", help="true: promote even if the gate fails (recorded)")
-    parser.add_argument("--config", default=str(promotion_gates.DEFAULT_CONFIG), help="gates YAML")
-    console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-
-    def action() -> str:
-        force = parse_bool("force", args.force)
-        if args.stage.strip().lower() == CANARY:
-            result = start_canary(args.name, args.version, _parse_weight(args.weight), args.reason, force, args.config)
-            stage = "Canary"
-        else:
-            if args.weight:
-                raise UserError("weight is for stage=Canary only.")
-            try:
-                stage = registry.stage_named(args.stage)
-            except UserError as exc:
-                raise UserError(f"{exc} Or Canary, for a live rollout.") from None
-            result = promote(args.name, args.version, stage, args.reason, force, args.config)
-        name = f"promote-{args.name}-v{int(args.version)}-{stage}"
-        tracking.name_launch_run(name + ("-refused" if result.refused else ""), "promote")
-        if result.refused:
-            raise UserError(result.message)
-        return result.message
-
-    return _run(action, args.verbose)
+def promote_job(version: str, stage: str, weight: str, name: str, reason: str, force: bool, config: str) -> None:
+    """The promote entry point (entry_points.py): a gate's refusal exits 2, with the comparison."""
+    tracking.configure()
+    if stage.strip().lower() == CANARY:
+        result = start_canary(name, version, _parse_weight(weight), reason, force, config)
+        stage = "Canary"
+    else:
+        if weight:
+            raise UserError("weight is for stage=Canary only.")
+        try:
+            stage = registry.stage_named(stage)
+        except UserError as exc:
+            raise UserError(f"{exc} Or Canary, for a live rollout.") from None
+        result = promote(name, version, stage, reason, force, config)
+    launch_run = f"promote-{name}-v{int(version)}-{stage}"
+    tracking.name_launch_run(launch_run + ("-refused" if result.refused else ""), "promote")
+    if result.refused:
+        raise UserError(result.message)
+    print(result.message)
 
 
-def rollback_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlflow run . -e rollback",
-        description="Return Production to the version that was in Production before the current one.",
-    )
-    parser.add_argument("--name", default=registry.DEFAULT_MODEL_NAME, help="registered model name")
-    parser.add_argument("--reason", default="", help="why; recorded on the versions")
-    console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-    def action() -> str:
-        target, message = rollback(args.name, args.reason)
-        tracking.name_launch_run(f"rollback-{args.name}-to-v{target}", "rollback")
-        return message
-
-    return _run(action, args.verbose)
-
-
-def _run(action, verbose: str) -> int:
-    def job() -> None:
-        tracking.configure()
-        print(action())
-
-    return run_job(job, "interrupted: the registry lock is released", verbose=verbose)
+def rollback_job(name: str, reason: str) -> None:
+    """The rollback entry point (entry_points.py)."""
+    tracking.configure()
+    target, message = rollback(name, reason)
+    tracking.name_launch_run(f"rollback-{name}-to-v{target}", "rollback")
+    print(message)
 
 
 def _parse_weight(text: str) -> float | None:

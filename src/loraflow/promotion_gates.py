@@ -14,8 +14,6 @@ from loraflow import job_configs
 from loraflow.job_configs import Gate, PromoteConfig
 from loraflow.registry import eval_metrics
 
-DEFAULT_CONFIG = job_configs.shipped_default(PromoteConfig)
-
 
 @dataclass
 class Check:

@@ -73,7 +73,6 @@ TRACE_VALID_TAG = "loraflow.trace.valid"  # whether the task's grammar accepts t
 EVAL_METRICS = ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "baseline_exact_match", "rows")
 
 # -- stages, aliases, adapter ids --------------------------------------------------------------
-DEFAULT_MODEL_NAME = "viggo-smollm2-lora"  # configs/train/default.yaml's registered_model_name
 STAGES = ("Staging", "Production", "Archived")  # where promote moves versions (a new one is in "None")
 STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
 CANARY_ALIAS = "canary"  # the candidate of a rollout; it keeps its stage until it is promoted

@@ -8,7 +8,6 @@ without a restart. Ctrl-C or SIGTERM shuts Serve, Ray and the local S3 server do
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import getpass
@@ -21,29 +20,14 @@ import sys
 import time
 from typing import Any
 
-from loraflow import adapter_store, base_models, console, job_configs, ray_cluster, registry, tracking
+from loraflow import adapter_store, base_models, job_configs, ray_cluster, registry, tracking
 from loraflow.errors import UserError
 from loraflow.job_configs import ServeConfig
-from loraflow.jobs import run_job
-
-DEFAULT_CONFIG = job_configs.shipped_default(ServeConfig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlflow run . -e serve",
-        description="Serve a registered LoRA adapter (the Production one by default) through Ray Serve LLM "
-        "with an OpenAI-compatible API; later promotions are picked up without restart.",
-    )
-    parser.add_argument("--name", default=registry.DEFAULT_MODEL_NAME, help="registered model name")
-    parser.add_argument("--alias", default="production", help="alias to follow (the stable model name's suffix)")
-    parser.add_argument("--version", default="", help="serve this version instead, and do not follow the alias")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="serving YAML")
-    console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-    # Ctrl-C / SIGTERM is how a server is meant to stop: exit 0 once everything is shut down.
-    return run_job(lambda: serve_forever(args.name, args.alias, args.version or None, args.config),
-                   "shutting down", interrupted_code=0, verbose=args.verbose)
+def job(name: str, alias: str, version: str, config: str) -> None:
+    """The serve entry point (entry_points.py): until Ctrl-C or SIGTERM."""
+    serve_forever(name, alias, version or None, config)
 
 
 def load_config(path: str) -> ServeConfig:

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -32,10 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from loraflow import console, registry, tracking
-from loraflow.errors import UserError, parse_bool
+from loraflow import registry, tracking
+from loraflow.errors import UserError
 from loraflow.job_configs import TracesConfig
-from loraflow.jobs import run_job
 
 logger = logging.getLogger("loraflow.serve")
 REDACTED = "[REDACTED]"
@@ -266,28 +264,9 @@ def _epoch_ms(since: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlflow run . -e export_traces",
-        description="Write a registered model's served chat requests, logged as MLflow traces by a server "
-        "with traces.sample_rate > 0, to a dataset folder in LLaMA-Factory's layout that train takes "
-        "(-P overrides='{dataset_dir: OUT, dataset: served}').",
-    )
-    parser.add_argument("--name", default=registry.DEFAULT_MODEL_NAME, help="registered model name")
-    parser.add_argument("--out", required=True, help="the dataset folder to write (must not exist, or be empty)")
-    parser.add_argument("--version", default="", help="only the answers of this version")
-    parser.add_argument("--since", default="", help="only requests answered from this time (ISO 8601; local time "
-                        "without an offset) on")
-    parser.add_argument("--valid-only", default="false", help="true: only answers the task's grammar accepts")
-    parser.add_argument("--dataset", default="served", help="the dataset's name in dataset_info.json")
-    console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-
-    def job() -> None:
-        valid_only = parse_bool("valid-only", args.valid_only)
-        tracking.configure()
-        written = export(args.name, args.out, args.version or None, args.since or None, valid_only, args.dataset)
-        tracking.name_launch_run(f"export-traces-{args.name}", "export_traces")
-        print(json.dumps(written), flush=True)
-
-    return run_job(job, "interrupted", verbose=args.verbose)
+def export_job(name: str, out: str, version: str, since: str, valid_only: bool, dataset: str) -> None:
+    """The export_traces entry point (entry_points.py)."""
+    tracking.configure()
+    written = export(name, out, version or None, since or None, valid_only, dataset)
+    tracking.name_launch_run(f"export-traces-{name}", "export_traces")
+    print(json.dumps(written), flush=True)

@@ -7,7 +7,6 @@ interrupt (Ctrl-C, SIGTERM) ends it KILLED.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
@@ -20,20 +19,9 @@ from typing import Any
 
 import yaml
 
-from loraflow import (
-    base_models,
-    console,
-    datasets,
-    processes,
-    ray_cluster,
-    ray_training,
-    registry,
-    tracking,
-    train_config,
-)
+from loraflow import base_models, datasets, processes, ray_cluster, ray_training, registry, tracking, train_config
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
-from loraflow.jobs import run_job
 from loraflow.registry import (
     ADAPTER_ARTIFACT_PATH,
     BASE_MODEL_ID_TAG,
@@ -47,7 +35,6 @@ from loraflow.registry import (
     register_adapter,
 )
 
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "train" / "default.yaml"
 OUTPUTS_DIR = PROJECT_ROOT / "outputs"
 _CONFIG_ARTIFACT = "config/train_config.yaml"  # the resolved config, as the run used it
 RUN_MARKER = "loraflow_run_id"  # written into output_dir: which run owns the files there
@@ -57,27 +44,10 @@ _TRAINING_FILES = (  # LLaMA-Factory's logs and results; everything else it writ
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlflow run . -e train",
-        description="Fine-tune a LoRA adapter with LLaMA-Factory on Ray Train, log it to MLflow "
-        "and register it as a new model version.",
-    )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML (LLaMA-Factory keys + ray_* keys)")
-    parser.add_argument(
-        "--overrides", default="", help="YAML mapping of config keys to replace, e.g. '{max_samples: 50}'"
-    )
-    parser.add_argument(
-        "--resume", default="", help="run id of a training that was killed or failed: continue from its last "
-        "checkpoint, with its config, into a new run linked to it (--config and --overrides are then ignored)")
-    console.add_verbose_flag(parser)
-    args = parser.parse_args(argv)
-
-    def job() -> None:
-        version = train(args.config, train_config.parse_overrides(args.overrides), resume=args.resume or None)
-        print(f"registered {version.name} version {version.version} (run {version.run_id})")
-
-    return run_job(job, "interrupted: the run is marked KILLED and nothing was registered", verbose=args.verbose)
+def job(config: str, overrides: str, resume: str) -> None:
+    """The train entry point (entry_points.py)."""
+    version = train(config, train_config.parse_overrides(overrides), resume=resume or None)
+    print(f"registered {version.name} version {version.version} (run {version.run_id})")
 
 
 def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str | None = None):

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loraflow import job_configs, registry, tracking
+from loraflow import compat, entry_points, job_configs, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 
@@ -110,7 +110,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     return TrainConfig(
         llamafactory=lf_args,
         ray=ray,
-        registered_model_name=own.get("registered_model_name", registry.DEFAULT_MODEL_NAME),
+        registered_model_name=own.get("registered_model_name", entry_points.DEFAULT_MODEL_NAME),
     )
 
 
@@ -139,10 +139,8 @@ def _llamafactory_fields() -> dict[str, Any]:
     cached = _FIELDS_CACHE / f"{versions}.json"
     with contextlib.suppress(OSError, ValueError):
         return json.loads(cached.read_text())
-    from llamafactory.hparams.parser import _TRAIN_ARGS  # the dataclasses run_exp parses into
-
     specs: dict[str, Any] = {}
-    for cls in _TRAIN_ARGS:
+    for cls in compat.llamafactory_argument_classes():
         names = {f.name for f in dataclasses.fields(cls)}
         specs.update({k: _spec(v) for k, v in typing.get_type_hints(cls).items() if k in names})
     with contextlib.suppress(OSError, TypeError):  # a value JSON cannot hold, or a read-only project: not kept
