@@ -55,10 +55,10 @@ def train_two_versions(env: dict, log) -> None:
 
 
 def promote(*args: str) -> None:
-    from loraflow import promote as promote_job
+    from loraflow import entry_points
 
     # The tiny model is not evaluated: the gates are forced, which the audit records.
-    if promote_job.main(["--name", NAME, *args, "--force", "true", "--reason", "canary benchmark"]) != 0:
+    if entry_points.main("promote", ["--name", NAME, *args, "--force", "true", "--reason", "canary benchmark"]) != 0:
         raise SystemExit(f"promote {args} failed")
 
 
