@@ -52,8 +52,8 @@ class EntryPoint:
         return (*self.params, VERBOSE)
 
 
-VERBOSE = Param("verbose", "true: stream every library's and Ray worker's log lines (default: results, errors "
-                "and progress bars only; LORAFLOW_VERBOSE=1 does the same)", "false", "flag")
+VERBOSE = Param("verbose", "true: stream every library's and Ray worker's log lines (LORAFLOW_VERBOSE=1 does the "
+                "same); false: results, errors and progress bars only", "false", "flag")
 _NAME = Param("name", "registered model name", DEFAULT_MODEL_NAME)
 
 ENTRY_POINTS = {point.name: point for point in (
@@ -126,7 +126,8 @@ ENTRY_POINTS = {point.name: point for point in (
 
 
 def parser(point: EntryPoint) -> argparse.ArgumentParser:
-    made = argparse.ArgumentParser(prog=f"mlflow run . -e {point.name}", description=point.description)
+    made = argparse.ArgumentParser(prog=f"mlflow run . -e {point.name}", description=point.description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for param in point.parameters:
         default = param.default
         if param.kind == "path" and default is not None:
