@@ -7,9 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VIGGO = ROOT / "data" / "viggo"
@@ -61,6 +63,18 @@ def copy_store(database: Path, folder: Path) -> str:
     at are shared, and read only)."""
     shutil.copy(database, folder / "mlflow.db")
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def config_with(source: str | Path, folder: Path, drop: tuple[str, ...] = (), **changes) -> Path:
+    """A shipped config with `changes` (top-level keys replaced) and without the keys in `drop`, as a
+    new file in `folder`. `source`: train, evaluate, serve or promote (configs/<source>/default.yaml),
+    or a config's path (TINY_CONFIG)."""
+    path = ROOT / "configs" / source / "default.yaml" if isinstance(source, str) and "/" not in source else Path(source)
+    raw = {key: value for key, value in yaml.safe_load(path.read_text()).items() if key not in drop}
+    raw.update(changes)
+    written = folder / f"{path.parent.name}-{path.stem}-{uuid.uuid4().hex[:8]}.yaml"
+    written.write_text(yaml.safe_dump(raw))
+    return written
 
 
 def entry_point(name: str) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, copy_store, entry_point
+from conftest import ROOT, config_with, copy_store, entry_point
 from mlflow import MlflowClient
 
 SMALL_EVAL = {"max_rows": 6, "sampling": {"temperature": 0.0, "max_tokens": 24}}
@@ -30,12 +30,7 @@ def store(trained, monkeypatch):
 
 
 def _config(tmp_path, **changes):
-    raw = yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())
-    raw.update(SMALL_EVAL)
-    raw.update(changes)
-    path = tmp_path / "eval.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+    return str(config_with("evaluate", tmp_path, **{**SMALL_EVAL, **changes}))
 
 
 def run_evaluate(model, config, timeout=900):

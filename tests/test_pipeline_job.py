@@ -8,9 +8,8 @@ import os
 import subprocess
 import sys
 
-import yaml
 from browser import chromium, page_text
-from conftest import ROOT, TINY_CONFIG
+from conftest import ROOT, TINY_CONFIG, config_with
 from mlflow import MlflowClient
 from servers import mlflow_server
 
@@ -18,10 +17,8 @@ from loraflow import pipeline
 
 
 def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
-    eval_config = yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())
-    eval_config.update(max_rows=4, baseline=False, guided_decoding=False,
-                       sampling={"temperature": 0.0, "max_tokens": 16})
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_config))
+    eval_config = config_with("evaluate", tmp_path, max_rows=4, baseline=False, guided_decoding=False,
+                              sampling={"temperature": 0.0, "max_tokens": 16})
     # The tiny model has random weights: a gate it can pass, to exercise the promotion step.
     (tmp_path / "gates.yaml").write_text("stages: {Production: {minimum: {rows: 4}}}")
 
@@ -29,7 +26,7 @@ def test_pipeline_trains_evaluates_promotes_and_links(tracking_uri, tmp_path):
     proc = subprocess.run(
         [mlflow_cli, "run", ".", "-e", "pipeline", "--env-manager", "local",
          "-P", f"train_config={TINY_CONFIG}", "-P", f"overrides={{output_dir: {tmp_path / 'out'}}}",
-         "-P", f"eval_config={tmp_path / 'eval.yaml'}", "-P", f"promote_config={tmp_path / 'gates.yaml'}"],
+         "-P", f"eval_config={eval_config}", "-P", f"promote_config={tmp_path / 'gates.yaml'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{"):])

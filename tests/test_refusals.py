@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY_CONFIG, entry_point
+from conftest import ROOT, TINY_CONFIG, config_with, entry_point
 from servers import free_port
 
 from loraflow import console, entry_points, registry
@@ -97,11 +97,7 @@ def store_state() -> list:
 # -- train: the config, the overrides, the data ------------------------------------------------
 
 def _train_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
-    raw = {k: v for k, v in yaml.safe_load(TINY_CONFIG.read_text()).items() if k not in drop}
-    raw.update(changes)
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return config_with(TINY_CONFIG, tmp_path, drop, **changes)
 
 
 def _info(viggo: Path, **entries) -> None:
@@ -345,12 +341,7 @@ def _bad_config(tmp_path: Path, changes, make) -> Path:
 
 
 def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
-    raw = {k: v for k, v in yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text()).items()
-           if k not in drop}
-    raw.update(changes)
-    path = tmp_path / "eval.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return config_with("evaluate", tmp_path, drop, **changes)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -471,12 +462,8 @@ def test_evaluate_refuses_what_it_cannot_check_before_a_run(tracking_uri, tmp_pa
 # -- serve: its config, the served version, the base model -------------------------------------
 
 def _serve_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
-    raw = {k: v for k, v in yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text()).items()
-           if k not in drop}
-    raw.update({"port": free_port(), "api_key_env": "LORAFLOW_REFUSALS_API_KEY", **changes})
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return config_with("serve", tmp_path, drop, **{"port": free_port(), "api_key_env": "LORAFLOW_REFUSALS_API_KEY",
+                                                   **changes})
 
 
 @pytest.mark.parametrize("where, key", [(("runtime_env", "env_vars"), "HF_TOKEN"), (("engine_kwargs",), "hf_token")],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY_CONFIG, VIGGO, run_train
+from conftest import ROOT, TINY_CONFIG, VIGGO, config_with, run_train
 from mlflow import MlflowClient
 from servers import mlflow_server
 from test_promote import GOOD, add_version
@@ -181,13 +181,10 @@ def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_trai
     assert [json.loads(line) for line in (by_version / "served.jsonl").read_text().splitlines()] == rows[5:7]
 
     # The train entry point trains the tiny model on it, and registers what it trained.
-    config = tmp_path / "train.yaml"
-    raw = yaml.safe_load(TINY_CONFIG.read_text())
-    raw.update(dataset="served", dataset_dir=str(out), registered_model_name="served-tiny-lora", max_samples=8,
-               output_dir=str(tmp_path / "train-out"))
-    for key in ("eval_dataset", "per_device_eval_batch_size", "eval_strategy", "eval_steps"):
-        raw.pop(key)
-    config.write_text(yaml.safe_dump(raw))
+    config = config_with(TINY_CONFIG, tmp_path, ("eval_dataset", "per_device_eval_batch_size", "eval_strategy",
+                                                 "eval_steps"),
+                         dataset="served", dataset_dir=str(out), registered_model_name="served-tiny-lora",
+                         max_samples=8, output_dir=str(tmp_path / "train-out"))
     trained = run_train("--config", str(config))
     assert trained.returncode == 0, trained.stderr[-3000:]
     version = MlflowClient().get_model_version("served-tiny-lora", "1")

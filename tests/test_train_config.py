@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, config_with
 
 from loraflow import train_config
 from loraflow.errors import UserError
@@ -41,11 +41,7 @@ def test_seed_gpu_config_matches_the_tutorial():
 
 
 def _write(tmp_path, **changes):
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/train/tiny.yaml").read_text())
-    raw.update(changes)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return config_with(TINY_CONFIG, tmp_path, **changes)
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import ROOT, TINY_CONFIG, entry_point, registered_versions, run_train
+from conftest import ROOT, TINY_CONFIG, config_with, entry_point, registered_versions, run_train
 from mlflow import MlflowClient
 
 from loraflow import compat, registry
@@ -206,11 +206,7 @@ def _worker_start_environment(proc: subprocess.Popen) -> dict[str, str]:
 
 
 def _write_config(tmp_path, **changes):
-    raw = yaml.safe_load(TINY_CONFIG.read_text())
-    raw.update(changes)
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+    return str(config_with(TINY_CONFIG, tmp_path, **changes))
 
 
 def _damage(viggo: Path, how: str) -> None:
