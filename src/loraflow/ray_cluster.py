@@ -3,6 +3,7 @@ that the cluster can never schedule, instead of waiting on it forever."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,31 +34,38 @@ def connect(address: str | None = None, num_cpus: int | None = None, metrics_exp
 
     if ray.is_initialized():
         return
-    # ray.init replaces the SIGTERM handler with one that aborts the process; the entry points
-    # need theirs, to end their MLflow run KILLED.
-    sigterm_handler = signal.getsignal(signal.SIGTERM)
     # Quiet mode keeps the workers' output in Ray's log files instead of streaming it here.
     output = {"log_to_driver": console.verbose(),
               "logging_level": logging.WARNING if console.verbose() else logging.ERROR}
-    if address:
-        # A cluster's nodes hold both project environments (see containerfile); this job's
-        # workers run in the driver's, whichever one started the node.
-        ray.init(address=address, runtime_env={"py_executable": sys.executable}, **output)
-    else:
-        compat.init_local_ray(num_cpus, str(_local_temp_dir()), metrics_export_port, **output)
+    with _keeping_sigterm_handler():
+        if address:
+            # A cluster's nodes hold both project environments (see containerfile); this job's
+            # workers run in the driver's, whichever one started the node.
+            ray.init(address=address, runtime_env={"py_executable": sys.executable}, **output)
+        else:
+            compat.init_local_ray(num_cpus, str(_local_temp_dir()), metrics_export_port, **output)
     console.quiet_loggers()
-    signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 def shutdown() -> None:
-    """Leave Ray (a local instance stops whole). Ray's core worker puts SIGTERM back to its default
-    on the way out: a SIGTERM during the rest of the job's cleanup would then kill the process
-    silently, its runs left RUNNING. The entry point's handler is put back."""
+    """Leave Ray (a local instance stops whole)."""
     import ray
 
-    sigterm_handler = signal.getsignal(signal.SIGTERM)
-    ray.shutdown()
-    signal.signal(signal.SIGTERM, sigterm_handler)
+    with _keeping_sigterm_handler():
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """The entry point's SIGTERM handler (jobs.py: end MLflow runs KILLED, finish the cleanup) put
+    back after Ray replaces it: ray.init with one that aborts the process, ray.shutdown (its core
+    worker) with the default, which would kill the process silently during the rest of the job's
+    cleanup, its runs left RUNNING."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def worker_logs_hint() -> str:
