@@ -137,18 +137,30 @@ def bare_evaluate(adapter: str, config_path: str) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # what the project's engines get
     rows = project_evaluate._test_rows(config)  # the project's own choice of rows, so they are the same
     llm = LLM(model=str(BASE_MODEL), enable_lora=True, max_loras=1, **config.engine)
-    outputs = llm.chat([project_evaluate.chat_messages(r) for r in rows],
+    outputs = llm.chat([_trained_messages(r) for r in rows],
                        SamplingParams(**config.sampling), lora_request=LoRARequest("adapter", 1, adapter))
     assert len(outputs) == len(rows)
+
+
+def _trained_messages(row: dict) -> list[dict]:
+    """The messages the version was trained with (the row's instruction and input), as evaluate sends them."""
+    from loraflow.tasks import Prompt
+
+    return Prompt("", row["instruction"]).messages(row["input"])
+
+
+class _NoStore:
+    uri, settings = "s3://unused/adapters", {}
 
 
 def bench_serve(work: Path, env: dict, log, version: str, save, order: list[str]) -> dict:
     """Ratios per client count; `save(partial)` is called after every level, since the whole part
     takes about 25 minutes on 2 cores."""
-    from loraflow.evaluate import chat_messages
+    from loraflow import serve
 
     serve_config = yaml.safe_load((ROOT / "configs" / "serve" / "default.yaml").read_text())
-    engine = serve_config["llm_config"]["engine_kwargs"]
+    engine = serve.llm_config(serve.load_config(ROOT / "configs/serve/default.yaml"), str(BASE_MODEL),
+                              _NoStore())["engine_kwargs"]  # the profile and serving's own, as serve builds them
     adapter = _download_adapter(version, work / "adapter")
     project_port, bare_port = _free_port(), _free_port()
     serve_config["port"] = project_port
@@ -162,10 +174,14 @@ def bench_serve(work: Path, env: dict, log, version: str, save, order: list[str]
                  "--enable-lora", "--lora-modules", f"adapter={adapter}", "--dtype", engine["dtype"],
                  "--max-model-len", str(engine["max_model_len"]), "--max-lora-rank", str(engine["max_lora_rank"]),
                  "--max-loras", str(engine["max_loras"]), "--enforce-eager",
-                 "--gpu-memory-utilization", str(engine["gpu_memory_utilization"])],
+                 "--gpu-memory-utilization", str(engine["gpu_memory_utilization"]),
+                 "--enable-prefix-caching" if engine.get("enable_prefix_caching") else "--no-enable-prefix-caching"],
     }
     ports = {"project": project_port, "bare": bare_port}
-    prompts = [chat_messages(r) for r in _test_rows(max(REQUESTS_PER_LEVEL.values()))]
+    rows = _test_rows(max(REQUESTS_PER_LEVEL.values()))
+    # The project's server puts the version's prompt around a client's input itself; vLLM's is sent the same messages.
+    prompts = {"project": [[{"role": "user", "content": r["input"]}] for r in rows],
+               "bare": [_trained_messages(r) for r in rows]}
     results: dict[str, dict] = {}
     for side in order:
         command = servers[side]
@@ -176,7 +192,7 @@ def bench_serve(work: Path, env: dict, log, version: str, save, order: list[str]
             model = _wait_for_adapter(ports[side], server)
             results[side] = {"startup_s": time.monotonic() - started}
             for c in CLIENTS:
-                results[side][c] = _load(ports[side], model, prompts, c, REQUESTS_PER_LEVEL[c])
+                results[side][c] = _load(ports[side], model, prompts[side], c, REQUESTS_PER_LEVEL[c])
                 save({"levels": results})
         finally:
             with contextlib.suppress(ProcessLookupError):  # gone already if it failed to start

@@ -1,7 +1,9 @@
-"""Scoring ViGGO meaning representations: `function(attr[value], attr[value], ...)`.
+"""The ViGGO task `viggo-mr`: a sentence about a video game -> its meaning representation,
+`function(attr[value], attr[value], ...)`.
 
-Pure functions, no dependencies: the evaluate job and the promotion gates use them, and
-tests/test_viggo_scorer.py checks them on the golden cases in golden/viggo_cases.jsonl.
+Pure functions, no dependencies: `TASK` is what loraflow's evaluate, promotion gates, serve and
+canary use (src/loraflow/tasks.py), and tests/test_viggo_scorer.py checks the scorer on the golden
+cases in golden/viggo_cases.jsonl.
 """
 
 from __future__ import annotations
@@ -93,16 +95,30 @@ def score(expected: list[str], generated: list[str]) -> dict[str, float]:
     }
 
 
-def score_by_intent(expected: list[str], generated: list[str]) -> dict[str, dict[str, float]]:
-    """`score` for each reference function (intent) separately."""
-    groups: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
-    for ref_text, gen_text in zip(expected, generated):
-        ref = parse(ref_text)
-        refs, gens = groups[ref.function if ref else "unparsable_reference"]
-        refs.append(ref_text)
-        gens.append(gen_text)
-    return {intent: score(refs, gens) for intent, (refs, gens) in sorted(groups.items())}
-
-
 def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
+
+
+class MeaningRepresentationTask:
+    """loraflow's task protocol (src/loraflow/tasks.py) for ViGGO's meaning representations."""
+
+    name = "viggo-mr"
+    headline = "exact_match"
+    recorded = ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "rows")
+    slice_name = "intent"
+
+    def is_valid(self, answer: str) -> bool:
+        return parse(answer) is not None
+
+    def score(self, expected: list[str], generated: list[str]) -> dict[str, float]:
+        return score(expected, generated)
+
+    def slice_of(self, text: str) -> str | None:
+        parsed = parse(text)
+        return parsed.function if parsed else None
+
+    def guided_regex(self) -> str | None:
+        return mr_regex()
+
+
+TASK = MeaningRepresentationTask()

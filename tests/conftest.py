@@ -35,6 +35,18 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
+def task_tags(run_id: str) -> dict[str, str]:
+    """The task and prompt tags train records on a version (the bundled ViGGO rows' instruction,
+    in the Prompt Registry, linked to `run_id`), for versions a test registers itself."""
+    import json
+
+    from loraflow import tasks
+
+    instruction = json.loads((VIGGO / "test.jsonl").open().readline())["instruction"]
+    prompt = tasks.register_prompt(tasks.get("viggo-mr"), instruction, run_id)
+    return {tasks.TASK_TAG: "viggo-mr", tasks.PROMPT_TAG: prompt.uri}
+
+
 @pytest.fixture
 def viggo_copy(tmp_path) -> Path:
     """A writable copy of the bundled ViGGO folder, for tests that damage it."""

@@ -43,20 +43,37 @@ def test_environments_share_ray_and_mlflow_versions():
     assert "python:3.11" in CONTAINERFILE.read_text() and sys.version_info[:2] == (3, 11)
 
 
-@pytest.mark.parametrize("lock, requirements", [("train.lock", "train.in"), ("infer-gpu.lock", "infer-gpu.in")])
-def test_lock_resolves_on_pypi_for_the_image(lock, requirements, tmp_path):
+IMAGE_LOCKS = {"train.lock": "train.in", "infer-gpu.lock": "infer-gpu.in"}
+
+
+@pytest.fixture(scope="module")
+def resolutions(tmp_path_factory) -> dict:
+    """pip's dry-run resolution of each image's lock against PyPI, all started at once (each waits
+    mostly on PyPI): lock -> (the process, its report's path)."""
     platforms = subprocess.run([str(REQUIREMENTS / "gpu-platforms.sh")], capture_output=True, text=True,
                                check=True).stdout.split()
-    report = tmp_path / "report.json"
     # PyPI alone: this machine's local wheel folders and pip caps are not what the image sees.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--report", str(report), "--python-version", "3.11", "--implementation", "cp", "--only-binary=:all:",
-         *platforms, "-c", str(REQUIREMENTS / lock), "-r", str(REQUIREMENTS / requirements)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = {}
+    for lock, requirements in IMAGE_LOCKS.items():
+        report = tmp_path_factory.mktemp("resolution") / "report.json"
+        started[lock] = (subprocess.Popen(
+            [sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--ignore-installed", "--quiet",
+             "--report", str(report), "--python-version", "3.11", "--implementation", "cp", "--only-binary=:all:",
+             *platforms, "-c", str(REQUIREMENTS / lock), "-r", str(REQUIREMENTS / requirements)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), report)
+    yield started
+    for proc, _ in started.values():
+        if proc.poll() is None:  # a test that was not run, or failed before waiting
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("lock", IMAGE_LOCKS)
+def test_lock_resolves_on_pypi_for_the_image(lock, resolutions):
+    proc, report = resolutions[lock]
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
     installs = json.loads(report.read_text())["install"]
     resolved = {_canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
     pinned = {_canonical(name): version for name, version in _pins(lock).items()}

@@ -39,13 +39,14 @@ def run_evaluate(model, config, timeout=900):
                           timeout=timeout, env=os.environ.copy())
 
 
-FLOAT32_ENGINE = {**yaml.safe_load((ROOT / "configs/evaluate/default.yaml").read_text())["engine"], "dtype": "float32"}
+FLOAT32_ENGINE = {**yaml.safe_load((ROOT / "configs/engines/smollm2-cpu.yaml").read_text()), "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
 def per_row(trained, tmp_path_factory) -> dict:
-    """One evaluation with the adapter applied per row by vLLM, plus the baseline and guided passes,
-    in float32 (where merged and per-row weights round alike): what the tests below check."""
+    """One evaluation with the adapter applied per row by vLLM (the guided rows on the same engine),
+    plus the baseline pass, in float32 (where merged and per-row weights round alike): what the
+    tests below check."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained}
     config = _config(tmp_path_factory.mktemp("per-row"), baseline=True, guided_decoding=True, merge_adapter=False,
                      engine=FLOAT32_ENGINE)

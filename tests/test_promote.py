@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 from browser import chromium, page_text
-from conftest import ROOT
+from conftest import ROOT, task_tags
 from servers import mlflow_server, postgres_server
 
 from loraflow import entry_points, promote, registry
@@ -68,8 +68,9 @@ def add_version(name: str, metrics: dict[str, float] | None, tmp_path) -> str:
     (adapter / "adapter_config.json").write_text("{}")
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(adapter), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
-    version = registry.register_adapter(name, run.info.run_id, {"loraflow.base_model": "tiny"}, "test adapter",
-                                        registry.file_digests(adapter))
+    version = registry.register_adapter(name, run.info.run_id, {"loraflow.base_model": "tiny",
+                                                                **task_tags(run.info.run_id)},
+                                        "test adapter", registry.file_digests(adapter))
     if metrics is not None:
         record_evaluation(name, str(version.version), metrics, run.info.run_id)
     return str(version.version)

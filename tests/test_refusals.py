@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY_CONFIG, config_with, entry_point
+from conftest import ROOT, TINY_CONFIG, config_with, entry_point, task_tags
 from servers import free_port
 
-from loraflow import console, entry_points, registry
+from loraflow import base_models, console, entry_points, registry
 from loraflow.errors import UserError
 
 
@@ -68,8 +68,10 @@ def _weights() -> bytes:
     return save({"lora_A": np.zeros((8, 16), dtype=np.float32)})
 
 
-def add_version(tmp_path: Path, name: str, tags: dict[str, str], run_tags: dict[str, str] | None = None):
-    """A version registered the way train registers one (a real adapter folder, its digests)."""
+def add_version(tmp_path: Path, name: str, tags: dict[str, str], run_tags: dict[str, str] | None = None,
+                task: bool = True):
+    """A version registered the way train registers one (a real adapter folder, its digests, its
+    task and prompt unless `task` is false)."""
     import mlflow
 
     folder = tmp_path / f"adapter-{name}"
@@ -79,6 +81,7 @@ def add_version(tmp_path: Path, name: str, tags: dict[str, str], run_tags: dict[
     with mlflow.start_run() as run:
         mlflow.set_tags(run_tags or {})
         mlflow.log_artifacts(str(folder), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
+    tags = {**task_tags(run.info.run_id), **tags} if task else tags
     return registry.register_adapter(name, run.info.run_id, tags, "test adapter", registry.file_digests(folder))
 
 
@@ -108,7 +111,7 @@ def _info(viggo: Path, **entries) -> None:
 
 _HOW = ("entry_without_file_name", "info_not_json", "info_not_a_mapping", "info_entry_not_a_mapping",
         "json_file_not_json",
-        "json_file_not_a_list", "json_item_not_an_object", "jsonl_row_not_an_object")
+        "json_file_not_a_list", "json_item_not_an_object", "jsonl_row_not_an_object", "two_instructions")
 
 
 def _damage(viggo: Path, how: str) -> None:
@@ -134,6 +137,10 @@ def _damage(viggo: Path, how: str) -> None:
         lines = (viggo / "train.jsonl").read_text().splitlines()
         lines[2] = '["instruction", "input", "output"]'
         (viggo / "train.jsonl").write_text("\n".join(lines) + "\n")
+    elif how == "two_instructions":  # a task trains with one prompt, which the version keeps
+        lines = (viggo / "train.jsonl").read_text().splitlines()
+        lines[2] = json.dumps({**json.loads(lines[2]), "instruction": "Parse the sentence."})
+        (viggo / "train.jsonl").write_text("\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize("how, message", [
@@ -145,6 +152,8 @@ def _damage(viggo: Path, how: str) -> None:
     ("json_file_not_a_list", "{viggo}/train.json: a .json data file must hold a list of objects."),
     ("json_item_not_an_object", "{viggo}/train.json item 2: expected a JSON object, got str."),
     ("jsonl_row_not_an_object", "{viggo}/train.jsonl line 3: expected a JSON object, got list."),
+    ("two_instructions", "dataset viggo-train: the rows carry 2 different instructions; a task trains with one "
+                         "prompt, so give every row the same instruction (or split the data into one dataset a task)."),
 ], ids=_HOW)
 def test_train_refuses_bad_data_before_a_run(tracking_uri, tmp_path, viggo_copy, capsys, how, message):
 
@@ -351,10 +360,13 @@ def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
     ("engine: [16\n", "Evaluation config {path} is not valid YAML (while parsing a flow sequence); see "
                       "configs/evaluate/default.yaml."),
     ({"drop": ("engine",), "engin": {"max_lora_rank": 16}},
-     "Evaluation config {path}: engine is missing (vLLM engine arguments; max_lora_rank (an integer) is required); "
-     "engin is not a known key; see configs/evaluate/default.yaml."),
-    ({"engine": "bfloat16"}, "Evaluation config {path}: engine should be a valid dictionary, got 'bfloat16'; see "
-                             "configs/evaluate/default.yaml."),
+     "Evaluation config {path}: engine is missing (vLLM engine arguments, or the engine profile that holds them "
+     "(configs/engines/*.yaml, shared with serve); max_lora_rank is required); engin is not a known key; see "
+     "configs/evaluate/default.yaml."),
+    ({"engine": "bfloat16"}, "Evaluation config {path}: engine bfloat16 is no engine profile file: name one in "
+                             "configs/engines/; see configs/evaluate/default.yaml."),
+    ({"engine": ["bfloat16"]}, "Evaluation config {path}: engine should be a valid dictionary, got ['bfloat16']; "
+                               "see configs/evaluate/default.yaml."),
     ({"engine_env": ["OMP_NUM_THREADS=1"]}, "Evaluation config {path}: engine_env should be a valid dictionary, got "
                                             "['OMP_NUM_THREADS=1']; see configs/evaluate/default.yaml."),
     ({"engine_env": {"OMP_NUM_THREADS": 1}},
@@ -372,7 +384,8 @@ def _eval_config(tmp_path: Path, drop: tuple[str, ...] = (), **changes) -> Path:
     ({"max_rows": 0, "batch_size": 64.5},
      "Evaluation config {path}: max_rows should be greater than or equal to 1, got 0; batch_size should be a valid "
      "integer, got 64.5; see configs/evaluate/default.yaml."),
-], ids=["missing", "not_a_mapping", "not_yaml", "keys", "engine_not_a_mapping", "engine_env_not_a_mapping",
+], ids=["missing", "not_a_mapping", "not_yaml", "keys", "engine_not_a_profile", "engine_not_a_mapping",
+        "engine_env_not_a_mapping",
         "engine_env_not_strings", "max_lora_rank", "merge_adapter_not_bool", "merge_adapter_with_lora_store",
         "numbers"])
 def test_evaluate_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
@@ -409,15 +422,17 @@ def test_evaluate_refuses_a_credential_in_its_config_and_shows_it_nowhere(tracki
     nothing_written()  # no run: no parameter, tag or artifact
 
 
-def test_the_evaluate_script_refuses_an_engine_that_is_not_a_mapping(tracking_uri, tmp_path):
+def test_the_evaluate_script_refuses_an_engine_profile_that_is_not_one(tracking_uri, tmp_path):
     """The process users start (it moves itself into the infer environment): exit 2, no traceback."""
-    path = _eval_config(tmp_path, engine="bfloat16")
+    profile = tmp_path / "engine.yaml"
+    profile.write_text("- bfloat16\n")
+    path = _eval_config(tmp_path, engine=str(profile))
     proc = subprocess.run([*entry_point("evaluate"), "--model", "models:/viggo-eval/1",
                            "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ.copy())
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.endswith(f"error: Evaluation config {path}: engine should be a valid dictionary, got "
-                                "'bfloat16'; see configs/evaluate/default.yaml.\n"), proc.stderr[-3000:]
+    assert proc.stderr.endswith(f"error: Evaluation config {path}: engine {profile} must hold a mapping of vLLM "
+                                "engine arguments to values; see configs/evaluate/default.yaml.\n"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     nothing_written()
 
@@ -426,7 +441,7 @@ TINY = "./.cache/models/tiny-smollm2"
 
 
 @pytest.mark.parametrize("kind", ["not_understood", "not_a_selector", "run_without_base_model",
-                                  "version_without_base_model", "no_base_model_id", "base_model_not_here"])
+                                  "version_without_base_model", "no_base_model_id", "base_model_not_here", "no_task"])
 def test_evaluate_refuses_what_it_cannot_check_before_a_run(tracking_uri, tmp_path, capsys, kind):
 
     text = "models:/viggo-eval/1"
@@ -449,10 +464,16 @@ def test_evaluate_refuses_what_it_cannot_check_before_a_run(tracking_uri, tmp_pa
         add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY})
         message = (f"{text} has no {registry.BASE_MODEL_ID_TAG} tag, so its base model cannot be checked (it was "
                    "registered by hand or by an older loraflow): train a new version.")
-    else:
+    elif kind == "base_model_not_here":
         add_version(tmp_path, "viggo-eval", {"loraflow.base_model": "./.cache/models/no-such-model",
                                              registry.BASE_MODEL_ID_TAG: "no-such-model@sha256:0123456789abcdef"})
         message = "Base model ./.cache/models/no-such-model is not on this machine; run ./setup.sh."
+    else:
+        add_version(tmp_path, "viggo-eval", {"loraflow.base_model": TINY,
+                                             registry.BASE_MODEL_ID_TAG: base_models.base_model_identity(TINY)},
+                    task=False)
+        message = (f"{text} records no task or prompt (loraflow.task, loraflow.prompt): it was registered by an "
+                   "older loraflow or by hand; train a new version.")
     before = store_state()
     assert refused("evaluate", ["--model", text, "--config", str(_eval_config(tmp_path, max_rows=4))],
                    capsys) == message
@@ -492,10 +513,6 @@ def test_serve_refuses_a_credential_in_llm_config_and_shows_it_nowhere(tracking_
      "Serving config {path}: poll_interval_s is missing (seconds between the server's looks at the registry); "
      "workers is not a known key; see configs/serve/default.yaml."),
     ("[host, port]", "Serving config {path} must hold a mapping of keys to values; see configs/serve/default.yaml."),
-    ({"live_validity": "evaluation.viggo:parse_it"},
-     "Serving config {path}: live_validity 'evaluation.viggo:parse_it' is not a function named as module:function, "
-     "such as evaluation.viggo:parse (it tells whether an answer is valid for the task); see "
-     "configs/serve/default.yaml."),
     ({"metrics_interval_s": 0},
      "Serving config {path}: metrics_interval_s should be greater than 0, got 0; see configs/serve/default.yaml."),
     ({"metrics_export_port": "8080"},
@@ -510,7 +527,7 @@ def test_serve_refuses_a_credential_in_llm_config_and_shows_it_nowhere(tracking_
     ({"traces": {"sample_rate": 0.1, "redact": ["[a-"]}},
      "Serving config {path}: traces.redact '[a-' is not a regular expression (unterminated character set at "
      "position 0); see configs/serve/default.yaml."),
-], ids=["missing", "keys", "not_a_mapping", "live_validity", "metrics_interval", "metrics_port", "port_and_auth",
+], ids=["missing", "keys", "not_a_mapping", "metrics_interval", "metrics_port", "port_and_auth",
         "trace_rate", "trace_redact"])
 def test_serve_refuses_a_bad_config_first(tracking_uri, tmp_path, capsys, changes, message):
 

@@ -10,6 +10,7 @@ import subprocess
 import textwrap
 
 import pytest
+import yaml
 from conftest import ROOT
 
 from loraflow import envs, promotion_gates
@@ -37,7 +38,7 @@ CHECK_IN_INFER_ENV = textwrap.dedent("""
                           "model_source": built.model_loading_config.model_source,
                           "lora_path": built.lora_config.dynamic_lora_loading_path,
                           "max_num_adapters_per_replica": built.lora_config.max_num_adapters_per_replica,
-                          "accelerator_type": built.accelerator_type}))
+                          "accelerator_type": built.accelerator_type, "engine_kwargs": built.engine_kwargs}))
 """)
 
 
@@ -81,6 +82,15 @@ def test_each_serving_config_builds_ray_serve_llms_config(name, model_id, base_m
     assert built["accelerator_type"] == accelerator
     if adapters:
         assert built["max_num_adapters_per_replica"] == adapters
+    profile = yaml.safe_load((ROOT / yaml.safe_load((ROOT / "configs/serve" / name).read_text())["engine"]).read_text())
+    assert built["engine_kwargs"] == {**built["engine_kwargs"], **profile} and built["engine_kwargs"]["enable_lora"]
+
+
+@pytest.mark.parametrize("name, profile", [("default.yaml", "smollm2-cpu.yaml"), ("gpu.yaml", "qwen2.5-7b-gpu.yaml")])
+def test_evaluate_and_serve_name_one_engine_profile(name, profile):
+    """The engines that score a version and serve it compute alike (the parity test's premise)."""
+    for kind in ("evaluate", "serve"):
+        assert yaml.safe_load((ROOT / "configs" / kind / name).read_text())["engine"] == f"configs/engines/{profile}"
 
 
 @pytest.mark.parametrize("name, stages", [

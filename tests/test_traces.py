@@ -20,7 +20,6 @@ from test_promote import GOOD, add_version
 
 from loraflow import datasets, entry_points, job_configs, registry, traces
 from loraflow.errors import UserError
-from loraflow.evaluate import chat_messages
 from loraflow.job_configs import ServeConfig, TracesConfig
 
 NAME = "viggo-traced"
@@ -89,32 +88,27 @@ class _Trace:
     def __init__(self, inputs, outputs, at=0):
         span = type("Span", (), {"inputs": inputs, "outputs": outputs})
         self.data = type("Data", (), {"spans": [span]})
-        self.info = type("Info", (), {"request_time": at})
+        self.info = type("Info", (), {"request_time": at, "tags": {registry.TRACE_VERSION_TAG: "3"}})
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("messages, row", [
-    ([{"role": "user", "content": "Give the MR.\nDiablo II is good."}],
-     {"instruction": "Give the MR.", "input": "Diablo II is good."}),
-    ([{"role": "user", "content": "one line"}], {"instruction": "one line", "input": ""}),
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb\nc"}],
-     {"instruction": "a\nb", "input": "c", "system": "Be brief."}),
+    ([{"role": "user", "content": "Diablo II is good.\nIt is."}],
+     {"instruction": "Give the MR of v3.", "input": "Diablo II is good.\nIt is."}),  # the input is the message
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}], None),  # sent as it came
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-     None),  # multi-turn: not a row of this layout
-])
-def test_a_single_turn_chat_becomes_an_alpaca_row_that_joins_back_to_its_prompt(messages, row):
-    got = traces._alpaca_row(_Trace({"messages": messages}, {"text": "inform(name[Diablo II])"}))
-    if row is None:
-        assert got is None
-        return
-    assert got == {**row, "output": "inform(name[Diablo II])", "_at": 0}
-    assert "\n".join(part for part in (got["instruction"], got["input"]) if part) == messages[-1]["content"]
+     None),  # multi-turn: sent as it came, no row
+], ids=["input", "system", "multi_turn"])
+def test_a_chat_of_one_user_message_becomes_a_row_with_the_instruction_of_the_version_that_answered(messages, row):
+    got = traces._alpaca_row(_Trace({"messages": messages}, {"text": "inform(name[Diablo II])"}),
+                             {"3": "Give the MR of v3."}.get)
+    assert got == (row and {**row, "output": "inform(name[Diablo II])", "_at": 0})
 
 
 @pytest.mark.unit
 def test_a_completion_or_an_empty_answer_is_no_row():
-    assert traces._alpaca_row(_Trace({"prompt": "hi"}, {"text": "x"})) is None
-    assert traces._alpaca_row(_Trace({"messages": [{"role": "user", "content": "a"}]}, {"text": ""})) is None
+    assert traces._alpaca_row(_Trace({"prompt": "hi"}, {"text": "x"}), str) is None
+    assert traces._alpaca_row(_Trace({"messages": [{"role": "user", "content": "a"}]}, {"text": ""}), str) is None
 
 
 @pytest.mark.unit
@@ -127,7 +121,7 @@ def test_a_model_name_with_a_quote_is_refused_before_any_search(tmp_path):
 
 @pytest.fixture
 def traced(tracking_uri, tmp_path):
-    """Eight ViGGO test rows asked of v1 (five) and v2 (three) as the server asks them, one of them
+    """Eight ViGGO test rows asked of v1 (five) and v2 (three) as a client asks them (the input alone), one of them
     with an e-mail address, and answered with their reference; plus one failed request and one
     completion. Logged by the Tracer the server uses, into one serving run."""
     versions = [add_version(NAME, GOOD, tmp_path) for _ in range(2)]
@@ -138,7 +132,7 @@ def traced(tracking_uri, tmp_path):
     rows[2]["input"] += " Ask me at jo@example.com."
     for index, row in enumerate(rows):
         adapter = f"{NAME}-v{versions[0] if index < 5 else versions[1]}"
-        request = {"model": "smollm2:production", "messages": chat_messages(row)}
+        request = {"model": "smollm2:production", "messages": [{"role": "user", "content": row["input"]}]}
         valid = index != 7
         tracer.offer("chat", request, row["output"], adapter, "production" if index < 5 else "canary", valid,
                      1_000_000 * (index + 1), 1_000_000 * (index + 1) + 500)
@@ -173,7 +167,7 @@ def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_trai
     assert exported == rows  # in the order they were asked; the completion and the failure are not rows
     assert json.loads((out / "dataset_info.json").read_text()) == {"served": {
         "file_name": "served.jsonl", "formatting": "alpaca",
-        "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}  # no row has a system message
+        "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}
     assert [f.name for f in datasets.load_datasets(str(out), ["served"])] == ["served"]
 
     by_version = tmp_path / "v2-valid"

@@ -18,7 +18,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glo
 def test_shipped_configs_validate(path):
     cfg = train_config.load(path)
     assert cfg.llamafactory["finetuning_type"] == "lora"
-    assert cfg.registered_model_name
+    assert cfg.registered_model_name and cfg.task == "viggo-mr"
 
 
 def test_seed_gpu_config_matches_the_tutorial():
@@ -58,6 +58,17 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
 def test_wrong_types_are_named(tmp_path, key, value, expected):
     with pytest.raises(UserError, match=rf"{key}: {expected}"):
         train_config.load(_write(tmp_path, **{key: value}))
+
+
+@pytest.mark.parametrize("changes, drop, message", [
+    ({}, ("task",), "task is missing from {path}: name what the adapter is trained for, one of ['viggo-mr']"),
+    ({"task": "viggo"}, (), "task 'viggo' in {path} is not one loraflow knows: use one of ['viggo-mr']"),
+], ids=["missing", "unknown"])
+def test_the_task_is_named_and_known(tmp_path, changes, drop, message):
+    path = config_with(TINY_CONFIG, tmp_path, drop, **changes)
+    with pytest.raises(UserError) as refused:
+        train_config.load(path)
+    assert str(refused.value) == "Invalid training config:\n  " + message.format(path=path)
 
 
 def test_yaml_exponent_strings_become_numbers(tmp_path):
@@ -222,7 +233,7 @@ def test_training_prompt_is_the_prompt_evaluate_and_serve_send(path):
     from llamafactory.hparams import DataArguments
     from transformers import AutoTokenizer
 
-    from loraflow.evaluate import chat_messages
+    from loraflow.tasks import Prompt
 
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load(path.read_text())
@@ -231,9 +242,9 @@ def test_training_prompt_is_the_prompt_evaluate_and_serve_send(path):
         tokenizer, DataArguments(template="smollm2", default_system=raw["default_system"]))
     for line in (root / "data/viggo/test.jsonl").read_text().splitlines()[:20]:
         row = json.loads(line)
-        trained, _ = template.encode_oneturn(tokenizer, chat_messages(row) + [
-            {"role": "assistant", "content": row["output"]}])
-        served = tokenizer.apply_chat_template(chat_messages(row), add_generation_prompt=True, tokenize=False)
+        asked = Prompt("prompts:/viggo-mr-instruction/1", row["instruction"]).messages(row["input"])
+        trained, _ = template.encode_oneturn(tokenizer, asked + [{"role": "assistant", "content": row["output"]}])
+        served = tokenizer.apply_chat_template(asked, add_generation_prompt=True, tokenize=False)
         assert trained == tokenizer(served, add_special_tokens=False)["input_ids"]
 
 

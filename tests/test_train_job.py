@@ -99,6 +99,13 @@ def test_mlflow_run_train_logs_everything_and_registers(tracking_uri, tmp_path):
     assert version.tags["loraflow.base_model"] == run.data.tags["loraflow.base_model"]
     assert version.tags["loraflow.base_model_id"] == run.data.tags["loraflow.base_model_id"]
     assert version.tags["loraflow.data_digest"] == run.data.tags["loraflow.data_digest"]
+    # the task and the prompt it trained with: the rows' instruction, in the Prompt Registry, linked to the run
+    assert (version.tags["loraflow.task"], run.data.tags["loraflow.task"]) == ("viggo-mr", "viggo-mr")
+    assert version.tags["loraflow.prompt"] == run.data.tags["loraflow.prompt"] == "prompts:/viggo-mr-instruction/1"
+    assert json.loads(run.data.tags["mlflow.linkedPrompts"]) == [{"name": "viggo-mr-instruction", "version": "1"}]
+    instruction = json.loads((ROOT / "data/viggo/train.jsonl").open().readline())["instruction"]
+    assert MlflowClient().load_prompt("prompts:/viggo-mr-instruction/1").format(input="x") \
+        == [{"role": "user", "content": f"{instruction}\nx"}]
     downloaded = mlflow.artifacts.download_artifacts("models:/viggo-tiny-lora/1", dst_path=str(tmp_path / "v1"))
     assert (Path(downloaded) / "adapter_model.safetensors").is_file()
     # every adapter file's SHA-256 as registered, equal to what the artifact store returns

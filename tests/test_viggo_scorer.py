@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from evaluation import viggo
+from loraflow import tasks
 
 pytestmark = pytest.mark.unit  # pure logic: the fast tier (pytest -m unit)
 
@@ -55,7 +56,7 @@ def test_corpus_scores_are_micro_averaged():
 
 
 def test_per_intent_breakdown():
-    by_intent = viggo.score_by_intent([c["expected"] for c in CASES], [c["generated"] for c in CASES])
+    by_intent = tasks.score_slices(viggo.TASK, [c["expected"] for c in CASES], [c["generated"] for c in CASES])
     assert by_intent["give_opinion"]["exact_match"] == 0.0
     assert by_intent["request_attribute"]["exact_match"] == 1.0
     assert sum(m["rows"] for m in by_intent.values()) == len(CASES)

@@ -1,8 +1,8 @@
 """The `evaluate` entry point: batch inference with Ray Data LLM + vLLM (base model in the
 engine, the adapter chosen per row; or, with `merge_adapter`, the adapter merged into the base
-model's weights first), scored by evaluation/viggo.py, logged as an MLflow run nested under the
-train run that produced the adapter, with the metrics also written onto the registered model
-version for promotion gates."""
+model's weights first), each row asked with the prompt the version was trained with and scored by
+its task (tasks.py), logged as an MLflow run nested under the train run that produced the adapter,
+with the metrics also written onto the registered model version for promotion gates."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from loraflow import (
     ray_cluster,
     registry,
     registry_lock,
+    tasks,
     tracking,
 )
 from loraflow.envs import PROJECT_ROOT
@@ -53,8 +54,6 @@ class Evaluation:
 def evaluate(model_ref: str, config_path: str) -> Evaluation:
     import mlflow
 
-    from evaluation import viggo
-
     config = load_config(config_path)
     tracking.configure()
     ref = registry.resolve(model_ref)
@@ -65,6 +64,10 @@ def evaluate(model_ref: str, config_path: str) -> Evaluation:
         if ref.version is not None:  # a train run's own artifacts carry no registered digests
             registry.check_digests(ref.version, adapter_dir, f"the artifact store ({ref.artifact_uri})")
         _check_adapter(adapter_dir, ref, config)
+        task, prompt = tasks.of_tags(ref.tags, ref.text)  # what each row is asked with, and scored by
+        if config.guided_decoding and task.guided_regex() is None:
+            raise UserError(f"{ref.text}'s task {task.name} has no pattern to constrain decoding with: set "
+                            "guided_decoding: false in the evaluation config.")
         # Ray Data LLM runs pre/post-processing and the chat template as separate tasks and
         # actors of 1 CPU each besides the engine: on a 2-core machine they never all fit.
         # They are light, so each gets a quarter CPU, and the local instance declares 4 CPU slots.
@@ -84,10 +87,13 @@ def evaluate(model_ref: str, config_path: str) -> Evaluation:
                     registry.MODEL_REF_TAG: model_ref,
                     registry.BASE_MODEL_TAG: ref.base_model,
                     registry.TRAIN_RUN_TAG: ref.run_id,
+                    tasks.TASK_TAG: task.name,
+                    tasks.PROMPT_TAG: prompt.uri,
                 })
+                mlflow.MlflowClient().link_prompt_version_to_run(run.info.run_id, prompt.uri)
                 mlflow.log_params(run_params(config))
-                predictions, seconds = _generate(rows, passes, base_model, config)
-                metrics = _score_and_log(predictions, seconds, viggo)
+                predictions, seconds = _generate(rows, passes, base_model, task, prompt, config)
+                metrics = _score_and_log(predictions, seconds, task)
                 if config.merge_adapter:
                     mlflow.log_metric("adapter_merge_s", merge_s)
             except KeyboardInterrupt:
@@ -127,65 +133,65 @@ def _check_adapter(adapter_dir: Path, ref: registry.AdapterRef, config: Evaluate
 
 
 def _passes(base_model: str, adapter_dir: Path, engine_adapter: tuple[str, str | None], workdir: Path,
-            config: EvaluateConfig) -> list[tuple[str, str, tuple[str, str | None] | None]]:
-    """The passes to run, each (variant, the engine's model, the per-row adapter or None): the
-    adapter, then the base model alone (baseline) and the guided adapter when configured."""
+            config: EvaluateConfig) -> list[tuple[tuple[str, ...], str, tuple[str, str | None] | None]]:
+    """The passes to run, each (its variants, the engine's model, the per-row adapter or None): the
+    adapter, with the guided adapter's rows in the same engine when configured (sampling is per
+    row), then the base model alone (baseline) when configured."""
     if config.merge_adapter:
         with console.progress_bar(None, "merging the adapter into the base model (LLaMA-Factory export)"):
             merged = str(adapter_merge.merge_into_base(base_model, adapter_dir, workdir / "merged"))
         adapter_pass = (merged, None)
     else:
         adapter_pass = (base_model, engine_adapter)
-    passes = [("adapter", *adapter_pass)]
+    passes = [(("adapter", "guided") if config.guided_decoding else ("adapter",), *adapter_pass)]
     if config.baseline:
-        passes.append(("baseline", base_model, None))
-    if config.guided_decoding:
-        passes.append(("guided", *adapter_pass))
+        passes.append((("baseline",), base_model, None))
     return passes
 
 
-def _generate(rows: list[dict], passes: list, base_model: str, config: EvaluateConfig):
+def _generate(rows: list[dict], passes: list, base_model: str, task: tasks.Task, prompt: tasks.Prompt,
+              config: EvaluateConfig):
     """Run `rows` through each pass, one Ray Data LLM processor (and engine) each: vLLM 0.32's
     CPU LoRA kernels applied the adapter to rows without one when both kinds shared a batch
-    (measured: baseline outputs identical to the adapter's)."""
+    (measured: baseline outputs identical to the adapter's). Returns the predictions and each
+    pass's seconds, by its first variant."""
     import ray
-
-    from evaluation import viggo
 
     # Quiet mode shows loraflow's own bar of finished rows instead of Ray Data's per-stage ones.
     ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
-    sampling = dict(config.sampling)
-    # vLLM's structured outputs constrain generation to the task's grammar (no hand decoding).
-    guided = {**sampling, "structured_outputs": {"regex": viggo.mr_regex()}}
+    sampling = {variant: dict(config.sampling) for variant in ("adapter", "baseline")}
+    if config.guided_decoding:  # vLLM's structured outputs constrain generation to the task's grammar
+        sampling["guided"] = {**config.sampling, "structured_outputs": {"regex": task.guided_regex()}}
     predictions, seconds = [], {}
-    for variant, model_source, lora in passes:
-        processor = _processor(model_source, lora, base_model, guided if variant == "guided" else sampling, config)
+    for variants, model_source, lora in passes:
+        processor = _processor(model_source, lora, base_model, prompt, sampling, config)
         engine_model = lora[0] if lora else model_source
         items = [{**row, "index": i, "variant": variant, "engine_model": engine_model}
-                 for i, row in enumerate(rows)]
+                 for variant in variants for i, row in enumerate(rows)]
         # One block per batch, so that rows stream out (and the bar moves) every batch_size rows.
         blocks = max(1, len(items) // config.batch_size)
         start = time.monotonic()
-        with console.progress_bar(len(items), f"evaluating ({variant})", unit="row") as bar:
+        with console.progress_bar(len(items), f"evaluating ({', '.join(variants)})", unit="row") as bar:
             for row in processor(ray.data.from_items(items, override_num_blocks=blocks)).iter_rows():
                 predictions.append(row)
                 bar.update()
-        seconds[variant] = time.monotonic() - start
+        seconds[variants[0]] = time.monotonic() - start
     return sorted(predictions, key=lambda r: (r["variant"], r["index"])), seconds
 
 
-def _processor(model_source: str, lora: tuple[str, str | None] | None, base_model: str, sampling: dict,
-               config: EvaluateConfig):
+def _processor(model_source: str, lora: tuple[str, str | None] | None, base_model: str, prompt: tasks.Prompt,
+               sampling: dict[str, dict], config: EvaluateConfig):
     """A Ray Data LLM processor whose engine holds `model_source`, with LoRA enabled when the
-    rows name an adapter (`lora`: its path or id, and the store it is loaded from)."""
+    rows name an adapter (`lora`: its path or id, and the store it is loaded from); each row is
+    sampled with its variant's parameters."""
     from ray.data.llm import build_processor
 
     return build_processor(
         processor_config(model_source, lora, base_model, config),
         preprocess=lambda row: {
             "model": row["engine_model"],
-            "messages": chat_messages(row),
-            "sampling_params": sampling,
+            "messages": prompt.messages(row["input"]),
+            "sampling_params": sampling[row["variant"]],
         },
         postprocess=lambda row: {
             "variant": row["variant"], "index": row["index"], "input": row["input"],
@@ -232,13 +238,6 @@ def processor_config(model_source: str, lora: tuple[str, str | None] | None, bas
     )
 
 
-def chat_messages(row: dict) -> list[dict]:
-    """The prompt LLaMA-Factory trained on (alpaca: instruction, a newline, the input), as chat
-    messages. No system message: the tokenizer's template adds its default one, which the
-    training configs name as `default_system` (tests/test_train_config.py checks the tokens)."""
-    return [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}]
-
-
 def _adapter_for_engines(ref, adapter_dir: Path, lora_store: str | None) -> tuple[str, str | None]:
     """What the engines load the adapter from: the local folder on one machine; on a cluster the
     engines may run on other nodes, so it goes through the S3 LoRA store (`lora_store`)."""
@@ -251,28 +250,29 @@ def _adapter_for_engines(ref, adapter_dir: Path, lora_store: str | None) -> tupl
     return str(adapter_dir), None
 
 
-def _score_and_log(predictions: list[dict], seconds: dict[str, float], viggo) -> dict[str, float]:
+def _score_and_log(predictions: list[dict], seconds: dict[str, float], task: tasks.Task) -> dict[str, float]:
     import mlflow
     import pandas as pd
 
     frame = pd.DataFrame(predictions)
     frame["correct"] = frame["expected"] == frame["generated"]
-    frame["parse_ok"] = frame["generated"].map(lambda text: viggo.parse(text) is not None)
+    frame["parse_ok"] = frame["generated"].map(task.is_valid)
     metrics: dict[str, float] = {}
     for variant, group in frame.groupby("variant"):
         prefix = "" if variant == "adapter" else f"{variant}_"
-        scores = viggo.score(group["expected"].tolist(), group["generated"].tolist())
-        metrics.update({prefix + k: v for k, v in scores.items()})
+        expected, generated = group["expected"].tolist(), group["generated"].tolist()
+        metrics.update({prefix + k: v for k, v in task.score(expected, generated).items()})
         if variant == "adapter":
-            for intent, by in viggo.score_by_intent(group["expected"].tolist(), group["generated"].tolist()).items():
-                metrics[f"intent_{intent}_exact_match"] = by["exact_match"]
-                metrics[f"intent_{intent}_rows"] = by["rows"]
-    metrics["exact_match_lift"] = metrics["exact_match"] - metrics.get("baseline_exact_match", 0.0)
+            for label, by in tasks.score_slices(task, expected, generated).items():
+                metrics[f"{task.slice_name}_{label}_{task.headline}"] = by[task.headline]
+                metrics[f"{task.slice_name}_{label}_rows"] = by["rows"]
+    metrics[f"{task.headline}_lift"] = metrics[task.headline] - metrics.get(f"baseline_{task.headline}", 0.0)
     adapter_rows = frame[frame["variant"] == "adapter"]
-    _log_intent_views(adapter_rows, metrics, viggo)
-    # Throughput of the adapter pass, engine start included.
-    metrics["rows_per_s"] = len(adapter_rows) / seconds["adapter"]
-    metrics["generated_tokens_per_s"] = float(adapter_rows["num_generated_tokens"].sum()) / seconds["adapter"]
+    _log_slice_views(adapter_rows, metrics, task)
+    # Throughput of the adapter's engine, start included, over every row it answered (the guided ones too).
+    answered = frame[frame["variant"].isin(["adapter", "guided"])]
+    metrics["rows_per_s"] = len(answered) / seconds["adapter"]
+    metrics["generated_tokens_per_s"] = float(answered["num_generated_tokens"].sum()) / seconds["adapter"]
     mlflow.log_metrics(metrics)
     mlflow.log_table(frame, artifact_file="predictions.json")
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,9 +281,10 @@ def _score_and_log(predictions: list[dict], seconds: dict[str, float], viggo) ->
     return metrics
 
 
-def _log_intent_views(rows, metrics: dict[str, float], viggo) -> None:
-    """Two artifacts the run's page shows: exact match per intent as a chart, and which intent
-    was predicted for which (a confusion table; `unparseable` when the answer is no MR)."""
+def _log_slice_views(rows, metrics: dict[str, float], task: tasks.Task) -> None:
+    """Two artifacts the run's page shows: the headline metric per slice (ViGGO: exact match per
+    intent) as a chart, and which slice was predicted for which (a confusion table; `unparseable`
+    when the answer has none)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -291,22 +292,23 @@ def _log_intent_views(rows, metrics: dict[str, float], viggo) -> None:
     import mlflow
     import pandas as pd
 
-    def intent(text: str) -> str:
-        parsed = viggo.parse(text)
-        return parsed.function if parsed else "unparseable"
+    def slice_of(text: str) -> str:
+        return task.slice_of(text) or "unparseable"
 
-    confusion = (pd.DataFrame({"expected": rows["expected"].map(intent), "predicted": rows["generated"].map(intent)})
-                 .value_counts().rename("rows").reset_index().sort_values(["expected", "predicted"]))
-    mlflow.log_table(confusion, artifact_file="intent_confusion.json")
-    by_intent = {key[len("intent_"):-len("_exact_match")]: value for key, value in metrics.items()
-                 if key.startswith("intent_") and key.endswith("_exact_match")}
+    labels = {"expected": rows["expected"].map(slice_of), "predicted": rows["generated"].map(slice_of)}
+    confusion = (pd.DataFrame(labels).value_counts().rename("rows").reset_index().sort_values(["expected", "predicted"]))
+    mlflow.log_table(confusion, artifact_file=f"{task.slice_name}_confusion.json")
+    prefix, suffix = f"{task.slice_name}_", f"_{task.headline}"
+    by_slice = {key[len(prefix):-len(suffix)]: value for key, value in metrics.items()
+                if key.startswith(prefix) and key.endswith(suffix)}
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh(list(by_intent), list(by_intent.values()), color="#4c72b0")
+    ax.barh(list(by_slice), list(by_slice.values()), color="#4c72b0")
     ax.set_xlim(0, 1)
-    ax.set_xlabel(f"exact match ({metrics['rows']:.0f} rows, overall {metrics['exact_match']:.3f})")
+    ax.set_xlabel(f"{task.headline.replace('_', ' ')} ({metrics['rows']:.0f} rows, overall "
+                  f"{metrics[task.headline]:.3f})")
     ax.invert_yaxis()
     fig.tight_layout()
-    mlflow.log_figure(fig, "exact_match_by_intent.png")
+    mlflow.log_figure(fig, f"{task.headline}_by_{task.slice_name}.png")
     plt.close(fig)
 
 
@@ -325,7 +327,7 @@ def record_evaluation(name: str, number: str, metrics: dict[str, float], eval_ru
                  if key.startswith(registry.EVAL_TAG_PREFIX) and key[len(registry.EVAL_TAG_PREFIX):] not in metrics]
         for key in stale:
             client.delete_model_version_tag(name, number, key)
-        for key in registry.EVAL_METRICS:  # what promotion gates may check
+        for key in tasks.recordable_metrics():  # what promotion gates may check
             if key in metrics:
                 client.set_model_version_tag(name, number, registry.EVAL_TAG_PREFIX + key, f"{metrics[key]:.6f}")
         client.set_model_version_tag(name, number, registry.EVAL_RUN_TAG, eval_run_id)

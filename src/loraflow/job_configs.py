@@ -8,21 +8,27 @@ not a setting to ignore."""
 
 from __future__ import annotations
 
-import importlib
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from loraflow import tracking
+from loraflow import tasks, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
-from loraflow.registry import EVAL_METRICS
 
-Metric = Literal[EVAL_METRICS]  # what an evaluation records (registry.EVAL_METRICS)
+Metric = Literal[tasks.recordable_metrics()]  # what an evaluation may record on a version
 
 
 class Schema(BaseModel):
@@ -40,6 +46,35 @@ def _refuse_credentials(values: dict[str, Any]) -> None:
                            "local instance: the environment you start the job in), where the engines read it")
 
 
+def _engine_profile(value: Any) -> Any:
+    """An engine profile named by its file (configs/engines/*.yaml; relative to the project, or
+    absolute): the vLLM arguments in it. Evaluate and serve name the same profile, so that their
+    engines compute alike and a served answer is the one evaluate scored."""
+    if not isinstance(value, str):
+        return value  # written out in the config itself
+    path = Path(value) if Path(value).is_absolute() else PROJECT_ROOT / value
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError:
+        raise ValueError(f"{value} is no engine profile file: name one in configs/engines/") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{value} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{value} must hold a mapping of vLLM engine arguments to values")
+    return raw
+
+
+def _has_lora_rank(engine: dict[str, Any]) -> dict[str, Any]:
+    rank = engine.get("max_lora_rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"needs max_lora_rank, a whole number >= 1 (the largest adapter rank served), got {rank!r}")
+    return engine
+
+
+# vLLM engine arguments: a profile's file name, or the arguments themselves.
+EngineArgs = Annotated[dict[str, Any], BeforeValidator(_engine_profile), AfterValidator(_has_lora_rank)]
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 
 class EvaluateConfig(Schema):
@@ -51,11 +86,13 @@ class EvaluateConfig(Schema):
     max_rows: int | None = Field(None, ge=1, description="score the first N rows; null: the whole split")
     baseline: bool = Field(False, description="also score the base model without the adapter (one more pass)")
     guided_decoding: bool = Field(False, description="also score the adapter constrained to the task's grammar "
-                                                     "(vLLM structured outputs; one more pass)")
+                                                     "(vLLM structured outputs; as many rows again, on the "
+                                                     "adapter's engine)")
     merge_adapter: bool = Field(False, description="merge the adapter into the base weights and evaluate that; "
                                                    "false: the adapter applied per row by vLLM")
     sampling: dict[str, Any] = Field(description="vLLM sampling parameters, such as temperature and max_tokens")
-    engine: dict[str, Any] = Field(description="vLLM engine arguments; max_lora_rank (an integer) is required")
+    engine: EngineArgs = Field(description="vLLM engine arguments, or the engine profile that holds them "
+                                           "(configs/engines/*.yaml, shared with serve); max_lora_rank is required")
     batch_size: int = Field(ge=1, description="rows per batch sent to an engine")
     concurrency: int = Field(ge=1, description="engines (Ray Data LLM replicas)")
     accelerator_type: str | None = Field(None, description="the GPU type each engine asks Ray for, such as L4")
@@ -67,15 +104,6 @@ class EvaluateConfig(Schema):
                                        description="environment variables of the engine processes (quote numbers); "
                                                    "logged by name only, and no credentials (HF_TOKEN): set those "
                                                    "in the environment of the Ray nodes")
-
-    @field_validator("engine")
-    @classmethod
-    def _has_lora_rank(cls, engine: dict[str, Any]) -> dict[str, Any]:
-        rank = engine.get("max_lora_rank")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"needs max_lora_rank, a whole number >= 1 (the largest adapter rank served), "
-                             f"got {rank!r}")
-        return engine
 
     @model_validator(mode="after")
     def _no_credentials(self) -> EvaluateConfig:
@@ -91,17 +119,6 @@ class EvaluateConfig(Schema):
 
 
 # -- serve ----------------------------------------------------------------------------------------
-
-def validity_check(name: str) -> Callable[[str], Any] | None:
-    """The task's grammar named as `module:function` (a serving config's live_validity, e.g.
-    evaluation.viggo:parse): a truthy result means the answer is valid. None when there is no such function."""
-    module, _, function = str(name).partition(":")
-    try:
-        found = getattr(importlib.import_module(module), function, None) if function else None
-    except ImportError:
-        return None
-    return found if callable(found) else None
-
 
 class TracesConfig(Schema):
     """The serving config's `traces`: which answered requests become MLflow traces."""
@@ -134,8 +151,6 @@ class ServeConfig(Schema):
     allow_unauthenticated: bool = Field(description="true: serve beyond loopback with no key (refused otherwise)")
     lora_store: str | None = Field(description="s3://bucket/prefix for the adapters; null: a local S3 server")
     poll_interval_s: float = Field(gt=0, description="seconds between the server's looks at the registry")
-    live_validity: str = Field(description="the task's grammar as module:function, such as evaluation.viggo:parse: "
-                                           "each version's live share of valid answers")
     metrics_interval_s: float = Field(gt=0, description="seconds between logs of the live figures to MLflow")
     traces: TracesConfig = Field(description="served requests logged as MLflow traces")
     metrics_export_port: int | None = Field(ge=1, le=65535, description="a local Ray instance's Prometheus port; "
@@ -145,24 +160,26 @@ class ServeConfig(Schema):
                                                             "queue")
     max_queued_requests: int = Field(256, ge=1, description="requests waiting beyond those; more are answered 503 "
                                                             "at once (back-pressure)")
-    llm_config: dict[str, Any] = Field(description="ray.serve.llm.LLMConfig's fields; serve fills in model_source "
-                                                   "and the LoRA path; no credentials (runtime_env's HF_TOKEN, "
+    engine: EngineArgs = Field(description="vLLM engine arguments, or the engine profile that holds them "
+                                           "(configs/engines/*.yaml, shared with evaluate); max_lora_rank is required")
+    llm_config: dict[str, Any] = Field(description="ray.serve.llm.LLMConfig's fields; serve fills in model_source, "
+                                                   "the LoRA path and `engine` (engine_kwargs: serving's own "
+                                                   "arguments only); no credentials (runtime_env's HF_TOKEN, "
                                                    "engine_kwargs' hf_token): set those in the environment of the "
                                                    "Ray nodes")
 
     @model_validator(mode="after")
     def _no_credentials(self) -> ServeConfig:
-        _refuse_credentials({"llm_config": self.llm_config})  # what Ray's dashboard shows
+        _refuse_credentials({"engine": self.engine, "llm_config": self.llm_config})  # what Ray's dashboard shows
         return self
 
-    @field_validator("live_validity")
-    @classmethod
-    def _is_a_function(cls, name: str) -> str:
-        # Checked here so that a typo fails before Ray starts rather than in a replica.
-        if validity_check(name) is None:
-            raise ValueError(f"{name!r} is not a function named as module:function, such as evaluation.viggo:parse "
-                             "(it tells whether an answer is valid for the task)")
-        return name
+    @model_validator(mode="after")
+    def _engine_once(self) -> ServeConfig:
+        twice = sorted(set(self.engine) & set(self.llm_config.get("engine_kwargs") or {}))
+        if twice:
+            raise ValueError(f"llm_config.engine_kwargs sets {', '.join(twice)}, which `engine` sets: keep them in "
+                             "the engine profile only, which evaluate shares")
+        return self
 
 
 # -- promote --------------------------------------------------------------------------------------
@@ -291,7 +308,7 @@ def reference() -> str:
              "`python -m loraflow.job_configs > docs/configs.md` (a test checks that they agree). Every key is "
              "checked when a job starts; an unknown key, a wrong type or a value out of range is refused (exit 2) "
              "with the key named. Train configs are LLaMA-Factory's own arguments plus loraflow's `ray_*` keys "
-             "and `registered_model_name` (`src/loraflow/train_config.py`)."]
+             "and `registered_model_name` and `task` (`src/loraflow/train_config.py`, `src/loraflow/tasks.py`)."]
     done: set[type] = set()
 
     def table(schema: type[Schema], title: str) -> None:

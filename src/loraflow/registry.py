@@ -27,6 +27,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from loraflow import tasks
 from loraflow.errors import UserError
 
 # -- tags ---------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ ADAPTER_SHA256_TAG = "loraflow.adapter_sha256"  # JSON {relative path: SHA-256} 
 LORA_RANK_TAG = "loraflow.lora_rank"
 TEMPLATE_TAG = "loraflow.template"  # LLaMA-Factory's chat template name
 TRAIN_LOSS_TAG = "loraflow.train_loss"
-EVAL_TAG_PREFIX = "loraflow.eval."  # + a metric of EVAL_METRICS: the latest evaluation's figure
+EVAL_TAG_PREFIX = "loraflow.eval."  # + a metric the task records (tasks.Task.recorded): the latest evaluation's figure
 EVAL_RUN_TAG = "loraflow.eval.run_id"  # the evaluate run those figures come from
 PROMOTION_TAG_PREFIX = "loraflow.promotion."  # + stage, by, at, reason, gate, metrics, previous_production, live
 CANARY_TAG_PREFIX = "loraflow.canary."  # + result (promoted, rolled back, stopped), reason, live, at: a rollout's end
@@ -69,8 +70,6 @@ TRACE_ADAPTER_TAG = "loraflow.trace.adapter"  # its adapter id
 TRACE_ROUTE_TAG = "loraflow.trace.route"  # how the request reached it: production (stable name), canary, id
 TRACE_VALID_TAG = "loraflow.trace.valid"  # whether the task's grammar accepts the answer: true, false, error
 
-# The metrics evaluate records on a version (as EVAL_TAG_PREFIX + name), which promotion gates may check.
-EVAL_METRICS = ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "baseline_exact_match", "rows")
 
 # -- stages, aliases, adapter ids --------------------------------------------------------------
 STAGES = ("Staging", "Production", "Archived")  # where promote moves versions (a new one is in "None")
@@ -112,8 +111,9 @@ def eval_metrics(version: ModelVersion) -> dict[str, float]:
     last (evaluate.record_evaluation), says that they are complete."""
     if EVAL_RUN_TAG not in version.tags:
         return {}
+    recorded = tasks.recordable_metrics()
     return {key[len(EVAL_TAG_PREFIX):]: float(value) for key, value in version.tags.items()
-            if key.startswith(EVAL_TAG_PREFIX) and key[len(EVAL_TAG_PREFIX):] in EVAL_METRICS}
+            if key.startswith(EVAL_TAG_PREFIX) and key[len(EVAL_TAG_PREFIX):] in recorded}
 
 
 # -- finding the version meant ------------------------------------------------------------------
@@ -178,6 +178,7 @@ class AdapterRef:
     base_model: str  # BASE_MODEL_TAG
     base_model_id: str | None  # BASE_MODEL_ID_TAG; None for a run of an older loraflow
     version: ModelVersion | None  # None when named by run id
+    tags: dict[str, str]  # the train run's, and the version's over them
 
     @property
     def label(self) -> str:
@@ -194,11 +195,11 @@ def resolve(text: str) -> AdapterRef:
             raise UserError(f"Model reference {text!r}: there is no run with that id in "
                             f"{_store_shown()}.") from None
         return AdapterRef(text, text, f"runs:/{text}/{ADAPTER_ARTIFACT_PATH}", base_model(run.data.tags, text),
-                          run.data.tags.get(BASE_MODEL_ID_TAG), None)
+                          run.data.tags.get(BASE_MODEL_ID_TAG), None, run.data.tags)
     version = find_version(*_parse_models_uri(text), client=client)
     tags = {**client.get_run(version.run_id).data.tags, **version.tags}
     return AdapterRef(text, version.run_id, version.source, base_model(tags, text), tags.get(BASE_MODEL_ID_TAG),
-                      version)
+                      version, tags)
 
 
 def _parse_models_uri(text: str) -> tuple[str, str | None, str | None, str | None]:

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from loraflow import adapter_store, base_models, job_configs, ray_cluster, registry, tracking
+from loraflow import adapter_store, base_models, job_configs, ray_cluster, registry, tasks, tracking
 from loraflow.errors import UserError
 from loraflow.job_configs import ServeConfig
 
@@ -71,7 +71,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def llm_config(config: ServeConfig, base_model: str, store: adapter_store.LoraStore) -> dict[str, Any]:
-    """The LLMConfig fields: the file's, plus the base model and the LoRA store."""
+    """The LLMConfig fields: the file's, plus the base model, the engine profile and the LoRA store."""
     fields = copy.deepcopy(config.llm_config)
     loading = fields.setdefault("model_loading_config", {})
     if loading.get("model_source") not in (None, base_model):
@@ -79,6 +79,7 @@ def llm_config(config: ServeConfig, base_model: str, store: adapter_store.LoraSt
                         f"model_source is {loading['model_source']}; set it to null or to {base_model}.")
     loading["model_source"] = base_models.base_model_source(base_model)
     fields.setdefault("lora_config", {})["dynamic_lora_loading_path"] = store.uri
+    fields["engine_kwargs"] = {**config.engine, **(fields.get("engine_kwargs") or {})}  # the profile evaluate shares
     runtime_env = fields.setdefault("runtime_env", {})
     runtime_env["env_vars"] = {**store.settings, **runtime_env.get("env_vars", {})}
     return fields
@@ -99,6 +100,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
     # What the engine runs; the watcher serves only later versions trained on the same.
     base_model_id = base_models.base_model_identity(base_model)
     registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
+    tasks.of_version(first)  # what the server sends the engine: refused here, before Ray, if it has none
     with contextlib.ExitStack() as stack:
         store = (adapter_store.LoraStore(config.lora_store) if config.lora_store
                  else stack.enter_context(adapter_store.local_s3_server()))
@@ -129,7 +131,7 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
                     "base_model_id": base_model_id,
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
                     "poll_interval_s": config.poll_interval_s, "tracking_uri": tracking_uri,
-                    "live_validity": config.live_validity, "serving_run_id": serving_run,
+                    "serving_run_id": serving_run,
                     "serving_experiment_id": _experiment_of(serving_run),
                     "metrics_interval_s": config.metrics_interval_s,
                     "traces_settings": config.traces.model_dump(),

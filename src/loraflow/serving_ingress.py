@@ -5,6 +5,9 @@
   thread polls the alias, publishes a newly promoted version's adapter into the LoRA store under its
   own immutable id, warms it up, then routes the stable name to it. Requests already running keep
   the adapter they started with, so a promotion fails no request;
+- each version's prompt served with it (tasks.py): a chat of one user message is the task's input,
+  and the engine gets the messages that version was trained and evaluated with; any other chat
+  goes as sent. /v1/models shows each version's task and prompt;
 - every answer names the version that produced it: the response's `model` is
   `<model_id>:<registered model>-v<version>` and the header `x-loraflow-adapter` repeats it;
 - a canary rollout (canary.py): the registry's rollout sends a share of the stable name's requests
@@ -32,7 +35,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import Response
 
-from loraflow import adapter_store, canary, compat, job_configs, registry, serving_auth, serving_metrics, traces
+from loraflow import adapter_store, canary, compat, registry, serving_auth, serving_metrics, tasks, traces
 from loraflow.errors import UserError
 from loraflow.job_configs import TracesConfig
 
@@ -46,7 +49,7 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, registered_model: str, alias: str,
                  pinned_version: str | None, lora_store_uri: str, lora_store_settings: dict[str, str],
                  api_key_sha256: str | None,
-                 base_model_id: str, poll_interval_s: float, tracking_uri: str, live_validity: str,
+                 base_model_id: str, poll_interval_s: float, tracking_uri: str,
                  serving_run_id: str, serving_experiment_id: str, metrics_interval_s: float, traces_settings: dict,
                  **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
@@ -72,7 +75,7 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         self._target: str | None = None  # the adapter id the stable name routes to
         self._canary: dict | None = None  # the rollout followed (registry.rollout) and its candidate's adapter id
         self._verdict: tuple | None = None  # (rollout, verdict, figures) the registry has not taken yet
-        self._is_valid = job_configs.validity_check(live_validity)  # the task's grammar (serve checked the name)
+        self._tasks: dict[str, tuple[tasks.Task, tasks.Prompt]] = {}  # adapter id -> what its version was trained for
         self._live: dict[str, canary.LiveStats] = {}  # per adapter id, since this replica started
         self._judged: dict[str, canary.LiveStats] = {}  # per adapter id, since the canary's share was set
         self._serving_run, self._logged = serving_run_id, 0  # MLflow run of this server, figures logged so far
@@ -177,7 +180,9 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
 
     def _publish(self, version) -> None:
         """Copy a version into the LoRA store (checked against its registered digests) and serve it."""
+        task = tasks.of_version(version)  # before its files: a version with no prompt is not served
         adapter = self._store.publish(version)
+        self._tasks[adapter] = task
         self._servable[adapter] = self._store.listing(adapter)
         self._withdrawn.pop(adapter, None)
 
@@ -268,6 +273,8 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         self._authorize(raw_request)
         key = (raw_request.headers.get(ROUTE_KEY_HEADER) if raw_request is not None else None) or body.user
         body.model, route = self._route(body.model, split=True, key=key)
+        if route is not None and call_method == "chat":
+            body.messages = self._prompted(body.model.partition(":")[2], body.messages)
         if raw_request is not None:
             raw_request.state.loraflow_model, raw_request.state.loraflow_route = body.model, route
         try:
@@ -279,6 +286,14 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
             # The load that failed happened before anything was answered; the adapter is loaded now.
             async for response in self.ray_dispatch(body, call_method, raw_request):
                 yield response
+
+    def _prompted(self, adapter: str, messages: list) -> list:
+        """A chat of one user message is the task's input: sent to the engine as the messages its
+        version was trained and evaluated with (its prompt). Any other chat (a system message of
+        the client's own, several turns) is sent as it came."""
+        if len(messages) != 1 or messages[0].get("role") != "user" or not isinstance(messages[0].get("content"), str):
+            return messages
+        return self._tasks[adapter][1].messages(messages[0]["content"])
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         return await self._answer(super().chat(body, request), request, body, "chat")
@@ -322,7 +337,7 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
             tokens = (answer.get("usage") or {}).get("completion_tokens") or 0
             choice = answer["choices"][0]
             text = (choice["message"]["content"] if "message" in choice else choice.get("text")) or ""
-            valid = bool(self._is_valid(text))
+            valid = self._tasks[adapter][0].is_valid(text)
         # A canary is judged on the stable name's traffic only: a client that names the candidate
         # by its id does not choose what its judgement sees.
         judged = (self._live, self._judged) if route in ("production", "canary") else (self._live,)
@@ -342,6 +357,9 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         listed = await super().models()  # every folder in the store: only what is served is listed
         listed.data = [card for card in listed.data if card.id == self._base_id
                        or card.id.partition(":")[2] in self._servable]
+        for card in listed.data:
+            if card.id != self._base_id:
+                card.metadata = {**(card.metadata or {}), "loraflow": self._task_card(card.id.partition(":")[2])}
         if self._target is not None:  # with its state, also when its adapter is withdrawn
             served = self._target in self._servable and await self.model(f"{self._base_id}:{self._target}")
             listed.data.append(self._stable_card(served or await self.model(self._base_id)))
@@ -352,6 +370,11 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         routed, _ = self._route(model)  # the id checks of completions: Ray reads {store}/{id}/adapter_config.json
         card = await super().model_data(routed)
         return card if routed == model else self._stable_card(card)
+
+    def _task_card(self, adapter: str) -> dict[str, str]:
+        """What a version's card says of its task: a chat of one user message gets this prompt."""
+        task, prompt = self._tasks[adapter]
+        return {"task": task.name, "prompt": prompt.uri, "instruction": prompt.instruction}
 
     def _stable_card(self, target: ModelCard) -> ModelCard:
         """The stable name's card: the card of the adapter it routes to, plus the registry's state."""

@@ -11,14 +11,16 @@
   the queue is bounded by characters as well as by count, so that one huge request costs the
   server no more than a normal one (a regular expression holds the GIL, the request path's too).
 - `mlflow run . -e export_traces` writes a registered model's logged chat traces to a folder in
-  LLaMA-Factory's layout (dataset_info.json and a JSON Lines file with data/viggo's alpaca
-  columns), which `train` takes as its dataset_dir. Only traces whose source run is a server's
+  LLaMA-Factory's layout (dataset_info.json and a JSON Lines file in alpaca columns: the
+  instruction of the version that answered, the client's input, the answer), which `train` takes
+  as its dataset_dir. Only traces whose source run is a server's
   (tagged loraflow.job=serve) are read: a trace anyone logs elsewhere is no training row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import queue
@@ -31,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from loraflow import registry, tracking
+from loraflow import registry, tasks, tracking
 from loraflow.errors import UserError
 from loraflow.job_configs import TracesConfig
 
@@ -40,7 +42,7 @@ REDACTED = "[REDACTED]"
 _QUEUE_SIZE = 1000  # traces waiting to be logged; beyond it they are dropped
 _QUEUE_CHARS = 16 * 2**20  # ... and the characters they hold
 TRACED_CHARS = 8192  # of each string; the rest is cut before any pattern runs
-_ALPACA = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
+_ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}
 
 
 class Tracer:
@@ -177,8 +179,13 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
     if since:
         conditions.append(f"timestamp_ms >= {_epoch_ms(since)}")
     rows, skipped = [], 0
+
+    @functools.cache
+    def instruction_of(number: str) -> str:
+        return tasks.of_version(registry.find_version(name, number=number, client=client))[1].instruction
+
     for trace in _search(client, " AND ".join(conditions), _serving_runs()):
-        row = _alpaca_row(trace)
+        row = _alpaca_row(trace, instruction_of)
         if row is None:
             skipped += 1
         else:
@@ -188,15 +195,12 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
                         f"match ({' AND '.join(conditions)}; {skipped} others). "
                         "A server logs traces when its serving config sets traces.sample_rate above 0.")
     rows.sort(key=lambda row: row.pop("_at"))
-    if any("system" in row for row in rows):  # a column that some rows have, every row has (empty: the default)
-        rows = [{**row, "system": row.get("system", "")} for row in rows]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         with open(staging / f"{dataset}.jsonl", "w", encoding="utf-8") as written:
             written.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        columns = {key: column for key, column in _ALPACA.items() if key != "system" or "system" in rows[0]}
-        info = {dataset: {"file_name": f"{dataset}.jsonl", "formatting": "alpaca", "columns": columns}}
+        info = {dataset: {"file_name": f"{dataset}.jsonl", "formatting": "alpaca", "columns": _ALPACA}}
         (staging / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
         if target.exists():
             target.rmdir()
@@ -232,26 +236,21 @@ def _search(client, filter_string: str, runs: dict[str, str]):
             return
 
 
-def _alpaca_row(trace) -> dict | None:
-    """A single-turn chat (an optional system message, one user message) and its answer, in
-    data/viggo's columns: the user message splits at its last line break, as evaluate joins
-    instruction and input. None for what is not one (completions, multi-turn chats)."""
+def _alpaca_row(trace, instruction_of) -> dict | None:
+    """A chat of one user message (the task's input: the server asked the engine with its version's
+    prompt) and its answer, in the training data's alpaca columns, with the instruction of the
+    version that answered. None for what is not one (completions, a chat with a system message or
+    several turns, which the server sent as it came, a tool call)."""
     span = trace.data.spans[0] if trace.data.spans else None
     messages = (span.inputs or {}).get("messages") if span else None
     answer = (span.outputs or {}).get("text") if span else None
-    if not isinstance(messages, list) or not isinstance(answer, str) or not answer:
-        return None  # not a chat, or no text answered (a tool call)
-    system = [m.get("content") for m in messages if m.get("role") == "system"]
-    users = [m.get("content") for m in messages if m.get("role") != "system"]
-    if len(users) != 1 or messages[-1].get("role") != "user" or not isinstance(users[0], str) or len(system) > 1:
+    if not isinstance(messages, list) or len(messages) != 1 or not isinstance(answer, str) or not answer:
         return None
-    instruction, newline, query = users[0].rpartition("\n")
-    if not newline:
-        instruction, query = users[0], ""
-    row = {"instruction": instruction, "input": query, "output": answer, "_at": trace.info.request_time}
-    if system:
-        row["system"] = system[0]
-    return row
+    [message] = messages
+    if message.get("role") != "user" or not isinstance(message.get("content"), str):
+        return None
+    return {"instruction": instruction_of(trace.info.tags[registry.TRACE_VERSION_TAG]), "input": message["content"],
+            "output": answer, "_at": trace.info.request_time}
 
 
 def _epoch_ms(since: str) -> int:

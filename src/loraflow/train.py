@@ -19,7 +19,17 @@ from typing import Any
 
 import yaml
 
-from loraflow import base_models, datasets, processes, ray_cluster, ray_training, registry, tracking, train_config
+from loraflow import (
+    base_models,
+    datasets,
+    processes,
+    ray_cluster,
+    ray_training,
+    registry,
+    tasks,
+    tracking,
+    train_config,
+)
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 from loraflow.registry import (
@@ -64,6 +74,8 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
         _check_writable(Path(cfg.ray.ray_storage_path), "ray_storage_path")
     _check_writable(Path(lf_args["output_dir"]) if lf_args.get("output_dir") else OUTPUTS_DIR, "output_dir")
     data = _check_data(lf_args)
+    trained_on = [row for item in data if item.name in datasets.split_names(lf_args["dataset"]) for row in item.rows]
+    instruction = tasks.instruction_of(trained_on, f"dataset {lf_args['dataset']}")  # the prompt the version keeps
 
     tracking.use_model_experiment(cfg.registered_model_name, train_run=resume)  # a continuation beside its run
     with mlflow.start_run() as run:  # resumes the run `mlflow run` created (MLFLOW_RUN_ID)
@@ -72,7 +84,7 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
             # Ray Train continues a run of the same name from its last checkpoint: unique per
             # training, kept by every run that continues it.
             ray_name = ray_name or f"{cfg.ray.ray_run_name}-{run.info.run_id[:8]}"
-            return _train_in_run(run, cfg, lf_args, data, config_path, ray_name, resumes=resume)
+            return _train_in_run(run, cfg, lf_args, data, instruction, config_path, ray_name, resumes=resume)
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")
             raise
@@ -123,6 +135,7 @@ def _continuation_of(run_id: str) -> tuple[train_config.TrainConfig, str]:
     raw.pop("output_dir", None)  # the new run gets its own
     raw["run_name"] = f"{run.info.run_name}-resumed"
     raw["registered_model_name"] = run.data.tags[REGISTERED_MODEL_TAG]
+    raw["task"] = run.data.tags.get(tasks.TASK_TAG)
     ray_name = run.data.tags[RAY_RUN_TAG]  # tagged with REGISTERED_MODEL_TAG, checked above
     return train_config.from_dict(raw, source=f"the config of run {run_id}"), ray_name
 
@@ -154,7 +167,7 @@ def _hand_over(previous: str, run_id: str) -> None:
         client.set_terminated(previous, "FAILED")
 
 
-def _train_in_run(run, cfg, lf_args, data, config_path, ray_name: str, resumes: str | None):
+def _train_in_run(run, cfg, lf_args, data, instruction: str, config_path, ray_name: str, resumes: str | None):
     import llamafactory
     import mlflow
 
@@ -174,6 +187,7 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_name: str, resumes: 
         registry.LLAMAFACTORY_VERSION_TAG: llamafactory.__version__,
         registry.GIT_COMMIT_TAG: tracking.git_commit() or "unknown",
         REGISTERED_MODEL_TAG: cfg.registered_model_name,
+        tasks.TASK_TAG: cfg.task,
         registry.DATA_DIGEST_TAG: data_digest,
         RAY_RUN_TAG: ray_name,
     })
@@ -207,10 +221,14 @@ def _train_in_run(run, cfg, lf_args, data, config_path, ray_name: str, resumes: 
     finally:
         shutil.rmtree(finished, ignore_errors=True)
 
+    prompt = tasks.register_prompt(tasks.get(cfg.task), instruction, run_id)
+    mlflow.set_tag(tasks.PROMPT_TAG, prompt.uri)
     version = register_adapter(
         cfg.registered_model_name,
         run_id,
         tags={
+            tasks.TASK_TAG: cfg.task,
+            tasks.PROMPT_TAG: prompt.uri,
             BASE_MODEL_TAG: base_model,
             BASE_MODEL_ID_TAG: base_model_id,
             registry.DATA_DIGEST_TAG: data_digest,

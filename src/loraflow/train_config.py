@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loraflow import compat, entry_points, job_configs, tracking
+from loraflow import compat, entry_points, job_configs, tasks, tracking
 from loraflow.envs import PROJECT_ROOT
 from loraflow.errors import UserError
 
@@ -52,9 +52,10 @@ class TrainConfig:
     llamafactory: dict[str, Any]  # arguments handed to llamafactory's run_exp
     ray: RaySettings
     registered_model_name: str
+    task: str  # tasks.py: what the adapter is trained for
 
 
-_LORAFLOW_KEYS = {"registered_model_name": str}
+_LORAFLOW_KEYS = {"registered_model_name": str, "task": str}
 _RAY_KEYS = {f.name for f in dataclasses.fields(RaySettings)}
 _FIELDS_CACHE = PROJECT_ROOT / ".cache" / "llamafactory-fields"
 
@@ -102,6 +103,10 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     ray_specs = {k: _spec(v) for k, v in typing.get_type_hints(RaySettings).items()}
     ray_args = _check_against(ray_raw, ray_specs, problems, source)
     own = _check_against(own_raw, {k: _spec(v) for k, v in _LORAFLOW_KEYS.items()}, problems, source)
+    if "task" not in own_raw:
+        problems.append(f"task is missing from {source}: name what the adapter is trained for, one of {tasks.names()}")
+    elif "task" in own and own["task"] not in tasks.names():
+        problems.append(f"task {own['task']!r} in {source} is not one loraflow knows: use one of {tasks.names()}")
     if problems:
         raise UserError("Invalid training config:\n  " + "\n  ".join(problems))
 
@@ -111,6 +116,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
         llamafactory=lf_args,
         ray=ray,
         registered_model_name=own.get("registered_model_name", entry_points.DEFAULT_MODEL_NAME),
+        task=own["task"],
     )
 
 

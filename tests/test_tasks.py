@@ -1,0 +1,83 @@
+"""Tasks and the prompts versions were trained with (src/loraflow/tasks.py)."""
+
+import json
+
+import pytest
+from conftest import VIGGO
+
+from evaluation import viggo
+from loraflow import tasks
+from loraflow.errors import UserError
+
+INSTRUCTION = json.loads((VIGGO / "train.jsonl").open().readline())["instruction"]
+
+
+@pytest.mark.unit
+def test_the_viggo_task_is_found_by_name_and_an_unknown_one_is_named():
+    assert tasks.get("viggo-mr") is viggo.TASK and tasks.names() == ["viggo-mr"]
+    with pytest.raises(UserError) as refused:
+        tasks.get("viggo")
+    assert str(refused.value) == "task 'viggo' is not one loraflow knows: use one of ['viggo-mr']."
+    assert tasks.recordable_metrics() == ("exact_match", "baseline_exact_match", "parse_validity",
+                                          "baseline_parse_validity", "intent_accuracy", "baseline_intent_accuracy",
+                                          "slot_f1", "baseline_slot_f1", "rows", "baseline_rows")
+
+
+@pytest.mark.unit
+def test_a_prompt_puts_the_instruction_and_the_input_in_one_user_message_as_alpaca_training_did():
+    assert tasks.Prompt("prompts:/p/1", "Parse it.").messages("Diablo II is great.") \
+        == [{"role": "user", "content": "Parse it.\nDiablo II is great."}]
+    assert tasks.Prompt("prompts:/p/2", "").messages("Diablo II is great.") \
+        == [{"role": "user", "content": "Diablo II is great."}]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("rows, message", [
+    ([{"instruction": "A", "input": "x"}, {"instruction": "B", "input": "y"}],
+     "dataset viggo-train: the rows carry 2 different instructions; a task trains with one prompt, so give every "
+     "row the same instruction (or split the data into one dataset a task)."),
+    ([{"instruction": "Fill {{slot}}", "input": "x"}],
+     "dataset viggo-train: the instruction contains '{{' or '}}', which the MLflow Prompt Registry reads as a "
+     "template variable; rephrase it without double braces."),
+], ids=["two_instructions", "braces"])
+def test_training_rows_must_share_one_instruction_the_registry_can_keep(rows, message):
+    with pytest.raises(UserError) as refused:
+        tasks.instruction_of(rows, "dataset viggo-train")
+    assert str(refused.value) == message
+
+
+@pytest.mark.unit
+def test_slices_are_scored_on_their_own():
+    expected = ["inform(name[A])", "inform(name[B])", "request(specifier[C])", "not an MR"]
+    generated = ["inform(name[A])", "inform(name[X])", "request(specifier[C])", "inform(name[A])"]
+    by_slice = tasks.score_slices(viggo.TASK, expected, generated)
+    assert {label: (scores["exact_match"], scores["rows"]) for label, scores in by_slice.items()} \
+        == {"inform": (0.5, 2.0), "request": (1.0, 1.0), "unparsable_reference": (0.0, 1.0)}
+
+
+def test_a_prompt_is_registered_once_per_text_linked_to_each_run_and_read_back(tracking_uri):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    runs = [client.create_run("0").info.run_id for _ in range(3)]
+    first = tasks.register_prompt(viggo.TASK, INSTRUCTION, runs[0])
+    again = tasks.register_prompt(viggo.TASK, INSTRUCTION, runs[1])
+    short = tasks.register_prompt(viggo.TASK, "Give the meaning representation.", runs[2])
+    assert (first.uri, again.uri, short.uri) == ("prompts:/viggo-mr-instruction/1",) * 2 + (
+        "prompts:/viggo-mr-instruction/2",)
+    assert tasks.load_prompt(client, first.uri) == tasks.Prompt(first.uri, INSTRUCTION)
+    assert tasks.load_prompt(client, short.uri).messages("x") \
+        == [{"role": "user", "content": "Give the meaning representation.\nx"}]
+    # The Prompt Registry's own formatting gives the same messages.
+    assert client.load_prompt(first.uri).format(input="x") == first.messages("x")
+    for run_id, uri in zip(runs, (first.uri, first.uri, short.uri)):
+        assert json.loads(client.get_run(run_id).data.tags["mlflow.linkedPrompts"]) \
+            == [{"name": "viggo-mr-instruction", "version": uri.rsplit("/", 1)[1]}]
+    assert client.search_registered_models() == []  # prompts are not registered models
+
+    found = tasks.of_tags({tasks.TASK_TAG: "viggo-mr", tasks.PROMPT_TAG: short.uri}, "v3")
+    assert found == (viggo.TASK, tasks.Prompt(short.uri, "Give the meaning representation."))
+    with pytest.raises(UserError) as refused:
+        tasks.of_tags({tasks.TASK_TAG: "viggo-mr"}, "viggo-tiny-lora v3")
+    assert str(refused.value) == ("viggo-tiny-lora v3 records no task or prompt (loraflow.task, loraflow.prompt): it "
+                                  "was registered by an older loraflow or by hand; train a new version.")
