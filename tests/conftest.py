@@ -40,11 +40,11 @@ def task_tags(run_id: str) -> dict[str, str]:
     in the Prompt Registry, linked to `run_id`), for versions a test registers itself."""
     import json
 
-    from loraflow import tasks
+    from loraflow import registry, tasks
 
     instruction = json.loads((VIGGO / "test.jsonl").open().readline())["instruction"]
     prompt = tasks.register_prompt(tasks.get("viggo-mr"), instruction, run_id)
-    return {tasks.TASK_TAG: "viggo-mr", tasks.PROMPT_TAG: prompt.uri}
+    return {registry.TASK_TAG: "viggo-mr", registry.PROMPT_TAG: prompt.uri}
 
 
 @pytest.fixture

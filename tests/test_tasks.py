@@ -6,7 +6,7 @@ import pytest
 from conftest import VIGGO
 
 from evaluation import viggo
-from loraflow import tasks
+from loraflow import registry, tasks
 from loraflow.errors import UserError
 
 INSTRUCTION = json.loads((VIGGO / "train.jsonl").open().readline())["instruction"]
@@ -75,9 +75,9 @@ def test_a_prompt_is_registered_once_per_text_linked_to_each_run_and_read_back(t
             == [{"name": "viggo-mr-instruction", "version": uri.rsplit("/", 1)[1]}]
     assert client.search_registered_models() == []  # prompts are not registered models
 
-    found = tasks.of_tags({tasks.TASK_TAG: "viggo-mr", tasks.PROMPT_TAG: short.uri}, "v3")
+    found = tasks.of_tags({registry.TASK_TAG: "viggo-mr", registry.PROMPT_TAG: short.uri}, "v3")
     assert found == (viggo.TASK, tasks.Prompt(short.uri, "Give the meaning representation."))
     with pytest.raises(UserError) as refused:
-        tasks.of_tags({tasks.TASK_TAG: "viggo-mr"}, "viggo-tiny-lora v3")
+        tasks.of_tags({registry.TASK_TAG: "viggo-mr"}, "viggo-tiny-lora v3")
     assert str(refused.value) == ("viggo-tiny-lora v3 records no task or prompt (loraflow.task, loraflow.prompt): it "
                                   "was registered by an older loraflow or by hand; train a new version.")

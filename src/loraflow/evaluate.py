@@ -87,8 +87,8 @@ def evaluate(model_ref: str, config_path: str) -> Evaluation:
                     registry.MODEL_REF_TAG: model_ref,
                     registry.BASE_MODEL_TAG: ref.base_model,
                     registry.TRAIN_RUN_TAG: ref.run_id,
-                    tasks.TASK_TAG: task.name,
-                    tasks.PROMPT_TAG: prompt.uri,
+                    registry.TASK_TAG: task.name,
+                    registry.PROMPT_TAG: prompt.uri,
                 })
                 mlflow.MlflowClient().link_prompt_version_to_run(run.info.run_id, prompt.uri)
                 mlflow.log_params(run_params(config))

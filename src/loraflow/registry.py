@@ -27,7 +27,6 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from loraflow import tasks
 from loraflow.errors import UserError
 
 # -- tags ---------------------------------------------------------------------------------------
@@ -53,6 +52,8 @@ ADAPTER_SHA256_TAG = "loraflow.adapter_sha256"  # JSON {relative path: SHA-256} 
 LORA_RANK_TAG = "loraflow.lora_rank"
 TEMPLATE_TAG = "loraflow.template"  # LLaMA-Factory's chat template name
 TRAIN_LOSS_TAG = "loraflow.train_loss"
+TASK_TAG = "loraflow.task"  # on a train run, its version and an evaluate run: the task's name (tasks.py)
+PROMPT_TAG = "loraflow.prompt"  # the same: prompts:/<task>-instruction/<n>, the instruction it was trained with
 EVAL_TAG_PREFIX = "loraflow.eval."  # + a metric the task records (tasks.Task.recorded): the latest evaluation's figure
 EVAL_RUN_TAG = "loraflow.eval.run_id"  # the evaluate run those figures come from
 PROMOTION_TAG_PREFIX = "loraflow.promotion."  # + stage, by, at, reason, gate, metrics, previous_production, live
@@ -111,6 +112,8 @@ def eval_metrics(version: ModelVersion) -> dict[str, float]:
     last (evaluate.record_evaluation), says that they are complete."""
     if EVAL_RUN_TAG not in version.tags:
         return {}
+    from loraflow import tasks  # which imports this module's tag names
+
     recorded = tasks.recordable_metrics()
     return {key[len(EVAL_TAG_PREFIX):]: float(value) for key, value in version.tags.items()
             if key.startswith(EVAL_TAG_PREFIX) and key[len(EVAL_TAG_PREFIX):] in recorded}

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from loraflow.errors import UserError
+from loraflow.registry import PROMPT_TAG, TASK_TAG
 
-TASK_TAG = "loraflow.task"  # on a train run and its version: the task's name
-PROMPT_TAG = "loraflow.prompt"  # on a train run and its version: prompts:/<name>/<version> it trained with
 _BUILT_IN = {"viggo-mr": "evaluation.viggo"}  # a task's name -> the module whose TASK it is
 _INPUT = "{{input}}"  # where the Prompt Registry's template takes the request's input
 

@@ -135,7 +135,7 @@ def _continuation_of(run_id: str) -> tuple[train_config.TrainConfig, str]:
     raw.pop("output_dir", None)  # the new run gets its own
     raw["run_name"] = f"{run.info.run_name}-resumed"
     raw["registered_model_name"] = run.data.tags[REGISTERED_MODEL_TAG]
-    raw["task"] = run.data.tags.get(tasks.TASK_TAG)
+    raw["task"] = run.data.tags.get(registry.TASK_TAG)
     ray_name = run.data.tags[RAY_RUN_TAG]  # tagged with REGISTERED_MODEL_TAG, checked above
     return train_config.from_dict(raw, source=f"the config of run {run_id}"), ray_name
 
@@ -187,7 +187,7 @@ def _train_in_run(run, cfg, lf_args, data, instruction: str, config_path, ray_na
         registry.LLAMAFACTORY_VERSION_TAG: llamafactory.__version__,
         registry.GIT_COMMIT_TAG: tracking.git_commit() or "unknown",
         REGISTERED_MODEL_TAG: cfg.registered_model_name,
-        tasks.TASK_TAG: cfg.task,
+        registry.TASK_TAG: cfg.task,
         registry.DATA_DIGEST_TAG: data_digest,
         RAY_RUN_TAG: ray_name,
     })
@@ -222,13 +222,13 @@ def _train_in_run(run, cfg, lf_args, data, instruction: str, config_path, ray_na
         shutil.rmtree(finished, ignore_errors=True)
 
     prompt = tasks.register_prompt(tasks.get(cfg.task), instruction, run_id)
-    mlflow.set_tag(tasks.PROMPT_TAG, prompt.uri)
+    mlflow.set_tag(registry.PROMPT_TAG, prompt.uri)
     version = register_adapter(
         cfg.registered_model_name,
         run_id,
         tags={
-            tasks.TASK_TAG: cfg.task,
-            tasks.PROMPT_TAG: prompt.uri,
+            registry.TASK_TAG: cfg.task,
+            registry.PROMPT_TAG: prompt.uri,
             BASE_MODEL_TAG: base_model,
             BASE_MODEL_ID_TAG: base_model_id,
             registry.DATA_DIGEST_TAG: data_digest,
