@@ -1,8 +1,9 @@
 """What a shipped training config teaches, measured the way a user gets it: `mlflow run . -e train`
 on the config, then `mlflow run . -e evaluate` of the registered version on the full test split,
 both in a fresh MLflow store. Writes benchmarks/results/quality-<config name>.json with the
-figures the README quotes (exact match, intent accuracy, slot F1, parse validity, training
-minutes, samples seen) and how long each job took. Run it in the train environment after
+figures the README quotes (those the version's task records: for viggo-mr exact match, intent
+accuracy, slot F1, parse validity; for viggo-nlg BLEU and the slot error rate; training minutes,
+samples seen) and how long each job took. Run it in the train environment after
 ./setup.sh, with nothing else running (the times are part of the result):
 
     .venvs/train/bin/python benchmarks/quality.py --config configs/train/default.yaml
@@ -35,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 MLFLOW = ROOT / ".venvs" / "train" / "bin" / "mlflow"
 RESULTS = ROOT / "benchmarks" / "results"
-HEADLINE = ("exact_match", "intent_accuracy", "slot_f1", "parse_validity", "rows", "rows_per_s")
 
 
 def run_job(entry: str, params: dict[str, str], env: dict, log, experiment: str | None = None) -> None:
@@ -124,6 +124,11 @@ def main() -> None:
                     env, log, opts.experiment)
         tags = client.get_model_version(version.name, version.version).tags
         eval_run = client.get_run(tags["loraflow.eval.run_id"])  # the version's last evaluation
+    from loraflow import tasks
+
+    task = tasks.get(tags["loraflow.task"])
+    headline = (*task.recorded, "rows_per_s")
+    prefix, suffix = f"{task.slice_name}_", f"_{task.headline}"
     train_metrics, scores = train_run.data.metrics, eval_run.data.metrics
     report = {
         "config": opts.config,
@@ -131,7 +136,8 @@ def main() -> None:
         "git_commit": opts.train_git_commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,
                                                                capture_output=True, text=True).stdout.strip(),
         "git_dirty": git_dirty(),
-        **{key: scores[key] for key in HEADLINE},
+        "task": task.name,
+        **{key: scores[key] for key in headline},
         "train_minutes": train_metrics["train_runtime"] / 60,  # LLaMA-Factory's training loop
         "train_run_minutes": run_minutes(train_run),  # the MLflow run: checks, Ray, training, registration
         "evaluate_run_minutes": run_minutes(eval_run),  # engine start, generation, scoring, logging
@@ -139,13 +145,13 @@ def main() -> None:
         "recipe": recipe(opts.config),
         "steps": int(train_metrics.get("total_steps", 0)) or trained_steps(train_run.info.run_id),
         "train_loss": train_metrics.get("train_loss"),
-        "exact_match_by_intent": {k[len("intent_"):-len("_exact_match")]: v for k, v in scores.items()
-                                  if k.startswith("intent_") and k.endswith("_exact_match")},
+        f"{task.headline}_by_{task.slice_name}": {k[len(prefix):-len(suffix)]: v for k, v in scores.items()
+                                                  if k.startswith(prefix) and k.endswith(suffix)},
         "machine": f"training: {opts.train_machine}; evaluation: {machine()}" if opts.train_machine else machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: report[k] for k in ("config", *HEADLINE, "train_minutes", "train_run_minutes",
+    print(json.dumps({k: report[k] for k in ("config", *headline, "train_minutes", "train_run_minutes",
                                              "evaluate_run_minutes")}, indent=1))
 
 

@@ -107,13 +107,13 @@ class MeaningRepresentationTask:
     recorded = ("exact_match", "parse_validity", "intent_accuracy", "slot_f1", "rows")
     slice_name = "intent"
 
-    def is_valid(self, answer: str) -> bool:
+    def is_valid(self, given: str, answer: str) -> bool:
         return parse(answer) is not None
 
-    def score(self, expected: list[str], generated: list[str]) -> dict[str, float]:
+    def score(self, inputs: list[str], expected: list[str], generated: list[str]) -> dict[str, float]:
         return score(expected, generated)
 
-    def slice_of(self, text: str) -> str | None:
+    def slice_of(self, given: str, text: str) -> str | None:
         parsed = parse(text)
         return parsed.function if parsed else None
 

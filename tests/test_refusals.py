@@ -183,6 +183,8 @@ def test_train_refuses_a_remote_dataset_dir_that_cannot_be_downloaded(tracking_u
     (None, "{max_samples: 5", "overrides is not valid YAML (while parsing a flow mapping): write a mapping such as "
      "'{{max_samples: 50}}'."),
     ({"ray_num_workers": 0}, "", "{path}: ray_num_workers must be at least 1, got 0."),
+    (None, "{learning_rate: -0.001}",  # LLaMA-Factory's optimizer would refuse it after Ray started (exit 1)
+     "Invalid training config:\n  learning_rate -0.001 in {path} with overrides {{learning_rate}} must be > 0"),
     ({"ray_max_failures": -2}, "", "{path}: ray_max_failures must be -1 (retry forever) or >= 0."),
     ({"drop": ("model_name_or_path",)}, "",
      "model_name_or_path is missing from the config; set it to a model folder or hub id."),
@@ -193,7 +195,8 @@ def test_train_refuses_a_remote_dataset_dir_that_cannot_be_downloaded(tracking_u
     (None, "{ray_storage_path: /sys/loraflow-test/ray}", "ray_storage_path /sys/loraflow-test/ray cannot be written "
      "(Operation not permitted); set ray_storage_path in the config to a folder this user can write to, with free "
      "space."),
-], ids=["config_not_yaml", "config_not_a_mapping", "overrides_not_yaml", "no_workers", "max_failures",
+], ids=["config_not_yaml", "config_not_a_mapping", "overrides_not_yaml", "no_workers", "negative_learning_rate",
+        "max_failures",
         "no_model", "no_dataset", "output_dir_not_writable", "ray_storage_not_writable"])
 def test_train_refuses_a_bad_config_before_a_run(tracking_uri, tmp_path, capsys, config, overrides, message):
 

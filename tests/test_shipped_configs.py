@@ -54,12 +54,13 @@ def _build(kind: str, name: str, base_model: str) -> dict:
 def test_every_shipped_config_is_tested_here():
     shipped = {f"{kind}/{path.name}" for kind in ("evaluate", "serve", "promote")
                for path in (ROOT / "configs" / kind).glob("*.yaml")}
-    assert shipped == {"evaluate/default.yaml", "evaluate/gpu.yaml", "serve/default.yaml", "serve/gpu.yaml",
-                       "promote/default.yaml", "promote/production.yaml"}
+    assert shipped == {"evaluate/default.yaml", "evaluate/gpu.yaml", "evaluate/viggo-nlg.yaml", "serve/default.yaml",
+                       "serve/gpu.yaml", "promote/default.yaml", "promote/production.yaml"}
 
 
-def test_the_cpu_evaluation_config_merges_the_adapter():
-    built = _build("evaluate", "default.yaml", str(LOCAL_BASE))
+@pytest.mark.parametrize("name", ["default.yaml", "viggo-nlg.yaml"])
+def test_the_cpu_evaluation_configs_merge_the_adapter(name):
+    built = _build("evaluate", name, str(LOCAL_BASE))
     assert built["model_source"] == str(LOCAL_BASE) and built["accelerator_type"] is None
     assert "enable_lora" not in built["engine_kwargs"] and built["engine_kwargs"]["tokenizer"] == str(LOCAL_BASE)
     assert built["engine_kwargs"]["dtype"] == "bfloat16" and built["engine_kwargs"]["enable_prefix_caching"]

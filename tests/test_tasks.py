@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import VIGGO
 
-from evaluation import viggo
+from evaluation import viggo, viggo_nlg
 from loraflow import registry, tasks
 from loraflow.errors import UserError
 
@@ -13,14 +13,61 @@ INSTRUCTION = json.loads((VIGGO / "train.jsonl").open().readline())["instruction
 
 
 @pytest.mark.unit
-def test_the_viggo_task_is_found_by_name_and_an_unknown_one_is_named():
-    assert tasks.get("viggo-mr") is viggo.TASK and tasks.names() == ["viggo-mr"]
+def test_the_tasks_are_found_by_name_and_an_unknown_one_is_named():
+    assert (tasks.get("viggo-mr"), tasks.get("viggo-nlg")) == (viggo.TASK, viggo_nlg.TASK)
+    assert tasks.names() == ["viggo-mr", "viggo-nlg"]
     with pytest.raises(UserError) as refused:
         tasks.get("viggo")
-    assert str(refused.value) == "task 'viggo' is not one loraflow knows: use one of ['viggo-mr']."
-    assert tasks.recordable_metrics() == ("exact_match", "baseline_exact_match", "parse_validity",
-                                          "baseline_parse_validity", "intent_accuracy", "baseline_intent_accuracy",
-                                          "slot_f1", "baseline_slot_f1", "rows", "baseline_rows")
+    assert str(refused.value) == "task 'viggo' is not one loraflow knows: use one of ['viggo-mr', 'viggo-nlg']."
+    assert tasks.recordable_metrics() == (
+        "exact_match", "baseline_exact_match", "parse_validity", "baseline_parse_validity", "intent_accuracy",
+        "baseline_intent_accuracy", "slot_f1", "baseline_slot_f1", "rows", "baseline_rows", "bleu", "baseline_bleu",
+        "slot_error_rate", "baseline_slot_error_rate")
+
+
+MR = "inform(name[Dirt: Showdown], release_year[2012], platforms[PlayStation, Xbox, PC], rating[good], esrb[E])"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("sentence, missing", [
+    ("Dirt: Showdown came out in 2012 on PlayStation, Xbox and PC, and it is rated E: a good game.", []),
+    ("dirt: showdown (2012) is on the playstation, xbox and pc.", []),  # case does not matter
+    ("Dirt: Showdown is a good game for the PlayStation.", ["Xbox", "PC", "2012"]),
+    ("", ["Dirt: Showdown", "PlayStation", "Xbox", "PC", "2012"]),
+], ids=["all", "lower_case", "three_missing", "empty"])
+def test_the_data_to_text_live_check_needs_only_the_meaning_representation(sentence, missing):
+    """Only the slots a sentence says verbatim are checked: rating and ESRB may be paraphrased."""
+    assert viggo_nlg.missing(MR, sentence) == missing
+    assert viggo_nlg.TASK.is_valid(MR, sentence) is (not missing and bool(sentence))
+
+
+@pytest.mark.unit
+def test_the_data_to_text_scores_are_sacrebleus_bleu_and_the_slot_error_rate():
+    import sacrebleu
+
+    inputs = [MR, "request(specifier[exciting], player_perspective[first person])"]
+    expected = ["Dirt: Showdown came out in 2012 on PlayStation, Xbox and PC.",
+                "What is an exciting first person game?"]
+    generated = ["Dirt: Showdown came out in 2012 on PlayStation.", "Which exciting first person game do you like?"]
+    scores = viggo_nlg.TASK.score(inputs, expected, generated)
+    assert scores == {"bleu": pytest.approx(sacrebleu.corpus_bleu(generated, [expected]).score / 100),
+                      "slot_error_rate": 2 / 6, "parse_validity": 0.5, "rows": 2.0}
+    assert viggo_nlg.TASK.score(inputs, expected, expected)["bleu"] == pytest.approx(1.0)
+    assert tasks.score_slices(viggo_nlg.TASK, inputs, expected, generated).keys() == {"inform", "request"}
+
+
+@pytest.mark.unit
+def test_the_data_to_text_splits_are_what_make_py_writes():
+    from importlib import util
+
+    spec = util.spec_from_file_location("make", VIGGO.parent / "viggo-nlg" / "make.py")
+    make = util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    for name, text in make.files().items():
+        assert (VIGGO.parent / "viggo-nlg" / name).read_text(encoding="utf-8") == text, name
+    [first] = [json.loads(line) for line in (VIGGO.parent / "viggo-nlg" / "test.jsonl").open()][:1]
+    [source] = [json.loads(line) for line in (VIGGO / "test.jsonl").open()][:1]
+    assert (first["input"], first["output"]) == (source["output"], source["input"])
 
 
 @pytest.mark.unit
@@ -50,7 +97,7 @@ def test_training_rows_must_share_one_instruction_the_registry_can_keep(rows, me
 def test_slices_are_scored_on_their_own():
     expected = ["inform(name[A])", "inform(name[B])", "request(specifier[C])", "not an MR"]
     generated = ["inform(name[A])", "inform(name[X])", "request(specifier[C])", "inform(name[A])"]
-    by_slice = tasks.score_slices(viggo.TASK, expected, generated)
+    by_slice = tasks.score_slices(viggo.TASK, [""] * 4, expected, generated)
     assert {label: (scores["exact_match"], scores["rows"]) for label, scores in by_slice.items()} \
         == {"inform": (0.5, 2.0), "request": (1.0, 1.0), "unparsable_reference": (0.0, 1.0)}
 

@@ -18,7 +18,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glo
 def test_shipped_configs_validate(path):
     cfg = train_config.load(path)
     assert cfg.llamafactory["finetuning_type"] == "lora"
-    assert cfg.registered_model_name and cfg.task == "viggo-mr"
+    assert cfg.registered_model_name and cfg.task == ("viggo-nlg" if path.stem == "viggo-nlg" else "viggo-mr")
 
 
 def test_seed_gpu_config_matches_the_tutorial():
@@ -61,14 +61,25 @@ def test_wrong_types_are_named(tmp_path, key, value, expected):
 
 
 @pytest.mark.parametrize("changes, drop, message", [
-    ({}, ("task",), "task is missing from {path}: name what the adapter is trained for, one of ['viggo-mr']"),
-    ({"task": "viggo"}, (), "task 'viggo' in {path} is not one loraflow knows: use one of ['viggo-mr']"),
+    ({}, ("task",),
+     "task is missing from {path}: name what the adapter is trained for, one of ['viggo-mr', 'viggo-nlg']"),
+    ({"task": "viggo"}, (), "task 'viggo' in {path} is not one loraflow knows: use one of ['viggo-mr', 'viggo-nlg']"),
 ], ids=["missing", "unknown"])
 def test_the_task_is_named_and_known(tmp_path, changes, drop, message):
     path = config_with(TINY_CONFIG, tmp_path, drop, **changes)
     with pytest.raises(UserError) as refused:
         train_config.load(path)
     assert str(refused.value) == "Invalid training config:\n  " + message.format(path=path)
+
+
+def test_values_the_libraries_would_refuse_once_training_started_are_refused_up_front(tmp_path):
+    path = _write(tmp_path, learning_rate=-0.001, lora_dropout=1.0, max_samples=0)
+    with pytest.raises(UserError) as refused:
+        train_config.load(path)
+    assert str(refused.value) == (f"Invalid training config:\n  learning_rate -0.001 in {path} must be > 0\n  "
+                                  f"max_samples 0 in {path} must be >= 1, or null (every row)\n  "
+                                  f"lora_dropout 1.0 in {path} must be in [0, 1)")
+    assert train_config.load(_write(tmp_path, max_samples=None, max_steps=-1)).llamafactory["max_samples"] is None
 
 
 def test_yaml_exponent_strings_become_numbers(tmp_path):

@@ -56,7 +56,8 @@ def test_corpus_scores_are_micro_averaged():
 
 
 def test_per_intent_breakdown():
-    by_intent = tasks.score_slices(viggo.TASK, [c["expected"] for c in CASES], [c["generated"] for c in CASES])
+    by_intent = tasks.score_slices(viggo.TASK, [c.get("input", "") for c in CASES], [c["expected"] for c in CASES],
+                                   [c["generated"] for c in CASES])
     assert by_intent["give_opinion"]["exact_match"] == 0.0
     assert by_intent["request_attribute"]["exact_match"] == 1.0
     assert sum(m["rows"] for m in by_intent.values()) == len(CASES)

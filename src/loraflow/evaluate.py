@@ -256,14 +256,14 @@ def _score_and_log(predictions: list[dict], seconds: dict[str, float], task: tas
 
     frame = pd.DataFrame(predictions)
     frame["correct"] = frame["expected"] == frame["generated"]
-    frame["parse_ok"] = frame["generated"].map(task.is_valid)
+    frame["parse_ok"] = [task.is_valid(given, answer) for given, answer in zip(frame["input"], frame["generated"])]
     metrics: dict[str, float] = {}
     for variant, group in frame.groupby("variant"):
         prefix = "" if variant == "adapter" else f"{variant}_"
-        expected, generated = group["expected"].tolist(), group["generated"].tolist()
-        metrics.update({prefix + k: v for k, v in task.score(expected, generated).items()})
+        columns = group["input"].tolist(), group["expected"].tolist(), group["generated"].tolist()
+        metrics.update({prefix + k: v for k, v in task.score(*columns).items()})
         if variant == "adapter":
-            for label, by in tasks.score_slices(task, expected, generated).items():
+            for label, by in tasks.score_slices(task, *columns).items():
                 metrics[f"{task.slice_name}_{label}_{task.headline}"] = by[task.headline]
                 metrics[f"{task.slice_name}_{label}_rows"] = by["rows"]
     metrics[f"{task.headline}_lift"] = metrics[task.headline] - metrics.get(f"baseline_{task.headline}", 0.0)
@@ -292,11 +292,11 @@ def _log_slice_views(rows, metrics: dict[str, float], task: tasks.Task) -> None:
     import mlflow
     import pandas as pd
 
-    def slice_of(text: str) -> str:
-        return task.slice_of(text) or "unparseable"
+    def slices(column: str) -> list[str]:
+        return [task.slice_of(given, text) or "unparseable" for given, text in zip(rows["input"], rows[column])]
 
-    labels = {"expected": rows["expected"].map(slice_of), "predicted": rows["generated"].map(slice_of)}
-    confusion = (pd.DataFrame(labels).value_counts().rename("rows").reset_index().sort_values(["expected", "predicted"]))
+    labels = {"expected": slices("expected"), "predicted": slices("generated")}
+    confusion = pd.DataFrame(labels).value_counts().rename("rows").reset_index().sort_values(["expected", "predicted"])
     mlflow.log_table(confusion, artifact_file=f"{task.slice_name}_confusion.json")
     prefix, suffix = f"{task.slice_name}_", f"_{task.headline}"
     by_slice = {key[len(prefix):-len(suffix)]: value for key, value in metrics.items()

@@ -337,7 +337,7 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
             tokens = (answer.get("usage") or {}).get("completion_tokens") or 0
             choice = answer["choices"][0]
             text = (choice["message"]["content"] if "message" in choice else choice.get("text")) or ""
-            valid = self._tasks[adapter][0].is_valid(text)
+            valid = self._tasks[adapter][0].is_valid(_given(inputs), text)
         # A canary is judged on the stable name's traffic only: a client that names the candidate
         # by its id does not choose what its judgement sees.
         judged = (self._live, self._judged) if route in ("production", "canary") else (self._live,)
@@ -391,6 +391,13 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
                 "canary": rollout, "registry": dict(self._registry),
                 "live": {adapter: stats.figures() for adapter, stats in list(self._live.items())},
                 "traces_dropped": self._tracer.dropped}
+
+
+def _given(inputs: dict) -> str:
+    """The input an answer is to, as its task reads it: a chat's last user message, a completion's prompt."""
+    users = [m.get("content") for m in inputs.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    given = users[-1] if users else inputs.get("prompt")
+    return given if isinstance(given, str) else ""
 
 
 def _error_text(exc: Exception) -> str:

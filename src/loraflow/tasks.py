@@ -1,12 +1,13 @@
 """What an adapter is trained to do, and the instruction it was trained with.
 
-A task (evaluation/<task>.py, pure code) says whether an answer is valid (serve's live signal and
-the canary's), scores answers against references (evaluate's metrics, which the promotion gates
-check), groups rows into slices (ViGGO: by intent), and may give vLLM a pattern to constrain
-decoding. A version's prompt is the instruction its training rows carried, kept as a version of an
-MLflow Prompt Registry prompt: train records both on the version (TASK_TAG, PROMPT_TAG), and
-evaluate, serve and export_traces build every request's messages from them with `Prompt.messages`,
-which joins instruction and input as LLaMA-Factory's alpaca format did in training.
+A task (evaluation/<task>.py, pure code) says whether an answer to an input is valid (serve's
+live signal and the canary's: a reference-free check), scores answers against references
+(evaluate's metrics, which the promotion gates check), groups rows into slices (ViGGO: by intent),
+and may give vLLM a pattern to constrain decoding. A version's prompt is the instruction its
+training rows carried, kept as a version of an MLflow Prompt Registry prompt: train records both
+on the version (TASK_TAG, PROMPT_TAG), and evaluate, serve and export_traces build every request's
+messages from them with `Prompt.messages`, which joins instruction and input as LLaMA-Factory's
+alpaca format did in training.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Protocol
 from loraflow.errors import UserError
 from loraflow.registry import PROMPT_TAG, TASK_TAG
 
-_BUILT_IN = {"viggo-mr": "evaluation.viggo"}  # a task's name -> the module whose TASK it is
+_BUILT_IN = {"viggo-mr": "evaluation.viggo", "viggo-nlg": "evaluation.viggo_nlg"}  # name -> the module whose TASK it is
 _INPUT = "{{input}}"  # where the Prompt Registry's template takes the request's input
 
 
@@ -28,11 +29,11 @@ class Task(Protocol):
     recorded: tuple[str, ...]  # metrics evaluate records on a version, which promotion gates may check
     slice_name: str  # what `slice_of` groups rows by, as metric names say it (intent_<slice>_<metric>)
 
-    def is_valid(self, answer: str) -> bool: ...
+    def is_valid(self, given: str, answer: str) -> bool: ...  # `given`: the input the answer is to
 
-    def score(self, expected: list[str], generated: list[str]) -> dict[str, float]: ...
+    def score(self, inputs: list[str], expected: list[str], generated: list[str]) -> dict[str, float]: ...
 
-    def slice_of(self, text: str) -> str | None: ...
+    def slice_of(self, given: str, text: str) -> str | None: ...  # `text`: a reference or an answer to `given`
 
     def guided_regex(self) -> str | None: ...
 
@@ -55,14 +56,15 @@ def recordable_metrics() -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def score_slices(task: Task, expected: list[str], generated: list[str]) -> dict[str, dict[str, float]]:
+def score_slices(task: Task, inputs: list[str], expected: list[str],
+                 generated: list[str]) -> dict[str, dict[str, float]]:
     """`task.score` for each slice of the references separately (`unparsable_reference`: none)."""
-    groups: dict[str, tuple[list[str], list[str]]] = {}
-    for reference, answer in zip(expected, generated, strict=True):
-        references, answers = groups.setdefault(task.slice_of(reference) or "unparsable_reference", ([], []))
-        references.append(reference)
-        answers.append(answer)
-    return {label: task.score(references, answers) for label, (references, answers) in sorted(groups.items())}
+    groups: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    for given, reference, answer in zip(inputs, expected, generated, strict=True):
+        group = groups.setdefault(task.slice_of(given, reference) or "unparsable_reference", ([], [], []))
+        for column, value in zip(group, (given, reference, answer)):
+            column.append(value)
+    return {label: task.score(*group) for label, group in sorted(groups.items())}
 
 
 @dataclass(frozen=True)

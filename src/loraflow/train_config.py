@@ -103,6 +103,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     ray_specs = {k: _spec(v) for k, v in typing.get_type_hints(RaySettings).items()}
     ray_args = _check_against(ray_raw, ray_specs, problems, source)
     own = _check_against(own_raw, {k: _spec(v) for k, v in _LORAFLOW_KEYS.items()}, problems, source)
+    problems += _out_of_range(lf_args, source)
     if "task" not in own_raw:
         problems.append(f"task is missing from {source}: name what the adapter is trained for, one of {tasks.names()}")
     elif "task" in own and own["task"] not in tasks.names():
@@ -118,6 +119,32 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
         registered_model_name=own.get("registered_model_name", entry_points.DEFAULT_MODEL_NAME),
         task=own["task"],
     )
+
+
+# Values that LLaMA-Factory, transformers or torch refuse only once a worker trains (a negative
+# learning rate fails in the optimizer, after Ray and the model have started): refused up front.
+_LIMITS: dict[str, tuple[Any, str]] = {
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "max_steps": (lambda v: v == -1 or v > 0, "> 0, or -1 (num_train_epochs decides)"),
+    "max_samples": (lambda v: v >= 1, ">= 1, or null (every row)"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "cutoff_len": (lambda v: v >= 1, ">= 1"),
+    "lora_rank": (lambda v: v >= 1, ">= 1"),
+    "lora_alpha": (lambda v: v > 0, "> 0, or null (twice lora_rank)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0"),
+    "logging_steps": (lambda v: v > 0, "> 0"),
+    "save_steps": (lambda v: v > 0, "> 0"),
+}
+
+
+def _out_of_range(lf_args: dict[str, Any], source: str) -> list[str]:
+    return [f"{key} {lf_args[key]!r} in {source} must be {allowed}" for key, (within, allowed) in _LIMITS.items()
+            if _is_number(lf_args.get(key)) and not within(lf_args[key])]
 
 
 def _check_ray_settings(ray: RaySettings, source: str) -> None:
