@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # evaluation/, where the tasks live
 MLFLOW = ROOT / ".venvs" / "train" / "bin" / "mlflow"
 RESULTS = ROOT / "benchmarks" / "results"
 
