@@ -79,6 +79,21 @@ def test_a_prompt_puts_the_instruction_and_the_input_in_one_user_message_as_alpa
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("messages, given", [
+    ([{"role": "user", "content": "Diablo II is great."}], "Diablo II is great."),
+    ([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Diablo II is great."}], None),
+    ([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+      {"role": "user", "content": "Diablo II is great."}], None),
+    ([{"role": "user", "content": [{"type": "text", "text": "Diablo II is great."}]}], None),
+    ([{"role": "assistant", "content": "Diablo II is great."}], None),
+    ([], None),
+    (None, None),
+], ids=["one_user_message", "own_system_message", "several_turns", "content_parts", "not_a_user", "empty", "none"])
+def test_only_a_chat_of_one_user_message_of_text_is_the_tasks_input(messages, given):
+    assert tasks.task_input(messages) == given
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("rows, message", [
     ([{"instruction": "A", "input": "x"}, {"instruction": "B", "input": "y"}],
      "dataset viggo-train: the rows carry 2 different instructions; a task trains with one prompt, so give every "

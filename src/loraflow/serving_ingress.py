@@ -291,9 +291,8 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         """A chat of one user message is the task's input: sent to the engine as the messages its
         version was trained and evaluated with (its prompt). Any other chat (a system message of
         the client's own, several turns) is sent as it came."""
-        if len(messages) != 1 or messages[0].get("role") != "user" or not isinstance(messages[0].get("content"), str):
-            return messages
-        return self._tasks[adapter][1].messages(messages[0]["content"])
+        text = tasks.task_input(messages)
+        return messages if text is None else self._tasks[adapter][1].messages(text)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         return await self._answer(super().chat(body, request), request, body, "chat")

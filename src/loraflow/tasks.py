@@ -79,6 +79,16 @@ class Prompt:
         return [{"role": "user", "content": f"{self.instruction}\n{text}" if self.instruction else text}]
 
 
+def task_input(messages) -> str | None:
+    """The task's input, when a chat is one user message of text: what serve asks the engine with
+    the version's prompt (`Prompt.messages`) and what export_traces turns back into a training row.
+    None for any other chat (a system message of the client's own, several turns, content parts)."""
+    if (isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
+            and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str)):
+        return messages[0]["content"]
+    return None
+
+
 def prompt_name(task: Task) -> str:
     return f"{task.name}-instruction"
 

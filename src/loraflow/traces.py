@@ -244,12 +244,10 @@ def _alpaca_row(trace, instruction_of) -> dict | None:
     span = trace.data.spans[0] if trace.data.spans else None
     messages = (span.inputs or {}).get("messages") if span else None
     answer = (span.outputs or {}).get("text") if span else None
-    if not isinstance(messages, list) or len(messages) != 1 or not isinstance(answer, str) or not answer:
+    text = tasks.task_input(messages)
+    if text is None or not isinstance(answer, str) or not answer:
         return None
-    [message] = messages
-    if message.get("role") != "user" or not isinstance(message.get("content"), str):
-        return None
-    return {"instruction": instruction_of(trace.info.tags[registry.TRACE_VERSION_TAG]), "input": message["content"],
+    return {"instruction": instruction_of(trace.info.tags[registry.TRACE_VERSION_TAG]), "input": text,
             "output": answer, "_at": trace.info.request_time}
 
 
