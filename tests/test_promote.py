@@ -155,6 +155,21 @@ def test_gate_refusal_shows_the_comparison_and_changes_nothing(store, model_name
 
 
 @SQLITE_ONLY
+def test_a_maximum_gate_refuses_a_metric_above_it(store, model_name, tmp_path, capsys):
+    """A gate's `maximum`, for a metric where lower is better (the data-to-text task's slot error rate)."""
+    nlg = {"bleu": 0.28, "slot_error_rate": 0.09, "parse_validity": 0.86, "rows": 1083}
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("stages: {Production: {minimum: {bleu: 0.25}, maximum: {slot_error_rate: 0.12}}}")
+    worse = add_version(model_name, {**nlg, "slot_error_rate": 0.15}, tmp_path)
+    code, _, err = run_promote(capsys, model_name, worse, "Production", "--config", str(gates))
+    assert code == 2 and "does not pass the Production gate (slot_error_rate)" in err, err
+    assert "<= 0.12" in err and "0.150" in err and stages(model_name) == {worse: "None"}
+    good = add_version(model_name, nlg, tmp_path)
+    code, out, _ = run_promote(capsys, model_name, good, "Production", "--config", str(gates))
+    assert code == 0 and "slot_error_rate  <= 0.12" in out and stages(model_name)[good] == "Production", out
+
+
+@SQLITE_ONLY
 def test_unevaluated_version_is_refused_with_what_to_run(store, model_name, tmp_path, capsys):
     version = add_version(model_name, None, tmp_path)
     code, _, err = run_promote(capsys, model_name, version, "Staging")

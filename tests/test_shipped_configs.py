@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from loraflow import envs, promotion_gates
+from loraflow import envs, promotion_gates, tasks
 
 LOCAL_BASE = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
@@ -55,7 +55,8 @@ def test_every_shipped_config_is_tested_here():
     shipped = {f"{kind}/{path.name}" for kind in ("evaluate", "serve", "promote")
                for path in (ROOT / "configs" / kind).glob("*.yaml")}
     assert shipped == {"evaluate/default.yaml", "evaluate/gpu.yaml", "evaluate/viggo-nlg.yaml", "serve/default.yaml",
-                       "serve/gpu.yaml", "promote/default.yaml", "promote/production.yaml"}
+                       "serve/gpu.yaml", "promote/default.yaml", "promote/production.yaml",
+                       "promote/viggo-nlg.yaml"}
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "viggo-nlg.yaml"])
@@ -94,11 +95,17 @@ def test_evaluate_and_serve_name_one_engine_profile(name, profile):
         assert yaml.safe_load((ROOT / "configs" / kind / name).read_text())["engine"] == f"configs/engines/{profile}"
 
 
-@pytest.mark.parametrize("name, stages", [
-    ("default.yaml", {"Staging", "Production"}),
-    ("production.yaml", {"Staging", "Production"}),
+@pytest.mark.parametrize("name, stages, task", [
+    ("default.yaml", {"Staging", "Production"}, "viggo-mr"),
+    ("production.yaml", {"Staging", "Production"}, "viggo-mr"),
+    ("viggo-nlg.yaml", {"Staging", "Production"}, "viggo-nlg"),
 ])
-def test_each_gates_file_loads(name, stages):
+def test_each_gates_file_loads_and_names_its_tasks_metrics(name, stages, task):
     gates = promotion_gates.load(ROOT / "configs" / "promote" / name).stages
     assert set(gates) == stages
     assert all(gate.minimum for gate in gates.values())
+    recorded = set(tasks.get(task).recorded)
+    for gate in gates.values():
+        named = {*gate.minimum, *gate.maximum, *([gate.compare_with_production.metric]
+                                                 if gate.compare_with_production else [])}
+        assert named <= recorded, named - recorded

@@ -196,6 +196,9 @@ class Gate(Schema):
 
     minimum: dict[Metric, float] = Field(default_factory=dict, description="metric: the least value, "
                                                                            "such as {exact_match: 0.45}")
+    maximum: dict[Metric, float] = Field(default_factory=dict, description="metric: the most value, for "
+                                                                           "metrics where lower is better, such "
+                                                                           "as {slot_error_rate: 0.12}")
     compare_with_production: Comparison | None = Field(None, description="a comparison with Production's version")
 
 

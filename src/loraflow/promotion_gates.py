@@ -1,8 +1,8 @@
 """Promotion gates: the evaluation metrics a model version must reach before it enters a stage.
 
 The metrics are the version's `loraflow.eval.*` tags (registry.eval_metrics), which the evaluate
-entry point writes (the latest evaluation of a version counts). A gate has minimums and,
-optionally, a comparison with the version that is in Production now.
+entry point writes (the latest evaluation of a version counts). A gate has minimums, maximums (for
+metrics where lower is better) and, optionally, a comparison with the version in Production now.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ def check(gate: Gate, stage: str, candidate, production) -> GateReport:
         value = ours.get(metric)
         checks.append(Check(metric, f">= {threshold:.2f}", value, theirs.get(metric),
                             value is not None and value >= threshold))
+    for metric, threshold in gate.maximum.items():
+        value = ours.get(metric)
+        checks.append(Check(metric, f"<= {threshold:.2f}", value, theirs.get(metric),
+                            value is not None and value <= threshold))
     compare = gate.compare_with_production
     if compare and production is not None and production.version != candidate.version:
         metric, slack = compare.metric, compare.max_regression
