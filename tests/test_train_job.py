@@ -368,37 +368,16 @@ def _assert_continued(first: str, checkpoint_at_least: int) -> str:
     return second.info.run_id
 
 
-def test_resume_continues_a_killed_training_into_a_linked_run(tracking_uri, start_train):
-    """The driver is stopped (SIGTERM, as Ctrl-C): exit 130, the run ends KILLED, nothing is
-    registered. `--resume RUN` continues from its last checkpoint into a new run tagged with the
-    first one's id."""
-    proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER)
-    first = _wait_for_step(proc, 10)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "marked KILLED" in stderr, stderr[-3000:]
-    assert MlflowClient().get_run(first).info.status == "KILLED"
-    assert registered_versions() == []
-
-    done = run_train("--resume", first, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    # continued from the first run's last committed checkpoint (step 10 was logged, so the one
-    # at step 8 at least), each later step once
-    second = _assert_continued(first, checkpoint_at_least=8)
-    assert MlflowClient().get_run(second).info.run_name.endswith("-resumed")
-
-    again = run_train("--resume", second)  # a finished training is not resumed
-    assert again.returncode == 2 and "there is nothing to continue" in again.stderr
-
-
-def test_a_killed_worker_resumes_then_fails_and_a_dead_drivers_run_is_resumed(tracking_uri, start_train):
+def test_a_killed_worker_resumes_then_fails_and_stopped_or_dead_drivers_runs_are_resumed(tracking_uri, start_train):
     """A (ray_max_failures: 1): its Ray Train worker SIGKILLed mid-run is restarted by Ray Train
     and continues from the last committed checkpoint in the same run, every step once. A
     checkpoint is committed before the next step runs, so once step 6 is logged the checkpoint of
     step 4 is known to survive the kill. Resume is refused while A's driver lives. The worker
-    killed again, with no restarts left, fails A. B resumes A; B's driver is SIGKILLed, which
-    leaves B RUNNING. C resumes B from its last checkpoint, ends B FAILED, finishes and registers;
-    each run is linked to the one it continues, and a run already continued is not resumed twice."""
+    killed again, with no restarts left, fails A. B resumes A; B's driver is stopped (SIGTERM, as
+    Ctrl-C): exit 130, B ends KILLED, nothing registered. C resumes B; C's driver is SIGKILLed,
+    which leaves C RUNNING. D resumes C from its last checkpoint, ends C FAILED, finishes and
+    registers; each run is linked to the one it continues, a run already continued is not resumed
+    twice, and a finished one not at all."""
     proc = start_train("--config", str(TINY_CONFIG), "--overrides", LONGER[:-1] + ", ray_max_failures: 1}")
     a = _wait_for_step(proc, 6)
     alive = run_train("--resume", a)
@@ -427,24 +406,34 @@ def test_a_killed_worker_resumes_then_fails_and_a_dead_drivers_run_is_resumed(tr
 
     proc = start_train("--resume", a)
     b = _wait_for_run_step(proc, lambda run: run.data.tags.get("loraflow.resumed_from") == a, 10)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "marked KILLED" in stderr, stderr[-3000:]
+    assert MlflowClient().get_run(b).info.status == "KILLED" and registered_versions() == []
+
+    proc = start_train("--resume", b)
+    c = _wait_for_run_step(proc, lambda run: run.data.tags.get("loraflow.resumed_from") == b, 14)
     ray_processes = _descendants(proc.pid)
     proc.kill()
     proc.communicate(timeout=60)
     _wait_until_gone(ray_processes)
-    assert MlflowClient().get_run(b).info.status == "RUNNING"
+    assert MlflowClient().get_run(c).info.status == "RUNNING"
 
-    done = run_train("--resume", b, timeout=900)
+    done = run_train("--resume", c, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    c = _assert_continued(b, checkpoint_at_least=8)
-    assert MlflowClient().get_run(b).info.status == "FAILED"  # its driver died: ended by its continuation
-    assert MlflowClient().get_run(a).data.tags["loraflow.resumed_by"] == b
-    assert MlflowClient().get_run(c).data.tags["loraflow.ray_run"] == MlflowClient().get_run(a).data.tags[
+    d = _assert_continued(c, checkpoint_at_least=12)
+    assert MlflowClient().get_run(c).info.status == "FAILED"  # its driver died: ended by its continuation
+    assert MlflowClient().get_run(d).info.run_name.endswith("-resumed")
+    assert [MlflowClient().get_run(run).data.tags["loraflow.resumed_by"] for run in (a, b)] == [b, c]
+    assert MlflowClient().get_run(d).data.tags["loraflow.ray_run"] == MlflowClient().get_run(a).data.tags[
         "loraflow.ray_run"]  # one Ray Train run, whose checkpoints each continuation took up
     again = run_train("--resume", a)
     assert again.returncode == 2, again.stderr[-3000:]
     assert again.stderr.strip().splitlines()[-1] == (
         f"error: resume={a}: run {b} already continues that training; resume that run instead, if it did not "
         "finish.")
+    finished = run_train("--resume", d)
+    assert finished.returncode == 2 and "there is nothing to continue" in finished.stderr
 
 
 @pytest.mark.parametrize("kind, message", [
