@@ -381,10 +381,10 @@ def bare_args(overrides: dict, output_dir: Path) -> dict:
     """The LLaMA-Factory arguments the train job gives run_exp on its worker, for the same overrides."""
     sys.path.insert(0, str(ROOT / "src"))
     from loraflow import train_config
-    from loraflow.train import _finish_args, _resolve_paths
+    from loraflow.train import llamafactory_arguments
 
     cfg = train_config.load(ROOT / SHIPPED, {**overrides, "output_dir": str(output_dir)})
-    return _finish_args(_resolve_paths(cfg.llamafactory), run_id="bare", run_name="bare")
+    return llamafactory_arguments(cfg.llamafactory, run_id="bare", run_name="bare")
 
 
 def tensorboard_events(folder: Path) -> dict[str, list[tuple[int, float, float]]]:

@@ -172,7 +172,7 @@ def _train_in_run(run, cfg, lf_args, data, instruction: str, config_path, ray_na
     import mlflow
 
     run_id = run.info.run_id
-    lf_args = _finish_args(lf_args, run_id, run_name=lf_args.get("run_name") or f"train-{Path(config_path).stem}")
+    lf_args = llamafactory_arguments(lf_args, run_id, lf_args.get("run_name") or f"train-{Path(config_path).stem}")
     output_dir = Path(lf_args["output_dir"])
     _claim_output_dir(output_dir, run_id)
 
@@ -287,8 +287,13 @@ def _check_data(lf_args: dict[str, Any]) -> list[datasets.DatasetFile]:
     return datasets.load_datasets(lf_args["dataset_dir"], list(dict.fromkeys(names)))
 
 
-def _finish_args(lf_args: dict[str, Any], run_id: str, run_name: str) -> dict[str, Any]:
-    args = {"stage": "sft", "do_train": True, "finetuning_type": "lora", "plot_loss": True, **lf_args}
+def llamafactory_arguments(llamafactory: dict[str, Any], run_id: str, run_name: str) -> dict[str, Any]:
+    """The LLaMA-Factory arguments a training hands `run_exp` on its Ray Train workers, which add only
+    their own copy of the dataset and the checkpoint they continue from: a train config's
+    LLaMA-Factory keys with local paths made absolute, loraflow's defaults and its MLflow reporting.
+    benchmarks/gpu_e2e.py runs bare LLaMA-Factory on the same."""
+    args = {"stage": "sft", "do_train": True, "finetuning_type": "lora", "plot_loss": True,
+            **_resolve_paths(llamafactory)}
     reporters = args.get("report_to") or []
     reporters = [reporters] if isinstance(reporters, str) else list(reporters)
     # MLflow is always on, through ray_training's callback rather than report_to.
