@@ -132,11 +132,11 @@ def _pack_site() -> None:
     shutil.rmtree(site, ignore_errors=True)
     _pip("install", "--no-index", "--no-deps", "--no-compile", "--target", str(site), *map(str, wheels.glob("*.whl")))
     # Unused there and large: FlashAttention 2 (FA3 serves SM90), the Rust front end, deep_gemm's
-    # builds for other Pythons, Ray's Java jars and its dashboard's web build.
+    # builds for other Pythons, Ray's Java jars. (Not the dashboard's web build: without it Ray
+    # waits 60 s for its dashboard to start, then goes on; the 2026-12-07 calls paid that.)
     for path in [site / "vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", site / "vllm/vllm-rs",
                  *site.glob("vllm/third_party/deep_gemm/_C.cpython-31[34]-*.so"), *site.glob("ray/**/*.jar")]:
         path.unlink()
-    shutil.rmtree(site / "ray/dashboard/client/build")
     _xz(PREPARE / "site.tar.xz", ["-C", str(PREPARE), "site"])
 
 
