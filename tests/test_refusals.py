@@ -576,8 +576,8 @@ def test_serve_refuses_a_model_source_other_than_the_versions_base_model():
 # -- promote: the gates file --------------------------------------------------------------------
 
 @pytest.mark.parametrize("content, message", [
-    ("stages: {Production: {maximum: {exact_match: 0.9}}}",
-     "Promotion config {path}: stages.Production.maximum is not a known key; see configs/promote/default.yaml."),
+    ("stages: {Production: {minimal: {exact_match: 0.9}}}",
+     "Promotion config {path}: stages.Production.minimal is not a known key; see configs/promote/default.yaml."),
     ("stages: {Production: {compare_with_production: {max_regression: 0.05}}}",
      "Promotion config {path}: stages.Production.compare_with_production.metric is missing (the metric compared "
      "with the version in Production now); see configs/promote/default.yaml."),
