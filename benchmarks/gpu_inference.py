@@ -277,7 +277,6 @@ def part_evaluate(out: Path, reuse: bool) -> None:
 def _bare_spec(config: dict) -> dict:
     from mlflow import MlflowClient
 
-    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
     from loraflow import datasets, tasks
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -319,7 +318,6 @@ def bare_evaluate(opts: argparse.Namespace) -> None:
     request = LoRARequest("adapter", 1, spec["adapter"]) if lora else None
     outputs = llm.chat(chats, sampling_params=params, lora_request=request, use_tqdm=False)
     end = time.monotonic()
-    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
     from loraflow import tasks
 
     task = tasks.get(spec["task"])
@@ -340,7 +338,6 @@ def part_serve(out: Path, requests: int, bare: bool) -> None:
     `vllm serve` with the same adapter and engine arguments, its clients sending the whole prompt."""
     from mlflow import MlflowClient
 
-    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
     from loraflow import datasets, tasks
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
