@@ -198,10 +198,23 @@ def _python(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, *args], cwd=ROOT, **kwargs)
 
 
-def _version_tags(version: str) -> dict[str, str]:
+def _store():
+    """The store setup() pointed MLFLOW_TRACKING_URI at."""
     from mlflow import MlflowClient
 
-    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(NAME, version).tags
+    return MlflowClient()
+
+
+def _version_tags(version: str) -> dict[str, str]:
+    return _store().get_model_version(NAME, version).tags
+
+
+def _adapter() -> str:
+    """v1's adapter folder, downloaded once a machine (bare vLLM loads it from there)."""
+    folder = WORK / "adapter" / "adapter"
+    if not folder.exists():
+        _store().download_artifacts(_store().get_model_version(NAME, "1").run_id, "adapter", str(folder.parent))
+    return str(folder)
 
 
 def _accelerator() -> str:
@@ -255,10 +268,7 @@ def part_evaluate(out: Path, reuse: bool) -> None:
                             "prompts, sampling and engine arguments", "config": config, "project_exit": code,
                     "project_run_s": project_s}
     if code == 0:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-        run = client.get_run(_version_tags("1")["loraflow.eval.run_id"])
+        run = _store().get_run(_version_tags("1")["loraflow.eval.run_id"])
         result["project"] = {k: v for k, v in run.data.metrics.items() if not k.startswith("intent_")}
     spec = _bare_spec(config)
     result["bare"] = {}
@@ -275,17 +285,12 @@ def part_evaluate(out: Path, reuse: bool) -> None:
 
 
 def _bare_spec(config: dict) -> dict:
-    from mlflow import MlflowClient
-
     from loraflow import datasets, tasks
 
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    version = client.get_model_version(NAME, "1")
-    task, prompt = tasks.of_version(version)
-    adapter = client.download_artifacts(version.run_id, "adapter", str(WORK / "adapter"))
+    task, prompt = tasks.of_version(_store().get_model_version(NAME, "1"))
     [split] = datasets.load_datasets(str(ROOT / config["dataset_dir"]), [config["dataset"]])
     engine = yaml.safe_load((ROOT / config["engine"]).read_text())
-    return {"model": str(SMOLLM2), "adapter": adapter, "engine_kwargs": engine, "task": task.name,
+    return {"model": str(SMOLLM2), "adapter": _adapter(), "engine_kwargs": engine, "task": task.name,
             "rows": [{"messages": prompt.messages(row["input"]), "input": row["input"], "output": row["output"]}
                      for row in split.rows[: config["max_rows"]]],
             "sampling": config["sampling"], "guided": config["guided_decoding"],
@@ -336,11 +341,9 @@ def part_serve(out: Path, requests: int, bare: bool) -> None:
     """configs/serve/gpu.yaml through `mlflow run . -e serve`: latency at 1 and 16 clients sending the
     input alone to the stable name; a promotion followed under load; a canary split. Then bare
     `vllm serve` with the same adapter and engine arguments, its clients sending the whole prompt."""
-    from mlflow import MlflowClient
-
     from loraflow import datasets, tasks
 
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    client = _store()
     v1 = client.get_model_version(NAME, "1")
     _, prompt = tasks.of_version(v1)
     [split] = datasets.load_datasets(str(ROOT / "data/viggo"), ["viggo-test"])
@@ -406,17 +409,11 @@ def _promote(version: str, stage: str, weight: str = "") -> int:
 
 
 def _bare_serve(out: Path, inputs: list[str], prompt, requests: int) -> dict:
-    adapter = WORK / "adapter" / "adapter"
-    if not adapter.exists():
-        from mlflow import MlflowClient
-
-        v1 = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_model_version(NAME, "1")
-        adapter = Path(MlflowClient().download_artifacts(v1.run_id, "adapter", str(WORK / "adapter")))
     engine = yaml.safe_load((ROOT / "configs/engines/qwen2.5-7b-gpu.yaml").read_text())
     serving = yaml.safe_load((ROOT / "configs/serve/gpu.yaml").read_text())["llm_config"]["engine_kwargs"]
     port = _free_port()
     args = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(SMOLLM2), "--port", str(port),
-            "--host", "127.0.0.1", "--enable-lora", "--lora-modules", f"viggo={adapter}",
+            "--host", "127.0.0.1", "--enable-lora", "--lora-modules", f"viggo={_adapter()}",
             "--max-loras", str(serving["max_loras"])]
     for key, value in engine.items():
         flag = "--" + key.replace("_", "-")
