@@ -76,6 +76,12 @@ BASE = {  # the project's CPU recipe shape; recipes override some of these
 }
 
 
+# The instruction each training row and each evaluation prompt carries (the recipe key
+# `instruction`): the seed's own (159 tokens, in data/viggo), a short one, or none (the user
+# message is the sentence alone).
+INSTRUCTIONS = {"seed": None, "short": "Give the meaning representation of this sentence.", "none": ""}
+
+
 def R(n: int | None = None, lr: float | None = None, **kw) -> dict:
     """A recipe's overrides: n = first n train rows (max_samples), lr = learning rate."""
     out = dict(kw)
@@ -104,6 +110,12 @@ GRIDS = {
         R(1200, 2e-3, per_device_train_batch_size=8),
         R(1200, 2e-3, packing=True, per_device_train_batch_size=2),
     ],
+    # Issue 37 item 3: the instruction's share of what a sample teaches, at the default recipe
+    # (1,600 samples, lr 3e-3, r 8) and the whole train set, two seeds each; two more points of
+    # the curve for the short prompts (what 15 CPU minutes buy once a step is cheaper).
+    "prompt-5103": [R(5103, 3e-3, instruction=i, seed=s) for i in INSTRUCTIONS for s in (42, 7)],
+    "prompt-1600": [R(1600, 3e-3, instruction=i, seed=s) for i in INSTRUCTIONS for s in (42, 7)]
+    + [R(n, 3e-3, instruction=i) for i in ("short", "none") for n in (2400, 3200)],
     # Round 2: one recipe family (give it with --set) along the samples-seen axis, seeds, epochs.
     "curve": [
         R(4000), R(3500), R(3000), R(2500), R(2000), R(1600), R(1400), R(1200), R(1000), R(800),
@@ -119,6 +131,8 @@ def recipe_name(overrides: dict) -> str:
             f"-w{a['warmup_ratio']:g}")
     if a.get("packing"):
         name += "-pack"
+    if a.get("instruction", "seed") != "seed":
+        name += f"-i{a['instruction']}"
     return name + (f"-s{a['seed']}" if a["seed"] != 42 else "")
 
 
@@ -152,8 +166,15 @@ def prepare_model(gguf_dir: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def with_instruction(row: dict, instruction: str) -> dict:
+    """The row as the recipe's `instruction` has it (LLaMA-Factory skips an empty instruction)."""
+    own = INSTRUCTIONS[instruction]
+    return row if own is None else {**row, "instruction": own}
+
+
 def eval_prompt(tokenizer, row: dict) -> str:
-    messages = [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}]
+    text = f"{row['instruction']}\n{row['input']}" if row["instruction"] else row["input"]
+    messages = [{"role": "user", "content": text}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -190,7 +211,7 @@ def check_prompt(model: Path) -> dict:
 # ---------------------------------------------------------------- one recipe (worker process)
 
 
-def evaluate(model_dir: Path, adapter_dir: Path, batch_size: int = 128,
+def evaluate(model_dir: Path, adapter_dir: Path, instruction: str = "seed", batch_size: int = 128,
              limit: int | None = None) -> tuple[dict, list[str]]:
     import torch
     from peft import PeftModel
@@ -199,7 +220,8 @@ def evaluate(model_dir: Path, adapter_dir: Path, batch_size: int = 128,
     sys.path.insert(0, str(ROOT))
     from evaluation import viggo
 
-    rows = [json.loads(line) for line in open(DATA_DIR / "test.jsonl") if line.strip()][:limit]
+    rows = [with_instruction(json.loads(line), instruction)
+            for line in open(DATA_DIR / "test.jsonl") if line.strip()][:limit]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
@@ -228,8 +250,19 @@ def evaluate(model_dir: Path, adapter_dir: Path, batch_size: int = 128,
 def worker(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     run_dir = spec_path.parent
-    args = {**BASE, **spec["overrides"], "model_name_or_path": spec["model"],
-            "dataset_dir": str(DATA_DIR), "output_dir": str(run_dir / "adapter")}
+    overrides = dict(spec["overrides"])
+    instruction = overrides.pop("instruction", "seed")
+    data_dir = DATA_DIR
+    if INSTRUCTIONS[instruction] is not None:  # the train rows rewritten with the recipe's instruction
+        data_dir = run_dir / "data"
+        data_dir.mkdir()
+        shutil.copy(DATA_DIR / "dataset_info.json", data_dir)
+        with open(data_dir / "train.jsonl", "w") as out:
+            for line in open(DATA_DIR / "train.jsonl"):
+                if line.strip():
+                    out.write(json.dumps(with_instruction(json.loads(line), instruction)) + "\n")
+    args = {**BASE, **overrides, "model_name_or_path": spec["model"],
+            "dataset_dir": str(data_dir), "output_dir": str(run_dir / "adapter")}
     from llamafactory.train.tuner import run_exp
 
     start = time.monotonic()
@@ -238,7 +271,7 @@ def worker(spec_path: Path) -> None:
     state = json.loads((run_dir / "adapter" / "trainer_state.json").read_text())
     train = json.loads((run_dir / "adapter" / "train_results.json").read_text())
     start = time.monotonic()
-    scores, generated = evaluate(Path(spec["model"]), run_dir / "adapter")
+    scores, generated = evaluate(Path(spec["model"]), run_dir / "adapter", instruction)
     result = {
         "train_seconds": round(train_seconds, 1), "train_runtime": train.get("train_runtime"),
         "train_loss": train.get("train_loss"), "steps": state["global_step"],
