@@ -45,6 +45,20 @@ def test_missing_columns_are_named(viggo_copy):
         datasets.load_datasets(str(viggo_copy), ["viggo-val"])
 
 
+def test_the_instruction_is_read_from_the_column_the_entry_maps_and_none_without_one(viggo_copy):
+    """LLaMA-Factory reads only the columns an entry maps, when it maps any: no "prompt", no instruction."""
+    info = json.loads((viggo_copy / "dataset_info.json").read_text())
+    info["input-only"] = {"file_name": "bare.jsonl", "columns": {"query": "sentence", "response": "mr"}}
+    info["renamed"] = {"file_name": "renamed.jsonl", "columns": {"prompt": "task", "query": "input", "response": "output"}}
+    (viggo_copy / "dataset_info.json").write_text(json.dumps(info))
+    (viggo_copy / "bare.jsonl").write_text('{"sentence": "a", "mr": "inform(name[A])"}\n')
+    (viggo_copy / "renamed.jsonl").write_text('{"task": "Parse:", "input": "a", "output": "b"}\n'
+                                              '{"task": "", "input": "c", "output": "d"}\n')
+    bare, renamed, val = datasets.load_datasets(str(viggo_copy), ["input-only", "renamed", "viggo-val"])
+    assert bare.instructions() == [""] and renamed.instructions() == ["Parse:", ""]
+    assert set(val.instructions()) == {json.loads(line)["instruction"] for line in open(viggo_copy / "val.jsonl")}
+
+
 def test_folder_without_dataset_info(tmp_path):
     with pytest.raises(UserError, match="has no dataset_info.json"):
         datasets.load_datasets(str(tmp_path), ["viggo-val"])

@@ -94,17 +94,17 @@ def test_only_a_chat_of_one_user_message_of_text_is_the_tasks_input(messages, gi
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("rows, message", [
-    ([{"instruction": "A", "input": "x"}, {"instruction": "B", "input": "y"}],
+@pytest.mark.parametrize("instructions, message", [
+    (["A", "B"],
      "dataset viggo-train: the rows carry 2 different instructions; a task trains with one prompt, so give every "
      "row the same instruction (or split the data into one dataset a task)."),
-    ([{"instruction": "Fill {{slot}}", "input": "x"}],
+    (["Fill {{slot}}"],
      "dataset viggo-train: the instruction contains '{{' or '}}', which the MLflow Prompt Registry reads as a "
      "template variable; rephrase it without double braces."),
 ], ids=["two_instructions", "braces"])
-def test_training_rows_must_share_one_instruction_the_registry_can_keep(rows, message):
+def test_training_rows_must_share_one_instruction_the_registry_can_keep(instructions, message):
     with pytest.raises(UserError) as refused:
-        tasks.instruction_of(rows, "dataset viggo-train")
+        tasks.instruction_of(instructions, "dataset viggo-train")
     assert str(refused.value) == message
 
 

@@ -33,6 +33,13 @@ class DatasetFile:
     sha256: str
     rows: list[dict]
     info_sha256: str  # of the dataset_info.json that named the file (expected_digests)
+    columns: dict[str, str]  # what LLaMA-Factory reads each role from (columns_of)
+
+    def instructions(self) -> list[str]:
+        """Each row's instruction as LLaMA-Factory's alpaca format reads it: none ("") where the
+        entry maps no prompt column, or the row's is empty."""
+        column = self.columns.get("prompt")
+        return [(row.get(column) or "") if column else "" for row in self.rows]
 
 
 def is_remote(location: str) -> bool:
@@ -117,9 +124,10 @@ def load_datasets(dataset_dir: str, names: list[str]) -> list[DatasetFile]:
                 f"{local / 'dataset_info.json'}). Restore the file or fix its file_name."
             )
         rows = _read_rows(path)
-        _check_columns(name, path, rows, _required_columns(spec))
+        columns = columns_of(spec)
+        _check_columns(name, path, rows, list(columns.values()))
         source = _join(dataset_dir, spec["file_name"]) if is_remote(dataset_dir) else str(path)
-        files.append(DatasetFile(name, spec["file_name"], source, _sha256(path), rows, info_sha256))
+        files.append(DatasetFile(name, spec["file_name"], source, _sha256(path), rows, info_sha256, columns))
     return files
 
 
@@ -188,9 +196,13 @@ def _read_rows(path: Path) -> list[dict]:
     return [row for _, row in numbered]
 
 
-def _required_columns(spec: dict) -> list[str]:
-    default = _DEFAULT_SHAREGPT_COLUMNS if spec.get("formatting") == "sharegpt" else _DEFAULT_ALPACA_COLUMNS
-    return list({**default, **spec.get("columns", {})}.values())
+def columns_of(spec: dict) -> dict[str, str]:
+    """The columns LLaMA-Factory 0.9.5 reads (data/parser.py DatasetAttr.join): its defaults when the
+    entry maps none, else the entry's mapping alone; a role it leaves out is not read (an alpaca
+    entry without "prompt" trains on the input alone)."""
+    if "columns" in spec:
+        return dict(spec["columns"])
+    return dict(_DEFAULT_SHAREGPT_COLUMNS if spec.get("formatting") == "sharegpt" else _DEFAULT_ALPACA_COLUMNS)
 
 
 def _check_columns(name: str, path: Path, rows: list[dict], required: list[str]) -> None:

@@ -93,9 +93,9 @@ def prompt_name(task: Task) -> str:
     return f"{task.name}-instruction"
 
 
-def instruction_of(rows: list[dict], where: str) -> str:
-    """The one instruction that every training row carries (a task trains with one prompt)."""
-    found = {row.get("instruction", "") for row in rows}
+def instruction_of(instructions: list[str], where: str) -> str:
+    """The one instruction that every training row carries (a task trains with one prompt; "" is none)."""
+    found = set(instructions)
     if len(found) != 1:
         raise UserError(f"{where}: the rows carry {len(found)} different instructions; a task trains with one "
                         "prompt, so give every row the same instruction (or split the data into one dataset a task).")

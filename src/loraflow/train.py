@@ -74,7 +74,8 @@ def train(config_path: str, overrides: dict[str, Any] | None = None, resume: str
         _check_writable(Path(cfg.ray.ray_storage_path), "ray_storage_path")
     _check_writable(Path(lf_args["output_dir"]) if lf_args.get("output_dir") else OUTPUTS_DIR, "output_dir")
     data = _check_data(lf_args)
-    trained_on = [row for item in data if item.name in datasets.split_names(lf_args["dataset"]) for row in item.rows]
+    trained_on = [text for item in data if item.name in datasets.split_names(lf_args["dataset"])
+                  for text in item.instructions()]
     instruction = tasks.instruction_of(trained_on, f"dataset {lf_args['dataset']}")  # the prompt the version keeps
 
     tracking.use_model_experiment(cfg.registered_model_name, train_run=resume)  # a continuation beside its run
