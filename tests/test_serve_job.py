@@ -28,13 +28,17 @@ from conftest import ROOT, config_with, copy_store, entry_point
 from mlflow import MlflowClient
 from servers import Lines, MlflowServer, free_port, s3_server
 
-from loraflow import canary, entry_points, traces
+from loraflow import canary, entry_points, tasks, traces
 from loraflow import registry as registry_contract
 from loraflow.evaluate import record_evaluation
 from loraflow.registry_lock import locked
 
 NAME = "viggo-tiny-lora"
 MODEL_ID = "tiny"
+STABLE = f"{MODEL_ID}:{NAME}"  # its stable name, following Production
+SECOND = "viggo-nlg-tiny-lora"  # v1: viggo-tiny-lora v2's adapter, registered for the other task and its prompt
+LATER = "viggo-later-tiny-lora"  # listed by the server's config, registered only while it serves
+NLG_INSTRUCTION = json.loads((ROOT / "data/viggo-nlg/train.jsonl").open().readline())["instruction"]
 API_KEY = "test-key-123"
 # Figures that pass configs/promote/default.yaml (the default recipe's own are in quality-default.json).
 GOOD = {"exact_match": 0.64, "parse_validity": 0.99, "slot_f1": 0.91, "rows": 1083}
@@ -55,15 +59,20 @@ def registry(tiny_trainings, tmp_path_factory):
         for version in ("1", "2"):
             record_evaluation(NAME, version, GOOD, "serve-test")
         assert entry_points.main("promote", ["--name", NAME, "--version", "1"]) == 0
+        v2 = MlflowClient().get_model_version(NAME, "2")
+        prompt = tasks.register_prompt(tasks.get("viggo-nlg"), NLG_INSTRUCTION, v2.run_id)
+        _register_like(MlflowClient(), v2, tmp_path_factory.mktemp("second"), name=SECOND,
+                       **{registry_contract.TASK_TAG: "viggo-nlg", registry_contract.PROMPT_TAG: prompt.uri})
+        assert entry_points.main("promote", ["--name", SECOND, "--version", "1"]) == 0
         yield tracking
         environment.undo()
         mlflow.set_tracking_uri(None)
 
 
-def _serve_config(tmp_path, port: int, lora_store: str | None = None) -> str:
+def _serve_config(tmp_path, port: int, lora_store: str | None = None, models: list[str] | None = None) -> str:
     config = yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text())
     config.update(port=port, api_key_env="LORAFLOW_TEST_API_KEY", poll_interval_s=1, metrics_interval_s=1,
-                  lora_store=lora_store)
+                  lora_store=lora_store, models=models or [NAME])
     config["traces"]["sample_rate"] = 1.0  # every answer traced: the traces test counts them
     config["metrics_export_port"] = free_port()
     config["llm_config"]["model_loading_config"]["model_id"] = MODEL_ID
@@ -85,8 +94,8 @@ class ServeProcess:
             self.port, self.log = free_port(), self.folder / f"serve-{time.monotonic_ns()}.log"
             env = {**os.environ, "MLFLOW_TRACKING_URI": self.registry.url, "LORAFLOW_TEST_API_KEY": API_KEY}
             with open(self.log, "w") as out:
-                self.proc = subprocess.Popen([*entry_point("serve"), "--name", NAME,
-                                              "--config", _serve_config(self.folder, self.port, self.lora_store)],
+                config = _serve_config(self.folder, self.port, self.lora_store, models=[NAME, SECOND, LATER])
+                self.proc = subprocess.Popen([*entry_point("serve"), "--config", config],
                                              cwd=ROOT,
                                              env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 600
@@ -157,7 +166,7 @@ def client(port: int, key: str = API_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def ask(port: int, model: str = f"{MODEL_ID}:production", max_tokens: int = 8, **kwargs):
+def ask(port: int, model: str = STABLE, max_tokens: int = 8, **kwargs):
     return client(port).chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "Blizzard North made Diablo II."}],
         max_tokens=max_tokens, temperature=0.0, **kwargs)
@@ -166,9 +175,53 @@ def ask(port: int, model: str = f"{MODEL_ID}:production", max_tokens: int = 8, *
 def test_models_lists_base_adapter_and_stable_name(server):
     _, port, _ = server
     listed = {m.id: m for m in client(port).models.list().data}
-    assert {MODEL_ID, f"{MODEL_ID}:{NAME}-v1", f"{MODEL_ID}:production"} <= set(listed)
-    status = listed[f"{MODEL_ID}:production"].model_extra["metadata"]["loraflow"]
+    assert {MODEL_ID, f"{MODEL_ID}:{NAME}-v1", STABLE} <= set(listed)
+    status = listed[STABLE].model_extra["metadata"]["loraflow"]
     assert status["serving"] == f"{NAME}-v1" and status["registry"]["state"] == "ok"
+
+
+def test_two_tasks_are_served_at_once_and_models_come_and_go_while_serving(server, registry, tmp_path):
+    """One server follows three registered models: viggo-tiny-lora (viggo-mr), SECOND (viggo-nlg, on
+    another adapter) and LATER (not registered yet). Each stable name answers with its own version
+    and prompt; promoting viggo-tiny-lora leaves SECOND's answers byte-identical; LATER answers 404
+    saying why until it is registered and promoted, then serves, and goes again once deleted."""
+    _, port, _ = server
+    listed = {m.id: m for m in client(port).models.list().data}
+    assert f"{MODEL_ID}:production" not in listed  # with several models, each is asked for by its name
+    status = listed[f"{MODEL_ID}:{SECOND}"].model_extra["metadata"]["loraflow"]
+    assert (status["serving"], status["registry"]["state"]) == (f"{SECOND}-v1", "ok")
+    card = listed[f"{MODEL_ID}:{SECOND}-v1"].model_extra["metadata"]["loraflow"]
+    assert (card["task"], card["instruction"]) == ("viggo-nlg", NLG_INSTRUCTION)
+    inputs = ["inform(name[Diablo II], developer[Blizzard North])", "request(specifier[exciting])"]
+
+    def answers(model: str) -> list[tuple]:
+        done = [client(port).chat.completions.create(model=model, max_tokens=8, temperature=0.0,
+                                                     messages=[{"role": "user", "content": text}]) for text in inputs]
+        return [(a.model, a.choices[0].message.content, a.usage.prompt_tokens) for a in done]
+
+    before = answers(f"{MODEL_ID}:{SECOND}")
+    assert {model for model, _, _ in before} == {f"{MODEL_ID}:{SECOND}-v1"}
+    mr = answers(STABLE)  # the same inputs, each version's own prompt: as many more tokens as the instructions differ
+    assert [tokens for _, _, tokens in before] != [tokens for _, _, tokens in mr]
+    with pytest.raises(openai.NotFoundError) as missing:
+        ask(port, f"{MODEL_ID}:{LATER}")
+    assert f"There is no registered model '{LATER}'" in missing.value.message
+
+    assert entry_points.main("promote", ["--name", NAME, "--version", "2", "--reason", "serve test: two models"]) == 0
+    assert _wait_for_status(port, lambda s: s["serving"] == f"{NAME}-v2")["serving"] == f"{NAME}-v2"
+    assert answers(f"{MODEL_ID}:{SECOND}") == before
+
+    store = MlflowClient()
+    later = _register_like(store, store.get_model_version(NAME, "2"), tmp_path, name=LATER)
+    assert entry_points.main("promote", ["--name", LATER, "--version", later]) == 0
+    status = _wait_for_status(port, lambda s: s["serving"] == f"{LATER}-v1", name=LATER)
+    assert status["serving"] == f"{LATER}-v1", status
+    assert ask(port, f"{MODEL_ID}:{LATER}").parse().model == f"{MODEL_ID}:{LATER}-v1"
+    store.delete_registered_model(LATER)
+    status = _wait_for_status(port, lambda s: s["serving"] is None, name=LATER)
+    assert status["why_not"].startswith(f"There is no registered model '{LATER}'"), status
+    with pytest.raises(openai.NotFoundError):
+        ask(port, f"{MODEL_ID}:{LATER}")
 
 
 def test_a_client_sends_the_input_alone_and_gets_the_answer_evaluate_scored(server, registry, tmp_path):
@@ -266,8 +319,8 @@ def test_one_model_by_id_with_the_checks_of_completions(server):
     """GET /v1/models/{id}: the stable name's card carries the registry's state; an id that is not
     a plain adapter folder in the store is refused before Ray reads {store}/{id}/adapter_config.json."""
     _, port, _ = server
-    stable = client(port).models.retrieve(f"{MODEL_ID}:production")
-    assert stable.id == f"{MODEL_ID}:production"
+    stable = client(port).models.retrieve(STABLE)
+    assert stable.id == STABLE
     assert stable.model_extra["metadata"]["loraflow"]["serving"] == f"{NAME}-v1"
     assert client(port).models.retrieve(f"{MODEL_ID}:{NAME}-v1").id == f"{MODEL_ID}:{NAME}-v1"
     for adapter, status, message in [("%2e%2e", 400, "Invalid adapter id"), ("x" * 300, 400, "Invalid adapter id"),
@@ -307,7 +360,7 @@ def test_health_endpoint(server):
 def test_streaming_chat(server):
     _, port, _ = server
     stream = client(port).chat.completions.create(
-        model=f"{MODEL_ID}:production", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True)
+        model=STABLE, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True)
     chunks = list(stream)
     assert len(chunks) > 1
     assert {chunk.model for chunk in chunks} == {f"{MODEL_ID}:{NAME}-v1"}
@@ -315,13 +368,13 @@ def test_streaming_chat(server):
 
 
 @pytest.mark.parametrize("path, body", [
-    ("/v1/models", None), (f"/v1/models/{MODEL_ID}:production", None), (f"/v1/models/{MODEL_ID}", None),
-    ("/v1/chat/completions", {"model": f"{MODEL_ID}:production", "messages": [{"role": "user", "content": "hi"}],
+    ("/v1/models", None), (f"/v1/models/{STABLE}", None), (f"/v1/models/{MODEL_ID}", None),
+    ("/v1/chat/completions", {"model": STABLE, "messages": [{"role": "user", "content": "hi"}],
                               "max_tokens": 2}),
-    ("/v1/completions", {"model": f"{MODEL_ID}:production", "prompt": "hi", "max_tokens": 2}),
-    ("/v1/embeddings", {"model": f"{MODEL_ID}:production", "input": "hi"}),
-    ("/tokenize", {"model": f"{MODEL_ID}:production", "prompt": "hi"}),
-    ("/detokenize", {"model": f"{MODEL_ID}:production", "tokens": [1, 2]}),
+    ("/v1/completions", {"model": STABLE, "prompt": "hi", "max_tokens": 2}),
+    ("/v1/embeddings", {"model": STABLE, "input": "hi"}),
+    ("/tokenize", {"model": STABLE, "prompt": "hi"}),
+    ("/detokenize", {"model": STABLE, "tokens": [1, 2]}),
 ], ids=["models", "model-stable", "model-base", "chat", "completions", "embeddings", "tokenize", "detokenize"])
 @pytest.mark.parametrize("key", [None, "wrong"])
 def test_every_route_needs_the_api_key(server, path, body, key):
@@ -355,7 +408,7 @@ def test_oversized_prompt_is_refused_with_the_limit(server):
     _, port, _ = server
     with pytest.raises(openai.BadRequestError) as refused:
         client(port).chat.completions.create(
-            model=f"{MODEL_ID}:production", max_tokens=8,
+            model=STABLE, max_tokens=8,
             messages=[{"role": "user", "content": "Diablo II was made by Blizzard North. " * 400}])
     assert "1024" in refused.value.message
     assert ask(port).parse().model == f"{MODEL_ID}:{NAME}-v1"  # and the server carries on
@@ -514,21 +567,21 @@ def test_1000_requests_across_a_promotion_fail_none(server, registry):
     print(f"1000 requests in {time.monotonic() - started:.0f} s, 0 failed, v2 from request {first_v2 + 1}")
 
 
-def _stable_status(port: int) -> dict:
+def _stable_status(port: int, name: str = NAME) -> dict:
     listed = {m.id: m for m in client(port).models.list().data}
-    return listed[f"{MODEL_ID}:production"].model_extra["metadata"]["loraflow"]
+    return listed[f"{MODEL_ID}:{name}"].model_extra["metadata"]["loraflow"]
 
 
-def _wait_for_status(port: int, done, timeout: float = 60) -> dict:
+def _wait_for_status(port: int, done, timeout: float = 60, name: str = NAME) -> dict:
     deadline = time.monotonic() + timeout
-    while not done(status := _stable_status(port)) and time.monotonic() < deadline:
+    while not done(status := _stable_status(port, name)) and time.monotonic() < deadline:
         time.sleep(1)
     return status
 
 
-def _register_like(store: MlflowClient, v2, tmp_path, **changes) -> str:
-    """A version made from v2's adapter with `changes` to its adapter_config.json or tags, registered
-    (with its own digests) and evaluated like a good one."""
+def _register_like(store: MlflowClient, v2, tmp_path, name: str = NAME, **changes) -> str:
+    """A version of `name` made from v2's adapter with `changes` to its adapter_config.json or tags,
+    registered (with its own digests) and evaluated like a good one."""
     import mlflow
 
     from loraflow import registry
@@ -539,9 +592,9 @@ def _register_like(store: MlflowClient, v2, tmp_path, **changes) -> str:
     (local / "adapter_config.json").write_text(json.dumps(adapter_config))
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(local), registry.ADAPTER_ARTIFACT_PATH)
-    version = registry.register_adapter(NAME, run.info.run_id, {**v2.tags, **changes}, "serve test",
+    version = registry.register_adapter(name, run.info.run_id, {**v2.tags, **changes}, "serve test",
                                         registry.file_digests(local))
-    record_evaluation(NAME, str(version.version), GOOD, "serve-test")
+    record_evaluation(name, str(version.version), GOOD, "serve-test")
     return str(version.version)
 
 
@@ -709,13 +762,13 @@ def test_a_canary_splits_the_stable_name_and_survives_a_restart(server, serve_pr
     # The server's own MLflow run (it was not started by `mlflow run`) gets the figures over time.
     run = _serving_run(serve_process.log)
     assert (run.info.run_name, run.info.status, run.data.tags["loraflow.job"]) == \
-        (f"serve-{NAME}@production", "RUNNING", "serve")
+        (f"serve-{NAME}+{SECOND}+{LATER}@production", "RUNNING", "serve")
     assert run.data.tags["mlflow.user"]  # who started the server
     assert MlflowClient().get_experiment(run.info.experiment_id).name == NAME  # the model's own experiment
     for version, requests in counted.items():
         history = _wait_for_metric(run.info.run_id, f"live.{NAME}-{version}.requests", requests)
         assert history[-1].value == requests and [m.step for m in history] == sorted(m.step for m in history)
-    assert _wait_for_metric(run.info.run_id, "live.canary_weight", 0.5)[-1].value == 0.5
+    assert _wait_for_metric(run.info.run_id, f"live.{NAME}.canary_weight", 0.5)[-1].value == 0.5
 
     assert entry_points.main("promote", ["--name", NAME, "--version", "2", "--stage", "Canary", "--weight", "0",
                          "--reason", "serve test: stop"]) == 0
@@ -848,7 +901,7 @@ def test_live_figures_are_prometheus_metrics_on_rays_endpoint(server, serve_proc
         return [_prometheus(metrics_port, name, adapter=f"{NAME}-v1", route=route) for name, route in series]
 
     before = _settled(read)
-    for model in [f"{MODEL_ID}:{NAME}-v1"] * 3 + [f"{MODEL_ID}:production"] * 2:
+    for model in [f"{MODEL_ID}:{NAME}-v1"] * 3 + [STABLE] * 2:
         ask(port, model=model, max_tokens=1).parse()
     expected = [b + added for b, added in zip(before, (3, 3, 3, 3, 2))]
     deadline = time.monotonic() + 60  # Ray exports every few seconds
@@ -871,7 +924,7 @@ def test_served_requests_are_traced_with_the_version_and_export_to_a_dataset(ser
     since = datetime.now(timezone.utc)
     prompt = "Blizzard North made Diablo II.\nMail ann.lee@example.com about it."
     answers = []
-    for model in [f"{MODEL_ID}:production"] * 4 + [f"{MODEL_ID}:{NAME}-v1"] * 2:
+    for model in [STABLE] * 4 + [f"{MODEL_ID}:{NAME}-v1"] * 2:
         answer = client(port).chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                       max_tokens=4, temperature=0.0)
         answers.append((answer.model, answer.choices[0].message.content))
@@ -890,7 +943,7 @@ def test_served_requests_are_traced_with_the_version_and_export_to_a_dataset(ser
         + [("1", f"{NAME}-v1", "id", "false")] * 2
     assert {t.info.trace_metadata["mlflow.sourceRun"] for t in logged} == {run.info.run_id}
     span = logged[0].data.spans[0]
-    assert span.inputs == {"model": f"{MODEL_ID}:production", "max_tokens": 4, "temperature": 0.0,
+    assert span.inputs == {"model": STABLE, "max_tokens": 4, "temperature": 0.0,
                            "messages": [{"role": "user", "content": prompt.replace("ann.lee@example.com",
                                                                                    traces.REDACTED)}]}
     assert [t.data.spans[0].outputs["text"] for t in logged] == [text for _, text in answers]
@@ -1004,7 +1057,7 @@ def test_only_published_versions_are_served_and_a_changed_store_folder_is_withdr
     s3.put_object(Bucket=bucket, Key=f"{prefix}/{NAME}-v1/adapter_config.json", Body=b'{"r": 8, "changed": true}')
     status = _wait_for_status(port, lambda s: s["registry"]["state"] == "error")
     assert "differs from the registered adapter" in status["registry"]["error"]
-    for model in (f"{MODEL_ID}:production", f"{MODEL_ID}:{NAME}-v1"):
+    for model in (STABLE, f"{MODEL_ID}:{NAME}-v1"):
         with pytest.raises(openai.InternalServerError) as refused:
             ask(port, model=model)
         assert refused.value.status_code == 503
@@ -1035,7 +1088,7 @@ def test_a_pathological_1mb_prompt_is_traced_cut_while_other_clients_are_answere
     load.start()
     assert answering.wait(timeout=120)
     with pytest.raises(openai.BadRequestError) as refused:
-        client(port).chat.completions.create(model=f"{MODEL_ID}:production", max_tokens=8,
+        client(port).chat.completions.create(model=STABLE, max_tokens=8,
                                              messages=[{"role": "user", "content": prompt}])
     assert "1024" in refused.value.message
     after = _load(port, 20, 4)  # while the refused prompt's trace is being written
@@ -1056,9 +1109,9 @@ def test_a_pathological_1mb_prompt_is_traced_cut_while_other_clients_are_answere
     # A streamed answer and one whose request carries a `user` field and a route key.
     before = _stable_status(port)["live"][f"{NAME}-v1"]
     since_ms = int(time.time() * 1000)
-    list(client(port).chat.completions.create(model=f"{MODEL_ID}:production", max_tokens=4, stream=True,
+    list(client(port).chat.completions.create(model=STABLE, max_tokens=4, stream=True,
                                               messages=[{"role": "user", "content": "Streamed."}]))
-    client(port).chat.completions.create(model=f"{MODEL_ID}:production", max_tokens=4, temperature=0.0,
+    client(port).chat.completions.create(model=STABLE, max_tokens=4, temperature=0.0,
                                          messages=[{"role": "user", "content": "Keyed."}], user="client-7",
                                          extra_headers={"x-loraflow-route-key": "route-key-7"})
     live = _stable_status(port)["live"][f"{NAME}-v1"]
@@ -1069,7 +1122,7 @@ def test_a_pathological_1mb_prompt_is_traced_cut_while_other_clients_are_answere
             and time.monotonic() < deadline:
         time.sleep(1)
     [keyed] = logged  # one at a time, in order: the stream's would have been logged before it
-    assert keyed.data.spans[0].inputs == {"model": f"{MODEL_ID}:production", "max_tokens": 4, "temperature": 0.0,
+    assert keyed.data.spans[0].inputs == {"model": STABLE, "max_tokens": 4, "temperature": 0.0,
                                           "messages": [{"role": "user", "content": "Keyed."}]}
     assert "client-7" not in keyed.to_json() and "route-key-7" not in keyed.to_json()
     assert _stable_status(port)["traces_dropped"] == dropped

@@ -114,11 +114,11 @@ ENTRY_POINTS = {point.name: point for point in (
          Param("dataset", "the dataset's name in dataset_info.json", "served"))),
     EntryPoint(
         "serve", "infer", "loraflow.serve:job",
-        "Serve a registered LoRA adapter (the Production one by default) through Ray Serve LLM with an "
-        "OpenAI-compatible API; later promotions are picked up without restart.",
-        (_NAME,
-         Param("alias", "alias to follow (the stable model name's suffix)", "production"),
-         Param("version", "serve this version instead, and do not follow the alias", ""),
+        "Serve registered LoRA adapters (each registered model's Production version by default) on one base model "
+        "through Ray Serve LLM with an OpenAI-compatible API; later promotions are picked up without restart.",
+        (Param("name", "serve this registered model alone; empty: those the serving config lists (`models`)", ""),
+         Param("alias", "alias each stable name follows", "production"),
+         Param("version", "serve this version of the one model served instead, and do not follow the alias", ""),
          Param("config", "serving YAML", "configs/serve/default.yaml", "path")),
         # Ctrl-C / SIGTERM is how a server is meant to stop: exit 0 once everything is shut down.
         interrupted="shutting down", interrupted_code=0),

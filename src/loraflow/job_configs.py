@@ -144,6 +144,9 @@ class TracesConfig(Schema):
 class ServeConfig(Schema):
     """configs/serve/*.yaml: how `serve` serves a version (Ray Serve LLM, an OpenAI-compatible API)."""
 
+    models: list[str] | Literal["all"] = Field(
+        description="the registered models served, each under its stable name <model_id>:<registered model>; "
+                    "all: every registered model whose versions were trained on the served base model")
     host: str = Field(description="the address the API listens on; loopback unless it is meant to be reachable")
     port: int = Field(ge=1, le=65535, description="the API's port")
     api_key_env: str | None = Field(description="the environment variable holding the API key that requests "

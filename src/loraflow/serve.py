@@ -1,9 +1,13 @@
-"""The `serve` entry point: the promoted adapter behind an OpenAI-compatible API, with Ray Serve LLM
-(`LLMConfig` + `build_openai_app` + `serve.run`, as in the seed tutorial).
+"""The `serve` entry point: promoted adapters behind an OpenAI-compatible API, with Ray Serve LLM
+(`LLMConfig` + `build_openai_app` + `serve.run`, as in the seed tutorial), many registered models
+on one base model.
 
-The registered version with the alias (default `production`) is copied into the LoRA store
-(adapter_store.py) and served as `<model_id>:<alias>`; serving_ingress.py follows later promotions
-without a restart. Ctrl-C or SIGTERM shuts Serve, Ray and the local S3 server down.
+Each registered model the serving config lists (`models`; `-P name` serves one alone) is served
+under its stable name `<model_id>:<registered model>`, which follows its version with the alias
+(default `production`); with one model, `<model_id>:<alias>` names it too. Versions are copied into
+the LoRA store (adapter_store.py) when first served; serving_follower.py follows later promotions
+and newly registered models without a restart. Ctrl-C or SIGTERM shuts Serve, Ray and the local S3
+server down.
 """
 
 from __future__ import annotations
@@ -20,14 +24,53 @@ import sys
 import time
 from typing import Any
 
-from loraflow import adapter_store, base_models, job_configs, ray_cluster, registry, tasks, tracking
+from loraflow import adapter_store, base_models, job_configs, ray_cluster, registry, serving_routes, tasks, tracking
 from loraflow.errors import UserError
 from loraflow.job_configs import ServeConfig
 
 
 def job(name: str, alias: str, version: str, config: str) -> None:
     """The serve entry point (entry_points.py): until Ctrl-C or SIGTERM."""
-    serve_forever(name, alias, version or None, config)
+    serve_forever(name or None, alias, version or None, config)
+
+
+def served_models(name: str | None, version: str | None, config: ServeConfig) -> list[str] | None:
+    """The registered models served: `name` alone, else the config's list (None: all)."""
+    models = [name] if name else config.models
+    if models == "all":
+        if version:
+            raise UserError("-P version pins one registered model's version: give -P name too.")
+        return None
+    if not models:
+        raise UserError("The serving config lists no registered models: set models: [NAME, ...] (or all).")
+    if version and len(models) > 1:
+        raise UserError(f"-P version pins one registered model's version, but the serving config lists "
+                        f"{len(models)}: give -P name too.")
+    clashes = serving_routes.collisions(models)
+    if clashes:
+        raise UserError(f"The registered models listed cannot each have a stable name of their own: "
+                        f"{'; '.join(clashes)}. List each once, or rename one.")
+    return models
+
+
+def first_version(models: list[str] | None, version: str | None, alias: str, config: ServeConfig):
+    """The version that tells the base model served: the first listed model's with the alias (or
+    the version pinned). `models: all` names the base model in the config instead."""
+    if models is None:
+        source = (config.llm_config.get("model_loading_config") or {}).get("model_source")
+        if not source:
+            raise UserError("models: all serves the registered models of one base model: name it in the serving "
+                            "config's llm_config.model_loading_config.model_source.")
+        return None
+    refusals = []
+    for name in models:
+        try:
+            return registry.find_version(name, number=version, alias=alias)
+        except UserError as exc:
+            if len(models) == 1:
+                raise
+            refusals.append(str(exc))
+    raise UserError("None of the registered models listed has a version to serve yet: " + " ".join(refusals))
 
 
 def load_config(path: str) -> ServeConfig:
@@ -85,27 +128,33 @@ def llm_config(config: ServeConfig, base_model: str, store: adapter_store.LoraSt
     return fields
 
 
-def serve_forever(name: str, alias: str, version: str | None, config_path: str) -> None:
+def serve_forever(name: str | None, alias: str, version: str | None, config_path: str) -> None:
     config = load_config(config_path)
+    models = served_models(name, version, config)
     api_key = take_api_key(config)
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's proxy and metrics agents listen on its nodes, not here
         _check_port_free(config.host, config.port)
         if config.metrics_export_port is not None:
             _check_port_free("127.0.0.1", config.metrics_export_port, "metrics_export_port")  # loopback only
     tracking_uri = tracking.configure()
-    first = registry.find_version(name, number=version, alias=alias)
-    run_name = f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{name}@{alias}"
+    first = first_version(models, version, alias, config)
+    shown = "all" if models is None else "+".join(models)
+    run_name = f"serve-{registry.adapter_id(first)}" if version is not None else f"serve-{shown}@{alias}"
     launched = tracking.name_launch_run(run_name, "serve")
-    base_model = registry.base_model(first.tags, f"{name} v{first.version}")
-    # What the engine runs; the watcher serves only later versions trained on the same.
+    if first is None:
+        base_model = config.llm_config["model_loading_config"]["model_source"]
+    else:
+        base_model = registry.base_model(first.tags, f"{first.name} v{first.version}")
+    # What the engine runs; the follower serves only versions trained on the same.
     base_model_id = base_models.base_model_identity(base_model)
-    registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id, f"{name} v{first.version}")
-    tasks.of_version(first)  # what the server sends the engine: refused here, before Ray, if it has none
+    if first is not None:
+        registry.check_base_model(first.tags.get(registry.BASE_MODEL_ID_TAG), base_model_id,
+                                  f"{first.name} v{first.version}")
+        tasks.of_version(first)  # what the server sends the engine: refused here, before Ray, if it has none
     with contextlib.ExitStack() as stack:
         store = (adapter_store.LoraStore(config.lora_store) if config.lora_store
                  else stack.enter_context(adapter_store.local_s3_server()))
         fields = llm_config(config, base_model, store)  # refuses a model_source mismatch before publishing
-        adapter = store.publish(first)
         ray_cluster.connect(num_cpus=config.ray_num_cpus, metrics_export_port=config.metrics_export_port)
         from ray import serve
 
@@ -119,14 +168,14 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port})
         from ray.serve.llm import LLMConfig, build_openai_app
 
-        serving_run = launched or _serving_run(run_name, name)
+        serving_run = launched or _serving_run(run_name, first.name if first is not None else None)
         _end_when_stopped(stack, serving_run, mlflow_runs_it=launched is not None)
         app = build_openai_app({
             "llm_configs": [LLMConfig(**fields)],
             "ingress_cls_config": {
                 "ingress_cls": "loraflow.serving_ingress:LoraflowIngress",
                 "ingress_extra_kwargs": {
-                    "registered_model": name, "alias": alias, "pinned_version": version,
+                    "models": models, "alias": alias, "pinned_version": version,
                     "lora_store_uri": store.uri, "lora_store_settings": store.settings,
                     "base_model_id": base_model_id,
                     "api_key_sha256": hashlib.sha256(api_key.encode()).hexdigest() if api_key else None,
@@ -154,21 +203,24 @@ def serve_forever(name: str, alias: str, version: str | None, config_path: str) 
         except RuntimeError as exc:  # a deployment that cannot start (engine settings, resources)
             raise UserError(f"The serving application failed to start: {exc}") from None
         model_id = fields["model_loading_config"]["model_id"]
-        print(json.dumps({
-            "serving": f"http://{config.host}:{config.port}/v1", "mlflow_run": serving_run,
-            "model": f"{model_id}:{alias if version is None else adapter}",
-            "adapter": adapter, "registered_model": name, "version": str(first.version),
-            "api_key_required": bool(api_key),
-        }), flush=True)
+        stable = [f"{model_id}:{m}" for m in models] if models is not None else [f"{model_id}:<registered model>"]
+        if models is not None and len(models) == 1:
+            stable.insert(0, f"{model_id}:{alias if version is None else registry.adapter_id(first)}")
+        started = {"serving": f"http://{config.host}:{config.port}/v1", "mlflow_run": serving_run, "models": stable,
+                   "registered_models": models or "all", "api_key_required": bool(api_key)}
+        if models is not None and len(models) == 1:
+            started.update(model=stable[0], version=str(first.version))
+        print(json.dumps(started), flush=True)
         while True:
             time.sleep(3600)
 
 
-def _serving_run(name: str, registered_model: str) -> str:
-    """The MLflow run this server logs its live figures into, when `mlflow run` made none: one per server."""
+def _serving_run(name: str, registered_model: str | None) -> str:
+    """The MLflow run this server logs its live figures into, when `mlflow run` made none: one per
+    server, in the experiment of the first model it serves (`models: all`: one named loraflow-serve)."""
     from mlflow import MlflowClient
 
-    tracking.use_model_experiment(registered_model)
+    tracking.use_model_experiment(registered_model or "loraflow-serve")
     experiment = (os.environ.get("MLFLOW_EXPERIMENT_ID")
                   or tracking.experiment_named(os.environ["MLFLOW_EXPERIMENT_NAME"]))  # a name the user chose
     return MlflowClient().create_run(experiment, run_name=name, tags={

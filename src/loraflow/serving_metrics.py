@@ -13,8 +13,7 @@ _LATENCY_MS = [25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200
 
 
 class ServingMetrics:
-    def __init__(self, registered_model: str):
-        self._model = registered_model
+    def __init__(self):
         self._requests = metrics.Counter("loraflow_requests", "Requests answered or failed, by the version asked",
                                          tag_keys=_BY_VERSION)
         self._errors = metrics.Counter("loraflow_request_errors", "Requests that failed", tag_keys=_BY_VERSION)
@@ -41,5 +40,5 @@ class ServingMetrics:
                 self._valid.inc(1, tags)
         self._latency.observe(1000 * latency_s, tags)
 
-    def canary_weight(self, weight: float) -> None:
-        self._weight.set(weight, {"registered_model": self._model})
+    def canary_weight(self, registered_model: str, weight: float) -> None:
+        self._weight.set(weight, {"registered_model": registered_model})
