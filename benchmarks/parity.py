@@ -104,9 +104,9 @@ def main() -> None:
             answer = client.chat.completions.create(model=f"smollm2-135m-instruct:{version.name}-v{version.version}",
                                                     messages=[{"role": "user", "content": row["input"]}], **sampling)
             served.append((answer.choices[0].message.content, answer.usage.prompt_tokens))
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=120)
+    finally:  # SIGTERM: serve stops on it as on Ctrl-C, and a shell's nohup does not ignore it
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=180)
     report = {"machine": machine.describe(), "git_commit": tracking.git_commit(), "version": f"{version.name} v{version.version}", "rows": opts.rows, "sampling": sampling,
               "variants": {}}
     for name, rows in predicted.items():
