@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,7 @@ from loraflow import tracking  # noqa: E402
 def data_folder(instruction: str, rows: int) -> Path:
     """The first `rows` train rows with `instruction`, in LLaMA-Factory's layout."""
     folder = Path(tempfile.mkdtemp(prefix=f"prompt-{instruction}-"))
-    shutil.copy(recipe_search.DATA_DIR / "dataset_info.json", folder)
-    lines = [line for line in open(recipe_search.DATA_DIR / "train.jsonl") if line.strip()][:rows]
-    with open(folder / "train.jsonl", "w") as out:
-        for line in lines:
-            out.write(json.dumps(recipe_search.with_instruction(json.loads(line), instruction)) + "\n")
+    recipe_search.write_train_data(folder, instruction, rows)
     return folder
 
 

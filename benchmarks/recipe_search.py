@@ -172,6 +172,15 @@ def with_instruction(row: dict, instruction: str) -> dict:
     return row if own is None else {**row, "instruction": own}
 
 
+def write_train_data(folder: Path, instruction: str, rows: int | None = None) -> None:
+    """The first `rows` train rows (all: None) with `instruction`, in LLaMA-Factory's layout in `folder`."""
+    shutil.copy(DATA_DIR / "dataset_info.json", folder)
+    lines = [line for line in open(DATA_DIR / "train.jsonl") if line.strip()][:rows]
+    with open(folder / "train.jsonl", "w") as out:
+        for line in lines:
+            out.write(json.dumps(with_instruction(json.loads(line), instruction)) + "\n")
+
+
 def eval_prompt(tokenizer, row: dict) -> str:
     text = f"{row['instruction']}\n{row['input']}" if row["instruction"] else row["input"]
     messages = [{"role": "user", "content": text}]
@@ -256,11 +265,7 @@ def worker(spec_path: Path) -> None:
     if INSTRUCTIONS[instruction] is not None:  # the train rows rewritten with the recipe's instruction
         data_dir = run_dir / "data"
         data_dir.mkdir()
-        shutil.copy(DATA_DIR / "dataset_info.json", data_dir)
-        with open(data_dir / "train.jsonl", "w") as out:
-            for line in open(DATA_DIR / "train.jsonl"):
-                if line.strip():
-                    out.write(json.dumps(with_instruction(json.loads(line), instruction)) + "\n")
+        write_train_data(data_dir, instruction)
     args = {**BASE, **overrides, "model_name_or_path": spec["model"],
             "dataset_dir": str(data_dir), "output_dir": str(run_dir / "adapter")}
     from llamafactory.train.tuner import run_exp

@@ -21,7 +21,7 @@ from typing import Any
 from loraflow import adapter_store, canary, registry, tasks
 from loraflow.errors import UserError
 from loraflow.serving_accounting import Accounting
-from loraflow.serving_routes import Followed, RouteTable, collisions
+from loraflow.serving_routes import Followed, RouteTable, colliding
 
 logger = logging.getLogger("loraflow.serve")
 
@@ -93,8 +93,8 @@ class RegistryFollower:
             return list(self._models)
         for gone in set(self._models) - set(names):  # deleted: nothing is served under its name any more
             del self._models[gone]
-        clash = set(collisions(names))
-        return [name for name in names if not any(reason.startswith(f"{name} ") for reason in clash)]
+        clashing = {name for name, _ in colliding(names)}
+        return [name for name in names if name not in clashing]
 
     def _follow(self, name: str, warm_up: bool) -> None:
         model = self._models.setdefault(name, _Model())

@@ -117,12 +117,18 @@ _ADAPTER_SHAPE = re.compile(r"(.+)-v\d+")
 def collisions(names: list[str]) -> list[str]:
     """Why some of the registered models listed cannot each have their own stable name: listed
     twice, or named as another listed model's adapter ids (`<name>-v<n>`)."""
+    return [reason for _, reason in colliding(names)]
+
+
+def colliding(names: list[str]) -> list[tuple[str, str]]:
+    """The names of `collisions`, each with its reason."""
     found, seen = [], set()
     for name in names:
         if name in seen:
-            found.append(f"{name} is listed twice")
+            found.append((name, f"{name} is listed twice"))
         seen.add(name)
         shape = _ADAPTER_SHAPE.fullmatch(name)
         if shape and shape.group(1) in names:
-            found.append(f"{name} is also the adapter id of {shape.group(1)}'s version {name.rpartition('-v')[2]}")
+            found.append((name, f"{name} is also the adapter id of {shape.group(1)}'s version "
+                                f"{name.rpartition('-v')[2]}"))
     return found
