@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 
 from loraflow import registry
 from loraflow.errors import UserError
@@ -92,3 +93,30 @@ def test_a_base_models_identity_covers_its_tokenizer_and_chat_template(tmp_path)
         identity = base_models.base_model_identity(str(folder))
         assert identity not in seen, name
         seen.add(identity)
+
+
+def _store_that(fails_with: int):
+    """A registry client whose lookups fail with that MLflow error code, while its listing answers."""
+    from mlflow.exceptions import MlflowException
+
+    def lookup(*_):
+        raise MlflowException("(sqlite3.OperationalError) database is locked", error_code=fails_with)
+
+    listed = [SimpleNamespace(name="viggo")]
+    return SimpleNamespace(get_registered_model=lookup, get_model_version=lookup, get_model_version_by_alias=lookup,
+                           search_registered_models=lambda: listed)
+
+
+def test_a_store_that_fails_to_answer_is_not_taken_to_say_the_model_is_gone(monkeypatch):
+    """A locked database or a timeout re-raises (a server keeps what it serves) rather than reading as
+    "there is no registered model", which made a server withdraw a model it served (CI, 2026-12-07)."""
+    monkeypatch.setattr(registry, "_store_shown", lambda: "sqlite:///mlflow.db")
+    for lookup in (lambda c: registry.registered_model(c, "viggo"),
+                   lambda c: registry.find_version("viggo", alias="production", client=c)):
+        with pytest.raises(Exception) as failed:
+            lookup(_store_that(INTERNAL_ERROR))
+        assert type(failed.value).__name__ == "MlflowException" and "database is locked" in str(failed.value)
+    with pytest.raises(UserError) as missing:
+        registry.registered_model(_store_that(RESOURCE_DOES_NOT_EXIST), "viggo")
+    assert str(missing.value) == ("There is no registered model 'viggo' in sqlite:///mlflow.db; registered models: "
+                                  "viggo. Train one with `mlflow run . -e train`.")

@@ -25,7 +25,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from loraflow.errors import UserError
 
@@ -132,10 +132,19 @@ def _store_shown() -> str:
     return display_uri(mlflow.get_tracking_uri())
 
 
+def _not_found(exc: MlflowException, *codes: int) -> bool:
+    """Whether the store said the thing asked for does not exist, as opposed to failing to answer (a
+    locked database, a timeout): only the first may be reported as "there is none" (a server would
+    withdraw a model it still serves)."""
+    return exc.error_code in {ErrorCode.Name(code) for code in (RESOURCE_DOES_NOT_EXIST, *codes)}
+
+
 def registered_model(client: MlflowClient, name: str):
     try:
         return client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not _not_found(exc):
+            raise
         names = sorted(m.name for m in client.search_registered_models() if not m.name.endswith(".lock"))
         raise UserError(
             f"There is no registered model {name!r} in {_store_shown()}; registered models: "
@@ -153,14 +162,18 @@ def find_version(name: str, number: str | None = None, alias: str | None = None,
             raise UserError(f"Version must be a number, not {number!r}.")
         try:
             return client.get_model_version(name, str(int(number)))
-        except MlflowException:
+        except MlflowException as exc:
+            if not _not_found(exc):
+                raise
             versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
             raise UserError(f"{name} has no version {number}; it has versions "
                             f"{', '.join(map(str, versions)) or 'none'}.") from None
     if alias is not None:
         try:
             return client.get_model_version_by_alias(name, alias)
-        except MlflowException:
+        except MlflowException as exc:
+            if not _not_found(exc, INVALID_PARAMETER_VALUE):  # how the store says "no such alias"
+                raise
             stage = next((s for s, a in STAGE_ALIASES.items() if a == alias), "Production")
             raise UserError(f"{name} has no version with the alias {alias!r} yet: promote one first, e.g. "
                             f"`mlflow run . -e promote -P name={name} -P version=N -P stage={stage}`.") from None
@@ -194,7 +207,9 @@ def resolve(text: str) -> AdapterRef:
     if _RUN_ID.fullmatch(text):
         try:
             run = client.get_run(text)
-        except MlflowException:
+        except MlflowException as exc:
+            if not _not_found(exc):
+                raise
             raise UserError(f"Model reference {text!r}: there is no run with that id in "
                             f"{_store_shown()}.") from None
         return AdapterRef(text, text, f"runs:/{text}/{ADAPTER_ARTIFACT_PATH}", base_model(run.data.tags, text),
