@@ -23,32 +23,41 @@ CHECK_IN_INFER_ENV = textwrap.dedent("""
     from ray.serve.llm import LLMConfig
     from loraflow import adapter_store, evaluate, serve
 
-    kind, path, base_model = sys.argv[1:]
-    if kind == "evaluate":
-        config = evaluate.load_config(path)
-        lora = None if config.merge_adapter else ("/tmp/adapter", config.lora_store)
-        built = evaluate.processor_config(base_model, lora, base_model, config)
-        assert isinstance(built, vLLMEngineProcessorConfig)
-        print(json.dumps({"model_source": built.model_source, "engine_kwargs": built.engine_kwargs,
-                          "accelerator_type": built.accelerator_type}))
-    else:
-        config = serve.load_config(path)
-        built = LLMConfig(**serve.llm_config(config, base_model, adapter_store.LoraStore("s3://bucket/adapters", {})))
-        print(json.dumps({"model_id": built.model_loading_config.model_id,
-                          "model_source": built.model_loading_config.model_source,
-                          "lora_path": built.lora_config.dynamic_lora_loading_path,
-                          "max_num_adapters_per_replica": built.lora_config.max_num_adapters_per_replica,
-                          "accelerator_type": built.accelerator_type, "engine_kwargs": built.engine_kwargs}))
+    for kind, path, base_model in json.loads(sys.argv[1]):
+        if kind == "evaluate":
+            config = evaluate.load_config(path)
+            lora = None if config.merge_adapter else ("/tmp/adapter", config.lora_store)
+            built = evaluate.processor_config(base_model, lora, base_model, config)
+            assert isinstance(built, vLLMEngineProcessorConfig)
+            print(json.dumps({"model_source": built.model_source, "engine_kwargs": built.engine_kwargs,
+                              "accelerator_type": built.accelerator_type}))
+        else:
+            config = serve.load_config(path)
+            built = LLMConfig(**serve.llm_config(config, base_model, adapter_store.LoraStore("s3://bucket/adapters", {})))
+            print(json.dumps({"model_id": built.model_loading_config.model_id,
+                              "model_source": built.model_loading_config.model_source,
+                              "lora_path": built.lora_config.dynamic_lora_loading_path,
+                              "max_num_adapters_per_replica": built.lora_config.max_num_adapters_per_replica,
+                              "accelerator_type": built.accelerator_type, "engine_kwargs": built.engine_kwargs}))
 """)
 
+# What each test below builds, with the base model it names: all in one process of the infer
+# environment (importing Ray Data LLM and Ray Serve LLM is most of each one's time).
+BUILT = [("evaluate", "default.yaml", str(LOCAL_BASE)), ("evaluate", "viggo-nlg.yaml", str(LOCAL_BASE)),
+         ("evaluate", "gpu.yaml", "Qwen/Qwen2.5-7B-Instruct"),
+         ("serve", "default.yaml", str(LOCAL_BASE)), ("serve", "gpu.yaml", "Qwen/Qwen2.5-7B-Instruct")]
 
-def _build(kind: str, name: str, base_model: str) -> dict:
-    proc = subprocess.run([str(envs.python_for("infer")), "-c", CHECK_IN_INFER_ENV, kind,
-                           str(ROOT / "configs" / kind / name), base_model],
+
+@pytest.fixture(scope="module")
+def built() -> dict[tuple[str, str], dict]:
+    """Each config of BUILT read by its job's loader and turned into Ray's config object, by (kind, name)."""
+    triples = [(kind, str(ROOT / "configs" / kind / name), base_model) for kind, name, base_model in BUILT]
+    proc = subprocess.run([str(envs.python_for("infer")), "-c", CHECK_IN_INFER_ENV, json.dumps(triples)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()[-len(BUILT):]
+    return {(kind, name): json.loads(line) for (kind, name, _), line in zip(BUILT, lines, strict=True)}
 
 
 def test_every_shipped_config_is_tested_here():
@@ -60,15 +69,15 @@ def test_every_shipped_config_is_tested_here():
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "viggo-nlg.yaml"])
-def test_the_cpu_evaluation_configs_merge_the_adapter(name):
-    built = _build("evaluate", name, str(LOCAL_BASE))
+def test_the_cpu_evaluation_configs_merge_the_adapter(built, name):
+    built = built["evaluate", name]
     assert built["model_source"] == str(LOCAL_BASE) and built["accelerator_type"] is None
     assert "enable_lora" not in built["engine_kwargs"] and built["engine_kwargs"]["tokenizer"] == str(LOCAL_BASE)
     assert built["engine_kwargs"]["dtype"] == "bfloat16" and built["engine_kwargs"]["enable_prefix_caching"]
 
 
-def test_the_gpu_evaluation_config_applies_the_adapter_per_row_on_gpus():
-    built = _build("evaluate", "gpu.yaml", "Qwen/Qwen2.5-7B-Instruct")
+def test_the_gpu_evaluation_config_applies_the_adapter_per_row_on_gpus(built):
+    built = built["evaluate", "gpu.yaml"]
     assert built["accelerator_type"] == "L4"
     assert built["engine_kwargs"]["enable_lora"] and built["engine_kwargs"]["max_lora_rank"] == 8
 
@@ -77,8 +86,8 @@ def test_the_gpu_evaluation_config_applies_the_adapter_per_row_on_gpus():
     ("default.yaml", "smollm2-135m-instruct", str(LOCAL_BASE), None, None),
     ("gpu.yaml", "qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", "L4", 16),
 ])
-def test_each_serving_config_builds_ray_serve_llms_config(name, model_id, base_model, accelerator, adapters):
-    built = _build("serve", name, base_model)
+def test_each_serving_config_builds_ray_serve_llms_config(built, name, model_id, base_model, accelerator, adapters):
+    built = built["serve", name]
     assert built["model_id"] == model_id
     assert built["model_source"] == base_model and built["lora_path"] == "s3://bucket/adapters"
     assert built["accelerator_type"] == accelerator
