@@ -11,7 +11,8 @@ from conftest import ROOT
 from mlflow import MlflowClient
 from test_promote import GOOD, add_version, stages
 
-from loraflow import canary, entry_points, promote, registry
+from loraflow import canary, entry_points, registry
+from loraflow.rollout import finish_canary
 from loraflow.errors import UserError
 from loraflow.job_configs import RolloutPolicy
 
@@ -185,12 +186,12 @@ def test_a_servers_verdicts_step_up_promote_and_roll_back(versions):
     assert canary_main("2") == 0
     rollout = registry.rollout(versions, NAME)
     step = canary.Verdict("step", ["held at 10% over 100 requests"])
-    assert promote.finish_canary(NAME, rollout, step, live) == f"{NAME} v2: canary 10% -> 50%"
-    assert promote.finish_canary(NAME, rollout, step, live) == f"{NAME}: the rollout changed meanwhile; nothing done"
+    assert finish_canary(NAME, rollout, step, live) == f"{NAME} v2: canary 10% -> 50%"
+    assert finish_canary(NAME, rollout, step, live) == f"{NAME}: the rollout changed meanwhile; nothing done"
     rollout = registry.rollout(versions, NAME)
     assert rollout["weight"] == 0.5
     held = canary.Verdict("promote", ["held at 50% over 100 requests"])
-    assert promote.finish_canary(NAME, rollout, held, live).startswith(f"{NAME} v2: None -> Production (gate: passed)")
+    assert finish_canary(NAME, rollout, held, live).startswith(f"{NAME} v2: None -> Production (gate: passed)")
     v2 = versions.get_model_version(NAME, "2")
     assert stages(NAME) == {"1": "Archived", "2": "Production", "3": "None", "4": "None"}
     assert v2.tags["loraflow.promotion.reason"] == "canary: held at 50% over 100 requests"
@@ -199,7 +200,7 @@ def test_a_servers_verdicts_step_up_promote_and_roll_back(versions):
 
     assert canary_main("3") == 0
     bad = canary.Verdict("roll back", ["error rate 0.020 > 0.010"])
-    assert promote.finish_canary(NAME, registry.rollout(versions, NAME), bad, live) \
+    assert finish_canary(NAME, registry.rollout(versions, NAME), bad, live) \
         == f"{NAME} v3: canary rolled back (canary: error rate 0.020 > 0.010)"
     v3 = versions.get_model_version(NAME, "3")
     assert (v3.tags["loraflow.canary.result"], json.loads(v3.tags["loraflow.canary.live"])) == ("rolled back", live)
@@ -211,7 +212,7 @@ def test_a_candidate_that_holds_but_fails_the_production_gate_is_rolled_back(ver
     versions.set_model_version_tag(NAME, "3", "loraflow.eval.exact_match", "0.40")  # Staging yes, Production no
     assert canary_main("3") == 0
     held = canary.Verdict("promote", ["held at 50% over 100 requests"])
-    message = promote.finish_canary(NAME, registry.rollout(versions, NAME), held, {})
+    message = finish_canary(NAME, registry.rollout(versions, NAME), held, {})
     assert message.startswith(f"{NAME} v3: canary rolled back (canary held, but the Production gate refused it: "
                               f"{NAME} v3 does not pass the Production gate (exact_match)")
     assert stages(NAME) == {"1": "Production", "2": "None", "3": "None", "4": "None"}
@@ -234,7 +235,7 @@ def test_a_persons_promotion_during_a_canary_ends_it_and_the_servers_verdict_doe
     assert "canary" not in v2.aliases and v2.tags["loraflow.canary.result"] == "stopped"
 
     # The server judged v2 before it saw the change: its verdict finds the rollout gone.
-    assert promote.finish_canary(NAME, judged, HELD, {}) == f"{NAME}: the rollout changed meanwhile; nothing done"
+    assert finish_canary(NAME, judged, HELD, {}) == f"{NAME}: the rollout changed meanwhile; nothing done"
     assert stages(NAME) == {"1": "Archived", "2": "None", "3": "Production", "4": "None"}
     assert str(versions.get_model_version_by_alias(NAME, "production").version) == "3"
 
@@ -254,7 +255,7 @@ def test_a_verdict_against_a_production_changed_outside_loraflow_stops_the_rollo
     judged = registry.rollout(versions, NAME)
     versions.transition_model_version_stage(NAME, "3", "Production", archive_existing_versions=False)  # the UI
     versions.transition_model_version_stage(NAME, "1", "Archived")
-    assert promote.finish_canary(NAME, judged, HELD, {}) == (
+    assert finish_canary(NAME, judged, HELD, {}) == (
         f"{NAME} v2: canary stopped (Production is v3, not v1 that the canary was judged against; nothing judged)")
     assert stages(NAME) == {"1": "Archived", "2": "None", "3": "Production", "4": "None"}
     assert registry.rollout(versions, NAME) is None

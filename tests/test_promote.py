@@ -21,7 +21,7 @@ from browser import chromium, page_text
 from conftest import ROOT, task_tags
 from servers import mlflow_server, postgres_server
 
-from loraflow import entry_points, promote, registry, tasks
+from loraflow import entry_points, registry, registry_changes, tasks
 from loraflow.errors import UserError
 from loraflow.evaluate import record_evaluation
 from loraflow.registry_lock import locked
@@ -345,7 +345,7 @@ def test_a_promotion_that_dies_part_way_releases_the_lock_and_the_next_change_co
         raise ConnectionError("the tracking server went away")
 
     with monkeypatch.context() as patched:  # dies after the stage moved, before the aliases
-        patched.setattr(promote, "_sync_alias", lost)
+        patched.setattr(registry_changes, "_sync_alias", lost)
         with pytest.raises(ConnectionError):
             entry_points.main("promote", ["--name", model_name, "--version", "2", "--reason", "half"])
     assert stages(model_name) == {"1": "Archived", "2": "Production", "3": "None"}

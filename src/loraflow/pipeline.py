@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from loraflow import evaluate, promote, promotion_gates, registry, tracking, train, train_config
+from loraflow import evaluate, promotion_gates, registry, registry_changes, tracking, train, train_config
 from loraflow.envs import PROJECT_ROOT
 
 
@@ -60,7 +60,7 @@ def _evaluation_of(name: str, number: str) -> dict:
 
 def promote_step(name: str, number: str, stage: str, promote_config: str) -> dict:
     """Promote the evaluated version behind its gate; a refused gate is a result, not an error."""
-    promotion = promote.promote(name, number, stage, "pipeline: gate passed", False, promote_config)
+    promotion = registry_changes.promote(name, number, stage, "pipeline: gate passed", False, promote_config)
     print(f"[pipeline] not promoted: {promotion.message}" if promotion.refused else promotion.message, flush=True)
     return {"gate": promotion.gate, "promoted_to": None if promotion.refused else stage}
 

@@ -61,7 +61,7 @@ CANARY_TAG_PREFIX = "loraflow.canary."  # + result (promoted, rolled back, stopp
 # On registered models
 PRODUCTION_HISTORY_TAG = "loraflow.production_history"  # JSON list of the versions promoted to Production
 ROLLOUT_TAG = "loraflow.rollout"  # JSON: the canary rollout under way (canary.py), absent when none
-PENDING_TAG = "loraflow.pending"  # JSON: a change of several writes begun and not yet complete (promote.py)
+PENDING_TAG = "loraflow.pending"  # JSON: a change of several writes begun and not yet complete (registry_changes.py)
 LOCK_OWNER_TAG = "loraflow.lock.owner"  # on `<name>.lock`: the holder's token
 LOCK_HEARTBEAT_TAG = "loraflow.lock.heartbeat"  # on `<name>.lock`: the holder's last sign of life
 # On traces of served requests (traces.py)

@@ -50,7 +50,7 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         import mlflow
 
-        from loraflow import promote
+        from loraflow import rollout
 
         mlflow.set_tracking_uri(tracking_uri)  # a cluster's nodes need not have MLFLOW_TRACKING_URI
         # The follower asks again every poll interval: one quick try each time, rather than MLflow's
@@ -63,7 +63,7 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         self._follower = RegistryFollower(
             base_id=self._base_id, models=models, alias=alias, pinned_version=pinned_version,
             base_model_id=base_model_id, store=adapter_store.LoraStore(lora_store_uri, lora_store_settings),
-            accounting=self._accounting, warm_up=self._warm_up, finish_canary=promote.finish_canary)
+            accounting=self._accounting, warm_up=self._warm_up, finish_canary=rollout.finish_canary)
         self._follower.poll(warm_up=False)  # serve nothing until the first versions are known
         threading.Thread(target=self._follower.run, args=(pinned_version is None, poll_interval_s, metrics_interval_s),
                          daemon=True).start()
