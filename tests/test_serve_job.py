@@ -173,7 +173,9 @@ def ask(port: int, model: str = STABLE, max_tokens: int = 8, **kwargs):
 
 
 def test_models_lists_base_adapter_and_stable_name(server):
+    """The stable name always; its version's own id once published (at its first request)."""
     _, port, _ = server
+    assert ask(port).parse().model == f"{MODEL_ID}:{NAME}-v1"
     listed = {m.id: m for m in client(port).models.list().data}
     assert {MODEL_ID, f"{MODEL_ID}:{NAME}-v1", STABLE} <= set(listed)
     status = listed[STABLE].model_extra["metadata"]["loraflow"]
@@ -190,8 +192,6 @@ def test_two_tasks_are_served_at_once_and_models_come_and_go_while_serving(serve
     assert f"{MODEL_ID}:production" not in listed  # with several models, each is asked for by its name
     status = listed[f"{MODEL_ID}:{SECOND}"].model_extra["metadata"]["loraflow"]
     assert (status["serving"], status["registry"]["state"]) == (f"{SECOND}-v1", "ok")
-    card = listed[f"{MODEL_ID}:{SECOND}-v1"].model_extra["metadata"]["loraflow"]
-    assert (card["task"], card["instruction"]) == ("viggo-nlg", NLG_INSTRUCTION)
     inputs = ["inform(name[Diablo II], developer[Blizzard North])", "request(specifier[exciting])"]
 
     def answers(model: str) -> list[tuple]:
@@ -199,8 +199,11 @@ def test_two_tasks_are_served_at_once_and_models_come_and_go_while_serving(serve
                                                      messages=[{"role": "user", "content": text}]) for text in inputs]
         return [(a.model, a.choices[0].message.content, a.usage.prompt_tokens) for a in done]
 
-    before = answers(f"{MODEL_ID}:{SECOND}")
+    before = answers(f"{MODEL_ID}:{SECOND}")  # published at its first request
     assert {model for model, _, _ in before} == {f"{MODEL_ID}:{SECOND}-v1"}
+    card = {m.id: m for m in client(port).models.list().data}[f"{MODEL_ID}:{SECOND}-v1"]
+    assert (card.model_extra["metadata"]["loraflow"]["task"], card.model_extra["metadata"]["loraflow"]["instruction"]) \
+        == ("viggo-nlg", NLG_INSTRUCTION)
     mr = answers(STABLE)  # the same inputs, each version's own prompt: as many more tokens as the instructions differ
     assert [tokens for _, _, tokens in before] != [tokens for _, _, tokens in mr]
     with pytest.raises(openai.NotFoundError) as missing:
@@ -274,32 +277,148 @@ def test_an_adapter_can_be_asked_for_by_its_version_id(server):
     assert ask(port, model=f"{MODEL_ID}:{NAME}-v1").parse().model == f"{MODEL_ID}:{NAME}-v1"
 
 
-def test_mlflow_run_serve_with_a_version_serves_that_one_and_stops_on_ctrl_c(registry, tmp_path):
-    """`mlflow run . -e serve -P version=2`, while v1 is in Production: the stable name answers with
-    v2's own weights (the server does not follow the alias). Then Ctrl-C in its terminal (SIGINT to
-    the whole process group: mlflow run, serve, Ray's processes): serve shuts down, nothing prints
-    a traceback, the port is closed and no process of the group is left."""
-    assert MlflowClient().get_model_version_by_alias(NAME, "production").version == "1"
-    port = free_port()
+def test_a_pinned_version_is_routed_under_the_stable_name_whatever_the_alias(registry, lora_store):
+    """`-P version=2` while v1 is in Production (or the other way round): the follower routes the stable name (and
+    `<model_id>:production`, one model followed) to v2, published in the store at its first
+    request, and never to the alias's version. (The follower alone, on the module's registry and LoRA store: the stable name's
+    routes reach an engine in every other test.)"""
+    from loraflow import adapter_store
+    from loraflow.serving_follower import RegistryFollower
+    from loraflow.serving_routes import FirstUse, route
+
+    production = MlflowClient().get_model_version_by_alias(NAME, "production").version
+    pinned = MlflowClient().get_model_version(NAME, "2" if production == "1" else "1")
+    follower = RegistryFollower(base_id=MODEL_ID, models=[NAME], alias="production", pinned_version=pinned.version,
+                                base_model_id=pinned.tags[registry_contract.BASE_MODEL_ID_TAG],
+                                store=adapter_store.LoraStore(f"{lora_store}-pinned", {}), accounting=None,
+                                warm_up=None, finish_canary=None)
+    follower.poll(warm_up=False)
+    with pytest.raises(FirstUse):  # published at its first request
+        route(follower.table, STABLE)
+    follower.publish_first_use(NAME)
+    for asked in (STABLE, f"{MODEL_ID}:production"):
+        routed = route(follower.table, asked)
+        assert (routed.engine_model, routed.kind) == (f"{MODEL_ID}:{NAME}-v{pinned.version}", "production")
+
+
+MANY = [f"viggo-many-{i:02d}" for i in range(24)]
+
+
+def _register_many(tmp_path) -> None:
+    """24 registered models in Production, each v1's adapter with a random lora_B of twice its spread:
+    weights of their own, on the tiny model's base (scaled copies of one lora_B answer alike: the
+    tiny model's bf16 log-probabilities saturate)."""
+    import mlflow
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from loraflow import registry, registry_changes
+
+    v1 = MlflowClient().get_model_version(NAME, "1")
+    source = Path(mlflow.artifacts.download_artifacts(artifact_uri=v1.source, dst_path=str(tmp_path / "v1")))
+    weights = load_file(source / "adapter_model.safetensors")
+    for i, name in enumerate(MANY):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in source.iterdir():
+            (folder / file.name).write_bytes(file.read_bytes())
+        seed = torch.Generator().manual_seed(i)
+        save_file({key: torch.randn(value.shape, generator=seed).to(value.dtype) * 2 * value.float().std()
+                   if ".lora_B." in key else value for key, value in weights.items()},
+                  str(folder / "adapter_model.safetensors"))
+        with mlflow.start_run(run_name=f"copy-{name}") as run:
+            mlflow.log_artifacts(str(folder), registry.ADAPTER_ARTIFACT_PATH)
+        version = registry.register_adapter(name, run.info.run_id, dict(v1.tags), "serve test: many models",
+                                            registry.file_digests(folder))
+        registry_changes.promote(name, str(version.version), "Production", "serve test: many models", True,
+                                 str(ROOT / "configs/promote/default.yaml"))
+
+
+def _top_logprobs(answer) -> tuple[tuple[str, float], ...]:
+    """The first token's five likeliest tokens and their log-probabilities: a fingerprint of the
+    weights that answered (adapters that make one token near certain still differ in the others)."""
+    return tuple((top.token, top.logprob) for top in answer.choices[0].logprobs.content[0].top_logprobs)
+
+
+def _alike(a: tuple, b: tuple) -> bool:
+    """The same five tokens, each as likely (batching changes the float sums a little; ties may swap)."""
+    a, b = dict(a), dict(b)
+    return a.keys() == b.keys() and all(abs(a[token] - b[token]) < 0.02 for token in a)
+
+
+def test_24_models_on_4_lora_slots_answer_with_their_own_weights_then_ctrl_c_stops_the_server(
+        registry, lora_store, tmp_path):
+    """`mlflow run . -e serve` following every registered model of the base model (`models: all`), 24
+    of them in Production with weights of their own, on 4 LoRA slots per replica: each stable name
+    answers with its own weights, in a random order from 4 clients, none failing, while Ray Serve
+    loads and evicts adapters (its multiplexing counters). Then Ctrl-C in its terminal (SIGINT to
+    the whole process group: mlflow run, serve, Ray's processes): serve shuts down, nothing prints a
+    traceback, the port is closed and no process of the group is left."""
+    import random
+
+    _register_many(tmp_path)
+    port, metrics_port = free_port(), free_port()
+    config = yaml.safe_load(Path(_serve_config(tmp_path, port, f"{lora_store}-many")).read_text())
+    config.update(models="all", metrics_export_port=metrics_port)
+    config["llm_config"]["model_loading_config"]["model_source"] = MlflowClient().get_model_version(
+        NAME, "1").tags[registry_contract.BASE_MODEL_TAG]  # `all`: the models of this base model
+    assert config["llm_config"]["engine_kwargs"]["max_loras"] == 4
+    (tmp_path / "serve-all.yaml").write_text(yaml.safe_dump(config))
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
-        [str(mlflow_cli), "run", ".", "-e", "serve", "--env-manager", "local", "-P", f"name={NAME}",
-         "-P", "version=2", "-P", f"config={_serve_config(tmp_path, port)}"], cwd=ROOT,
+        [str(mlflow_cli), "run", ".", "-e", "serve", "--env-manager", "local",
+         "-P", f"config={tmp_path / 'serve-all.yaml'}"], cwd=ROOT,
         env={**os.environ, "MLFLOW_TRACKING_URI": registry.url, "LORAFLOW_TEST_API_KEY": API_KEY},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         preexec_fn=_as_a_terminals_job)
     output = Lines(proc)
     try:
         started = json.loads(output.until(lambda line: line.startswith('{"serving"'), timeout=600))
-        assert (started["model"], started["version"]) == (f"{MODEL_ID}:{NAME}-v2", "2")
-        assert ask(port).parse().model == f"{MODEL_ID}:{NAME}-v2"
-        assert same_weights(answer_of(port, f"{MODEL_ID}:production"), answer_of(port, f"{MODEL_ID}:{NAME}-v2"))
-        assert _stable_status(port)["serving"] == f"{NAME}-v2"
         [launched] = MlflowClient().search_runs(["0"], "tags.`mlflow.project.entryPoint` = 'serve'")
         assert launched.data.tags["loraflow.job"] == "serve" and started["mlflow_run"] == launched.info.run_id
-        assert launched.info.run_name == f"serve-{NAME}-v2"
+        listed = {m.id for m in client(port).models.list().data}
+        assert {f"{MODEL_ID}:{name}" for name in MANY} <= listed
+        own = {name: _top_logprobs(ask(port, model=f"{MODEL_ID}:{name}", max_tokens=1, logprobs=True,
+                                       top_logprobs=5).parse()) for name in MANY}
+        alike = [(a, b) for a in MANY for b in MANY if a < b and _alike(own[a], own[b])]
+        assert alike == [], f"copies that answer alike, the test cannot tell them apart: {alike[:3]}"
+        order = random.Random(7).choices(MANY, k=48)
+        answers, failures, lock = [], [], threading.Lock()
+
+        def loop() -> None:
+            while True:
+                with lock:
+                    if not order:
+                        return
+                    name = order.pop()
+                try:
+                    answer = ask(port, model=f"{MODEL_ID}:{name}", max_tokens=1, logprobs=True, top_logprobs=5).parse()
+                    with lock:
+                        answers.append((name, answer.model, _top_logprobs(answer)))
+                except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                    with lock:
+                        failures.append(repr(exc))
+
+        workers = [threading.Thread(target=loop) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert failures == [] and len(answers) == 48
+        wrong = [(name, model) for name, model, fingerprint in answers
+                 if model != f"{MODEL_ID}:{name}-v1" or not _alike(fingerprint, own[name])]
+        assert wrong == [], wrong[:5]
+        def counters() -> tuple[float, float]:  # Ray exports them every few seconds
+            return tuple(_prometheus(metrics_port, f"ray_serve_multiplexed_models_{what}_counter_total")
+                         for what in ("load", "unload"))
+
+        deadline = time.monotonic() + 60
+        while not ((counted := counters())[0] >= 24 and counted[1] >= 20) and time.monotonic() < deadline:
+            time.sleep(2)
+        assert counted[0] >= 24 and counted[1] >= 20, counted  # 24 models through 4 slots: loads and evictions
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # mlflow run leads its own process group, as a shell's job does
+        with contextlib.suppress(ProcessLookupError):  # it may have failed to start
+            os.killpg(proc.pid, signal.SIGINT)  # mlflow run leads its own process group, as a shell's job does
         try:
             log = output.all(timeout=120)
         except AssertionError as exc:  # name what outlived Ctrl-C, then stop it: later tests start clean
@@ -1044,6 +1163,7 @@ def test_only_published_versions_are_served_and_a_changed_store_folder_is_withdr
     import boto3
 
     _, port, _ = server
+    ask(port)  # published at its first request, if no test asked before
     bucket, _, prefix = lora_store[len("s3://"):].partition("/")
     s3 = boto3.client("s3")
     published = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{NAME}-v1/")["Contents"]]

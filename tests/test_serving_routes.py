@@ -2,7 +2,7 @@
 
 import pytest
 
-from loraflow.serving_routes import Followed, Route, RouteError, RouteTable, collisions, route
+from loraflow.serving_routes import FirstUse, Followed, Route, RouteError, RouteTable, collisions, route
 
 pytestmark = pytest.mark.unit
 
@@ -42,6 +42,20 @@ def test_what_cannot_be_routed_says_why(model, status, message):
     with pytest.raises(RouteError) as refused:
         route(TABLE, model)
     assert (refused.value.status, refused.value.message) == (status, message)
+
+
+def test_a_model_not_yet_published_is_published_at_its_first_request_by_name_or_id():
+    """A followed model's version is published when first asked for (by its stable name, its alias or
+    its id); other versions of it stay unknown."""
+    waiting = RouteTable("smol", "production", {MR: Followed(MR, target=f"{MR}-v3", unpublished=True)},
+                         servable=frozenset({f"{MR}-v1"}))
+    for asked in (f"smol:{MR}", "smol:production", f"smol:{MR}-v3"):
+        with pytest.raises(FirstUse) as first:
+            route(waiting, asked, split=True)
+        assert first.value.name == MR
+    assert route(waiting, f"smol:{MR}-v1") == Route(f"smol:{MR}-v1", "id", MR)
+    with pytest.raises(RouteError, match=f"Unknown adapter '{MR}-v2'"):
+        route(waiting, f"smol:{MR}-v2")
 
 
 def test_one_followed_model_keeps_the_alias_as_its_stable_name():

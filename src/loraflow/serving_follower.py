@@ -2,8 +2,10 @@
 
 At each poll, for every followed model (those the serving config lists, or every registered model
 whose versions were trained on the served base model): its version with the followed alias is
-published into the LoRA store under its own immutable id, loaded and warmed up on a replica, then
-its stable name moves to it; its canary rollout is followed and judged on the live figures
+found; a model not served yet has it published into the LoRA store under its own immutable id at
+its first request (so that a server following hundreds of models starts at once and publishes only
+what is asked for); a model in use has it published, loaded and warmed up on a replica, then its
+stable name moves to it; its canary rollout is followed and judged on the live figures
 (serving_accounting.py); store folders that changed since they were verified are withdrawn. Then
 a new immutable `RouteTable` (serving_routes.py) replaces the last one whole. A model that fails
 (an adapter that cannot load, a version trained on another base model) keeps serving its last
@@ -13,6 +15,7 @@ good version; the others go on.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ class _Model:
     """What the follower knows of one registered model."""
 
     target: str | None = None  # the adapter id its stable name routes to
+    unpublished: Any = None  # the target's version while it waits for its first request to be published
     why_not: str | None = None  # why nothing is served under its name
     canary: dict | None = None  # the rollout followed (registry.rollout) and its candidate's adapter id
     verdict: tuple | None = None  # (rollout, verdict, figures) the registry has not taken yet
@@ -59,6 +63,7 @@ class RegistryFollower:
         self._servable: dict[str, dict[str, str]] = {}
         self._withdrawn: dict[str, str] = {}
         self.tasks: dict[str, tuple[tasks.Task, tasks.Prompt]] = {}  # adapter id -> its version's task and prompt
+        self._lock = threading.Lock()  # the poll's thread and first requests' publications
 
     # -- the poll ----------------------------------------------------------------------------------
     def run(self, follow: bool, interval: float, metrics_interval: float) -> None:
@@ -75,11 +80,28 @@ class RegistryFollower:
                 self._accounting.log_live(weights)
 
     def poll(self, warm_up: bool, follow: bool = True) -> None:
-        if follow:
-            for name in self._followed_names():
-                self._follow(name, warm_up)
-        self._check_store()
-        self._rebuild()
+        with self._lock:
+            if follow:
+                for name in self._followed_names():
+                    self._follow(name, warm_up)
+            self._check_store()
+            self._rebuild()
+
+    def publish_first_use(self, name: str) -> None:
+        """Publish the version `name`'s stable name routes to, at its first request (any failure
+        is the model's: the route then says why)."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None or model.unpublished is None:
+                return  # published meanwhile, or no longer followed
+            version, model.unpublished = model.unpublished, None
+            try:
+                self._publish(version)
+            except Exception as exc:  # noqa: BLE001 - it cannot serve: 404 with why, retried at the next poll
+                model.target, model.why_not = None, f"{registry.adapter_id(version)} cannot be served: {exc}"[:500]
+                model.registry.update(state="error", error=str(exc)[:500])
+                logger.warning("%s: %s", name, model.why_not)
+            self._rebuild()
 
     def _followed_names(self) -> list[str]:
         if self._listed is not None:
@@ -102,7 +124,7 @@ class RegistryFollower:
             try:
                 version = registry.find_version(name, number=self._pinned, alias=self._alias)
             except UserError as missing:  # deleted, or no version with the alias: 404 with why
-                model.target, model.canary, model.why_not = None, None, str(missing)
+                model.target, model.unpublished, model.canary, model.why_not = None, None, None, str(missing)
                 model.registry.update(state="ok", version=None, adapter=None, error=None)
                 return
             adapter = registry.adapter_id(version)
@@ -112,12 +134,15 @@ class RegistryFollower:
                 return
             registry.check_base_model(version.tags.get(registry.BASE_MODEL_ID_TAG), self._base_model_id, adapter,
                                       fix="serve it on a server of its own base model")
-            if adapter != model.target or adapter not in self._servable:
+            in_use = model.target in self._servable
+            if not in_use and adapter != model.target:  # published at its first request
+                model.target, model.unpublished, model.why_not = adapter, version, None
+            elif adapter != model.target or (adapter not in self._servable and model.unpublished is None):
                 self._publish(version)
-                if warm_up and model.target is not None and adapter != model.target:
+                if warm_up and in_use and adapter != model.target:
                     self._warm_up(adapter)
                 logger.info("%s:%s now routes to %s (was %s)", self.table.base_id, name, adapter, model.target)
-                model.target, model.why_not = adapter, None
+                model.target, model.unpublished, model.why_not = adapter, None, None
             model.registry.update(state="ok", version=str(version.version), adapter=adapter, error=None)
             if self._pinned is None:
                 self._follow_rollout(name, model, str(version.version), warm_up)
@@ -211,7 +236,8 @@ class RegistryFollower:
         """The route table of what is known now, swapped in whole."""
         self.table = RouteTable(self.table.base_id, self._alias, {
             name: Followed(name, model.target, model.why_not,
-                           (model.canary["adapter"], model.canary["rollout"]["weight"]) if model.canary else None)
+                           (model.canary["adapter"], model.canary["rollout"]["weight"]) if model.canary else None,
+                           model.unpublished is not None)
             for name, model in self._models.items()
         }, frozenset(self._servable), dict(self._withdrawn))
 
@@ -220,14 +246,19 @@ class RegistryFollower:
         return {name: model.canary["rollout"]["weight"] if model.canary else 0.0
                 for name, model in list(self._models.items())}
 
-    def status(self, name: str) -> dict[str, Any]:
-        model = self._models.get(name) or _Model()  # deleted since the table was read: nothing served
-        followed = model.canary
+    def status(self, name: str, live: dict[str, dict] | None = None) -> dict[str, Any]:
+        """What `name`'s stable name routes to, as the route table requests read says (a poll
+        under way changes it only when it swaps the table in), and its registry state. `live`: the
+        accounting's live figures, when a caller reads several models' status at once."""
+        routed = self.table.models.get(name) or Followed(name)  # not followed (any more): nothing served
+        model = self._models.get(name) or _Model()
+        followed = model.canary if routed.canary is not None else None
         rollout = followed and {"version": followed["rollout"]["version"], "serving": followed["adapter"],
                                 "weight": followed["rollout"]["weight"],
                                 "started_at": followed["rollout"]["started_at"]}
-        return {"registered_model": name, "alias": self._alias, "serving": model.target, "why_not": model.why_not,
+        live = self._accounting.live() if live is None else live
+        return {"registered_model": name, "alias": self._alias, "serving": routed.target, "why_not": routed.why_not,
                 "canary": rollout, "registry": dict(model.registry),
-                "live": {adapter: figures for adapter, figures in self._accounting.live().items()
+                "live": {adapter: figures for adapter, figures in live.items()
                          if registry.parse_adapter_id(adapter)[0] == name},
                 "traces_dropped": self._accounting.tracer.dropped}

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from starlette.responses import Response
 from loraflow import adapter_store, compat, serving_auth, tasks
 from loraflow.serving_accounting import Accounting
 from loraflow.serving_follower import AdapterLoadFailed, RegistryFollower
-from loraflow.serving_routes import Route, RouteError, route
+from loraflow.serving_routes import FirstUse, Route, RouteError, route
 
 ModelCard, ModelList, OpenAIHTTPException = compat.openai_api_models()
 logger = logging.getLogger("loraflow.serve")
@@ -88,9 +89,15 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
             raise OpenAIHTTPException(message="Missing or wrong API key: send `Authorization: Bearer <key>`.",
                                       status_code=401, type="AuthenticationError")
 
-    def _route(self, model: str | None, split: bool = False, key: str | None = None) -> Route:
+    async def _route(self, model: str | None, split: bool = False, key: str | None = None) -> Route:
         try:
-            return route(self._follower.table, model, key=key, split=split)
+            for _ in range(3):  # a poll may put a newer version in its place meanwhile
+                try:
+                    return route(self._follower.table, model, key=key, split=split)
+                except FirstUse as first:  # its version is published now (blocking calls: off the event loop)
+                    await asyncio.to_thread(self._follower.publish_first_use, first.name)
+            raise RouteError(503, f"{model}'s version changed three times while it was being published; "
+                                  "try again.", "ServiceUnavailable")
         except RouteError as refused:
             raise OpenAIHTTPException(message=refused.message, status_code=refused.status, type=refused.kind) from None
 
@@ -98,7 +105,7 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         """Every OpenAI route's request, parsed, before the engine: authorized, then routed."""
         self._authorize(raw_request)
         key = (raw_request.headers.get(ROUTE_KEY_HEADER) if raw_request is not None else None) or body.user
-        routed = self._route(body.model, split=True, key=key)
+        routed = await self._route(body.model, split=True, key=key)
         body.model = routed.engine_model
         if routed.kind is not None and call_method == "chat":
             body.messages = self._prompted(body.model.partition(":")[2], body.messages)
@@ -180,15 +187,16 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         for card in listed.data:
             if card.id != self._base_id:
                 card.metadata = {**(card.metadata or {}), "loraflow": self._task_card(card.id.partition(":")[2])}
+        live = self._accounting.live()  # once for every stable name
         for stable, name in table.stable_names().items():
             target = table.models[name].target  # with its state, also when its adapter is withdrawn
             served = target in table.servable and await self.model(f"{self._base_id}:{target}")
-            listed.data.append(self._stable_card(stable, name, served or await self.model(self._base_id)))
+            listed.data.append(self._stable_card(stable, name, served or await self.model(self._base_id), live))
         return listed
 
     async def model_data(self, model: str, request: Request) -> ModelCard:
         self._authorize(request)
-        routed = self._route(model).engine_model  # the id checks of completions: Ray reads {store}/{id}/adapter_config.json
+        routed = (await self._route(model)).engine_model  # the id checks of completions: Ray reads {store}/{id}/adapter_config.json
         card = await super().model_data(routed)
         name = self._follower.table.stable_names().get(model)
         return card if name is None else self._stable_card(model, name, card)
@@ -198,10 +206,10 @@ class LoraflowIngress(compat.IngressHooks, OpenAiIngress):
         task, prompt = self._follower.tasks[adapter]
         return {"task": task.name, "prompt": prompt.uri, "instruction": prompt.instruction}
 
-    def _stable_card(self, stable: str, name: str, target: ModelCard) -> ModelCard:
+    def _stable_card(self, stable: str, name: str, target: ModelCard, live: dict | None = None) -> ModelCard:
         """A stable name's card: the card of the adapter it routes to, plus its registry state."""
         card = target.model_copy(update={"id": stable})
-        card.metadata = {**(card.metadata or {}), "loraflow": self._follower.status(name)}
+        card.metadata = {**(card.metadata or {}), "loraflow": self._follower.status(name, live)}
         return card
 
 

@@ -8,6 +8,8 @@ and never sees one half-built. Names a client can ask for:
 - `<model_id>:<alias>` (e.g. `:production`): the same, while the server follows one registered model;
 - `<model_id>:<registered model>-v<version>`: that version, by its adapter id, when this server
   published and verified it;
+a stable name (or its version's id) whose version is not published yet raises `FirstUse`: the
+caller publishes it and routes again;
 - `<model_id>` or another model's id: passed to Ray's ingress as it came (the base model, or an
   unknown model that it reports).
 """
@@ -30,6 +32,7 @@ class Followed:
     target: str | None = None  # the adapter id its stable name routes to; None: nothing servable yet
     why_not: str | None = None  # why there is no target (a 404 says it)
     canary: tuple[str, float] | None = None  # its candidate's adapter id and share of the stable name's requests
+    unpublished: bool = False  # its target waits for its first request to be published
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,14 @@ class RouteError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
+class FirstUse(Exception):
+    """A request for a followed model whose version is not published yet: publish it, then route again."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
 def route(table: RouteTable, model: str | None, key: str | None = None, split: bool = False) -> Route:
     """The route of a request for `model`. `split`: a request for a stable name may go to its canary
     (by `key`: the same key lands on the same side)."""
@@ -80,6 +91,8 @@ def route(table: RouteTable, model: str | None, key: str | None = None, split: b
             raise RouteError(404 if followed.why_not else 503, followed.why_not or
                              f"No version of {followed.name} has the alias {table.alias!r} yet.",
                              "NotFound" if followed.why_not else "ServiceUnavailable")
+        if followed.unpublished:
+            raise FirstUse(followed.name)
         candidate = followed.canary
         if split and candidate is not None and candidate[0] in table.servable \
                 and canary.takes_candidate(candidate[1], key):
@@ -91,7 +104,10 @@ def route(table: RouteTable, model: str | None, key: str | None = None, split: b
                          "NotFound")
     if not registry.is_valid_adapter_id(asked):
         raise RouteError(400, f"Invalid adapter id {asked!r}: use a name listed by /v1/models.", "InvalidModel")
-    return Route(prefix + _served(table, asked), "id", registry.parse_adapter_id(asked)[0])
+    name = registry.parse_adapter_id(asked)[0]
+    if name in table.models and table.models[name].unpublished and table.models[name].target == asked:
+        raise FirstUse(name)
+    return Route(prefix + _served(table, asked), "id", name)
 
 
 def _followed(table: RouteTable, asked: str) -> Followed | None:
