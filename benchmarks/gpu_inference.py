@@ -25,12 +25,21 @@ folder (7 calls of at most 46 MiB: 303 MB in all):
     carry [".gpu-carry/inference/call-00"]: python3 benchmarks/gpu_inference.py receive call-00
     ...
     carry [".gpu-carry/inference/call-06"]: python3 benchmarks/gpu_inference.py receive call-06
+    python3 benchmarks/gpu_inference.py run --parts setup --out $OUT        (unpack, byte-compile: ~2 min)
     python3 benchmarks/gpu_inference.py run --parts evaluate --out $OUT     (about 9 min on an H100)
     python3 benchmarks/gpu_inference.py run --parts serve --out $OUT        (about 9 min)
-Each command must end within a call's 10 minutes: the first unpacks (about 2 min, once a machine),
-and `--reuse` / `--no-bare` split a part over two calls (see --help). Each part writes
-$OUT/gpu-inference-<part>.json and its logs; copy the JSON files to benchmarks/results/ with the
-call's number in the name (gpu-inference-1-h100-evaluate.json, gpu-inference-2-h100-serve.json).
+The second round (2026-12-07 evening) ran, after the receive calls and `--parts setup`:
+    run --parts evaluate --eval-set '{sampling: {temperature: 0.0}, baseline: false}' \
+        --bare-engines adapter --out $OUT                                   (8 min: the parity's predictions)
+    run --parts multi_lora --sides bare --out $OUT                          (5 min)
+    run --parts multi_lora --sides loraflow --out $OUT                      (8 min, parity first)
+    run --parts serve --no-bare --out $OUT                                  (bare's latency from multi_lora's)
+Each command must end within a call's 10 minutes: `--reuse` / `--no-bare` / `--sides` split a part
+over calls on one warm machine (see --help). Each part writes $OUT/gpu-inference-<part>.json and its
+logs; copy the JSON files to benchmarks/results/ with a running number and the card in the name
+(gpu-inference-1-h100-evaluate.json, ..., gpu-inference-3-h100-multi-lora.json). Start every command
+after the first with `nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9`
+when the call before it ran out of time (its servers started their own sessions).
 """
 
 from __future__ import annotations
@@ -176,6 +185,10 @@ def setup() -> None:
             where.mkdir(parents=True, exist_ok=True)
             subprocess.run(["tar", "-xJf", str(whole), "-C", str(where)], check=True)
             whole.unlink()
+        # The carry holds no bytecode (pip --no-compile): whichever side first imported vLLM, Ray and
+        # transformers compiled them, and the entry points ran first (2026-12-07: the evaluate pass's
+        # engine actor took 84 s from its start to the engine's, bare vLLM's process 30 s). Once here.
+        subprocess.run([PYTHON, "-m", "compileall", "-q", "-j", "0", str(SITE)], stdout=subprocess.DEVNULL)
         done.write_text("ok\n")
     os.environ.update(ENV)
     paths = [str(SITE), str(WORK / "model"), str(ROOT / "src"), str(ROOT)]
@@ -248,14 +261,21 @@ def _machine() -> dict:
 
 # -- evaluate --------------------------------------------------------------------------------------
 
-def part_evaluate(out: Path, reuse: bool) -> None:
+def part_evaluate(out: Path, reuse: bool, overrides: dict, engines: list[str]) -> None:
     """configs/evaluate/gpu.yaml through the entry point on the whole test split (the adapter per
     row, guided rows on its engine, the base model as baseline), then bare vLLM on the same prompts,
-    sampling and engine arguments: rows per second of each engine, its start included."""
+    sampling and engine arguments: rows per second of each engine, its start included. `overrides`
+    change the config further (--eval-set: e.g. temperature 0 for the parity check, no baseline
+    pass); `engines`: bare vLLM's engines to run (adapter, baseline)."""
     config = yaml.safe_load((ROOT / "configs/evaluate/gpu.yaml").read_text())
     # What differs on this machine: the bundled dataset, this GPU, no bucket (the adapter is local).
     config.update(dataset_dir="data/viggo", accelerator_type=_accelerator(), lora_store=None,
                   engine_env={**config.get("engine_env", {}), **ENV})
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            config[key] = {**config.get(key, {}), **value}
+        else:
+            config[key] = value
     path = WORK / "evaluate-gpu.yaml"
     path.write_text(yaml.safe_dump(config))
     log = out / "evaluate.log"
@@ -267,12 +287,14 @@ def part_evaluate(out: Path, reuse: bool) -> None:
     result: dict = {"what": "mlflow run -e evaluate (configs/evaluate/gpu.yaml) vs bare vLLM LLM.chat, same "
                             "prompts, sampling and engine arguments", "config": config, "project_exit": code,
                     "project_run_s": project_s}
+    _keep_ray_logs(out, "evaluate")
     if code == 0:
         run = _store().get_run(_version_tags("1")["loraflow.eval.run_id"])
         result["project"] = {k: v for k, v in run.data.metrics.items() if not k.startswith("intent_")}
+        result["project_eval_run"] = run.info.run_id
     spec = _bare_spec(config)
     result["bare"] = {}
-    for engine in ("adapter", "baseline"):
+    for engine in engines if config["baseline"] else [e for e in engines if e != "baseline"]:
         spec_path = WORK / f"bare-{engine}.json"
         spec_path.write_text(json.dumps({**spec, "engine": engine}))
         done = _python([str(Path(__file__)), "bare-evaluate", str(spec_path)], capture_output=True, text=True)
@@ -282,6 +304,15 @@ def part_evaluate(out: Path, reuse: bool) -> None:
     if "project" in result and "rows_per_s" in result["bare"]["adapter"]:
         result["rows_per_s_ratio"] = result["project"]["rows_per_s"] / result["bare"]["adapter"]["rows_per_s"]
     _write(out, "evaluate", result)
+
+
+def _keep_ray_logs(out: Path, name: str) -> None:
+    """The last Ray session's worker logs (the engines' own start-up lines: the entry points run with
+    verbose false, so they are not in the job's log), as $OUT/ray-<name>.tar.xz."""
+    session = ROOT / ".cache" / "ray" / "session_latest" / "logs"
+    if session.is_dir():
+        subprocess.run(f"tar -C {session} -cf - --exclude='*.jsonl' --exclude='events' . | xz -3 -T4 "
+                       f"| head -c 15000000 > {out / f'ray-{name}.tar.xz'}", shell=True)
 
 
 def _bare_spec(config: dict) -> dict:
@@ -335,6 +366,239 @@ def bare_evaluate(opts: argparse.Namespace) -> None:
         "rows_per_s": len(chats) / (end - start), "scores": scores}))
 
 
+# -- many adapters, and the parity check -------------------------------------------------------------
+
+BARE_LATENCY = WORK / "bare-serve-latency.json"  # bare vLLM's 1- and 16-client points, for `serve --no-bare`
+COUNTS = (1, 4, 16, 64)
+
+
+def part_multi_lora(out: Path, requests: int, clients: int, sides: list[str]) -> None:
+    """Issue 39's benchmark on the GPU, with multi_lora.py's own pieces (its copies of v1's adapter,
+    each with its own lora_B, registered as viggo-bench-NN and promoted; its traffic, client and
+    cold-load measures): `mlflow run . -e serve` with configs/serve/gpu.yaml following v1's model and
+    all 64 copies, against bare vLLM's OpenAI server with the same 64 adapters and engine arguments,
+    each started once (a start costs minutes here: one per side, not one per count). The point for N
+    models sends its traffic to the first N; each adapter's first request, which publishes it, is
+    timed apart. Before the points: the parity check (every test row asked by v1's version id at
+    temperature 0 against the evaluation's per-row predictions, which must have run at temperature
+    0: `run --parts evaluate --eval-set '{sampling: {temperature: 0.0}}'`). After bare's points:
+    bare's 1- and 16-client latency on v1's adapter, kept for `run --parts serve --no-bare`.
+    `sides` (--sides): both sides do not fit one call's 10 minutes here (the entry point's start alone
+    took 314 s on 2026-12-07), so each may run in its own call on the same machine: the result in
+    WORK collects both, with the time each side ran."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mlflow
+    import multi_lora
+    from loraflow import datasets, tasks
+
+    client = _store()
+    v1 = client.get_model_version(NAME, "1")
+    _, prompt = tasks.of_version(v1)
+    [split] = datasets.load_datasets(str(ROOT / "data/viggo"), ["viggo-test"])
+    rows = [row["input"] for row in split.rows]
+    names = [f"{multi_lora.PREFIX}{i:02d}" for i in range(max(COUNTS))]
+    folder = WORK / "multi-lora"
+    started = time.monotonic()
+    if not (folder / "done").exists():  # once a machine
+        shutil.rmtree(folder, ignore_errors=True)
+        mlflow.set_experiment(EXPERIMENT)
+        multi_lora.make_models(v1, max(COUNTS), folder, Path(_adapter()))
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment's: `mlflow run --experiment-name` refuses both
+        (folder / "done").write_text("ok\n")
+    adapters = [folder / name for name in names]
+    _promote("1", "Production")
+    sampling = {"temperature": 0.0, "max_tokens": yaml.safe_load((ROOT / "configs/evaluate/gpu.yaml").read_text())[
+        "sampling"]["max_tokens"]}
+    kept = WORK / "multi-lora-result.json"  # both sides' figures, across calls on this machine
+    result: dict = json.loads(kept.read_text()) if kept.exists() else {}
+    result.update({
+        "what": "issue 39's multi-adapter benchmark on the GPU: mlflow run -e serve (configs/serve/gpu.yaml) "
+                "following v1's model and 64 copies of its adapter (each its own lora_B) vs bare vLLM's OpenAI "
+                "server with the same 64 adapters and engine arguments; one server per side, the point for N "
+                "models sending its traffic to the first N",
+        "make_models_s": round(time.monotonic() - started, 1), "requests_per_mix": requests, "clients": clients,
+        "sampling": sampling, "counts": list(COUNTS)})
+
+    def write() -> None:
+        kept.write_text(json.dumps(result))
+        _write(out, "multi-lora", result)
+
+    if "loraflow" in sides:
+        _multi_loraflow(out, result, write, names, rows, prompt, requests, clients, sampling)
+    if "bare" in sides:
+        _multi_bare(out, result, write, names, adapters, rows, prompt, requests, clients, sampling)
+    for count in map(str, COUNTS):
+        for mix in ("uniform", "zipf"):
+            with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
+                ours, bare = result["loraflow"][count][mix], result["bare"][count][mix]
+                result.setdefault("ratios", {}).setdefault(count, {})[mix] = {
+                    "requests_per_s": round(ours["requests_per_s"] / bare["requests_per_s"], 3),
+                    "p50": round(ours["p50_ms"] / bare["p50_ms"], 3), "p95": round(ours["p95_ms"] / bare["p95_ms"], 3)}
+    write()
+
+
+def _multi_loraflow(out: Path, result: dict, write, names, rows, prompt, requests, clients, sampling) -> None:
+    """The entry point's side of part_multi_lora, the parity check first."""
+    predictions = _evaluation_predictions()
+    result["parity_evaluation"] = predictions and predictions["about"]
+    result["loraflow_ran_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    config, path = _serve_config("serve-multi.yaml", [NAME, *names])
+    result["config"] = config
+    port = config["port"]
+    log = out / "serve-multi.log"
+    start = time.monotonic()
+    proc = _mlflow_run("serve", {"config": str(path)}, log, start_new_session=True)
+    try:
+        if not _wait(lambda: '"serving"' in log.read_text(errors="replace"), proc, 420):
+            result["loraflow"] = {"error": "not serving", "exit": proc.poll()}
+        else:
+            result["loraflow_start_s"] = round(time.monotonic() - start, 1)
+            if predictions:
+                result["parity"] = _parity(port, predictions["rows"], sampling)
+                print("parity", {k: v for k, v in result["parity"].items() if k != "differences"}, flush=True)
+                write()
+            ask = lambda name, text: (f"{MODEL_ID}:{name}", [{"role": "user", "content": text}])  # noqa: E731
+            result["loraflow"] = _multi_points(port, names, rows, ask, MODEL_ID, prompt, requests, clients, sampling)
+            result["loraflow_gpu_mib"] = _gpu_mib()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            result["loraflow_exit_on_ctrl_c"] = proc.wait(timeout=60)
+        _kill_group(proc.pid)
+    write()
+    result["gpu_freed"] = _free_gpu()  # the project's engine gone before bare's starts
+
+
+def _multi_bare(out: Path, result: dict, write, names, adapters, rows, prompt, requests, clients, sampling) -> None:
+    """Bare vLLM's side of part_multi_lora, then its single-adapter latency (BARE_LATENCY)."""
+    result["bare_ran_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    engine = yaml.safe_load((ROOT / "configs/engines/qwen2.5-7b-gpu.yaml").read_text())
+    serving = yaml.safe_load((ROOT / "configs/serve/gpu.yaml").read_text())["llm_config"]["engine_kwargs"]
+    port = _free_port()
+    args = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(SMOLLM2), "--served-model-name",
+            MODEL_ID, "--port", str(port), "--host", "127.0.0.1", "--enable-lora", "--max-loras",
+            str(serving["max_loras"]), "--lora-modules", f"viggo={_adapter()}",
+            *[f"{name}={path}" for name, path in zip(names, adapters)]]
+    for key, value in engine.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [] if value is False else [flag, str(value)]
+    result["bare_args"] = args[:16] + [f"... the {len(names)} copies ..."] + args[16 + len(names):]
+    blog = out / "bare-multi.log"
+    start = time.monotonic()
+    proc = subprocess.Popen(args, stdout=open(blog, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **ENV})
+    try:
+        if not _wait(lambda: _healthy(port), proc, 300):
+            result["bare"] = {"error": "not serving", "exit": proc.poll()}
+        else:
+            result["bare_start_s"] = round(time.monotonic() - start, 1)
+            ask = lambda name, text: (name, prompt.messages(text))  # noqa: E731
+            result["bare"] = _multi_points(port, names, rows, ask, MODEL_ID, prompt, requests, clients, sampling)
+            result["bare_gpu_mib"] = _gpu_mib()
+            write()
+            latency = {f"clients_{n}": _load(port, "viggo", rows, prompt.messages, n, 200) for n in (1, 16)}
+            BARE_LATENCY.write_text(json.dumps({"args": result["bare_args"], "measured_in":
+                                                "the multi_lora call on this machine", **latency}))
+            result["bare_single_adapter_latency"] = latency
+    finally:
+        _kill_group(proc.pid)
+
+
+def _multi_points(port: int, names: list[str], rows: list[str], ask, base_id: str, prompt, requests: int,
+                  clients: int, sampling: dict) -> dict:
+    """Each count's points on one server: the first requests of the adapters it adds (one client),
+    uniform and Zipf traffic over its first N adapters; the base model at N=1; cold loads at the last."""
+    import multi_lora
+
+    points: dict = {}
+    asked = 0
+    for count in COUNTS:
+        point = points[str(count)] = {}
+        point["first_requests"] = multi_lora.send(port, [ask(name, rows[0]) for name in names[asked:count]], 1, sampling)
+        asked = count
+        for mix in ("uniform",) if count == 1 else ("uniform", "zipf"):
+            sequence = multi_lora.traffic(count, mix, rows, requests)
+            point[mix] = multi_lora.send(port, [ask(names[i], text) for i, text in sequence], clients, sampling)
+            print(port, count, mix, point[mix], flush=True)
+        if count == 1:  # the base model alone, asked the same rows with the version's messages
+            point["base"] = multi_lora.send(port, [(base_id, prompt.messages(text)) for _, text in
+                                                   multi_lora.traffic(1, "uniform", rows, requests)], clients, sampling)
+    # One client, each of 16 adapters asked twice in a row after the others pushed it out of the 16 slots.
+    first = ask(names[0], rows[0])
+    points["cold_load"] = multi_lora.cold_loads(port, [ask(name, rows[0])[0] for name in names[16:32]], first[1],
+                                                sampling)
+    return points
+
+
+def _evaluation_predictions() -> dict | None:
+    """v1's last evaluation's per-row predictions (the adapter's rows), if it sampled at temperature 0."""
+    tags = _version_tags("1")
+    if "loraflow.eval.run_id" not in tags:
+        return None
+    run = _store().get_run(tags["loraflow.eval.run_id"])
+    if float(run.data.params.get("sampling.temperature", "nan")) != 0.0:
+        return None
+    where = _store().download_artifacts(run.info.run_id, "predictions.json", str(WORK))
+    table = json.loads(Path(where).read_text())
+    rows = sorted((dict(zip(table["columns"], row)) for row in table["data"] if
+                   dict(zip(table["columns"], row))["variant"] == "adapter"), key=lambda row: row["index"])
+    return {"about": {"run": run.info.run_id, "params": {k: v for k, v in run.data.params.items()
+                                                          if k.startswith(("sampling", "batch", "merge"))}},
+            "rows": rows}
+
+
+def _parity(port: int, rows: list[dict], sampling: dict) -> dict:
+    """Every row asked by v1's version id with its input alone (16 clients), against the evaluation's."""
+    import openai
+
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    model = f"{MODEL_ID}:{NAME}-v1"
+
+    def one(row):
+        try:
+            reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": row["input"]}],
+                                                **sampling)
+            return reply.choices[0].message.content, reply.usage.prompt_tokens, reply.model
+        except Exception as exc:  # noqa: BLE001 (counted, named)
+            return None, None, f"{type(exc).__name__}: {exc}"[:300]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        served = list(pool.map(one, rows))
+    same = [text == row["generated"] for (text, _, _), row in zip(served, rows)]
+    tokens = [count == row["num_input_tokens"] for (_, count, _), row in zip(served, rows)]
+    differ = [{"index": row["index"], "input": row["input"], "evaluate": row["generated"], "served": text,
+               "evaluate_correct": row["generated"] == row["expected"], "served_correct": text == row["expected"]}
+              for (text, _, _), row, ok in zip(served, rows, same) if not ok]
+    return {"model": model, "rows": len(rows), "answers_equal": sum(same), "prompt_tokens_equal": sum(tokens),
+            "failed": sum(text is None for text, _, _ in served),
+            "labels": sorted({label for _, _, label in served if label})[:5],
+            "exact_match_evaluate": sum(r["generated"] == r["expected"] for r in rows) / len(rows),
+            "exact_match_served": sum(t == r["expected"] for (t, _, _), r in zip(served, rows)) / len(rows),
+            "differences": differ}
+
+
+def _free_gpu(timeout: float = 60) -> str:
+    """Wait for the processes this command started on the GPU to end; kill those left (by pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.split()
+        if not pids:
+            return f"freed, {_gpu_mib()} used"
+        time.sleep(2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    time.sleep(5)
+    return f"killed {pids}, {_gpu_mib()} used"
+
+
+def _gpu_mib() -> str:
+    return subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"], capture_output=True,
+                          text=True).stdout.strip()
+
+
 # -- serve -----------------------------------------------------------------------------------------
 
 def part_serve(out: Path, requests: int, bare: bool) -> None:
@@ -353,18 +617,8 @@ def part_serve(out: Path, requests: int, bare: bool) -> None:
         client.create_model_version(NAME, v1.source, run_id=v1.run_id, tags=keep,
                                     description="v1's adapter registered again (gpu_inference.py)")
     _promote("1", "Production")
-    config = yaml.safe_load((ROOT / "configs/serve/gpu.yaml").read_text())
-    port = _free_port()
-    # What differs on this machine: loopback, no bucket (serve's local S3 server), this GPU (one:
-    # one replica), SmolLM2's name.
-    config.update(host="127.0.0.1", port=port, lora_store=None)
-    llm = config["llm_config"]
-    llm["accelerator_type"] = _accelerator()
-    llm["deployment_config"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
-    llm["model_loading_config"]["model_id"] = MODEL_ID
-    llm.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(ENV)
-    path = WORK / "serve-gpu.yaml"
-    path.write_text(yaml.safe_dump(config))
+    config, path = _serve_config("serve-gpu.yaml")
+    port = config["port"]
     result: dict = {"what": "mlflow run -e serve (configs/serve/gpu.yaml) vs bare vllm serve, same adapter and "
                             "engine arguments; the project's clients send the input alone, bare's the whole prompt",
                     "config": config, "requests_per_point": requests}
@@ -390,12 +644,31 @@ def part_serve(out: Path, requests: int, bare: bool) -> None:
         _kill_group(proc.pid)
     if bare:
         result["bare"] = _bare_serve(out, inputs, prompt, requests)
+    elif BARE_LATENCY.exists():  # bare vLLM's points from an earlier call on this machine (multi_lora's)
+        result["bare"] = json.loads(BARE_LATENCY.read_text())
     for n in (1, 16):
         key = f"clients_{n}"
         with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
             result[f"p50_ratio_{key}"] = result["project"][key]["p50_ms"] / result["bare"][key]["p50_ms"]
             result[f"p95_ratio_{key}"] = result["project"][key]["p95_ms"] / result["bare"][key]["p95_ms"]
     _write(out, "serve", result)
+
+
+def _serve_config(file: str, models: list[str] | None = None) -> tuple[dict, Path]:
+    """configs/serve/gpu.yaml as it runs here, written to WORK/file. What differs on this machine:
+    loopback, no bucket (serve's local S3 server), this GPU (one: one replica), SmolLM2's name."""
+    config = yaml.safe_load((ROOT / "configs/serve/gpu.yaml").read_text())
+    config.update(host="127.0.0.1", port=_free_port(), lora_store=None)
+    if models is not None:
+        config["models"] = models
+    llm = config["llm_config"]
+    llm["accelerator_type"] = _accelerator()
+    llm["deployment_config"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+    llm["model_loading_config"]["model_id"] = MODEL_ID
+    llm.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(ENV)
+    path = WORK / file
+    path.write_text(yaml.safe_dump(config))
+    return config, path
 
 
 def _promote(version: str, stage: str, weight: str = "") -> int:
@@ -488,8 +761,15 @@ def _canary(port: int, model: str, inputs: list[str], ask) -> dict:
     started = _promote("1", "Canary", "0.5")
     time.sleep(15)  # the server polls the registry every poll_interval_s (10 s in configs/serve/gpu.yaml)
     load = _load(port, model, inputs, ask, 16, 200)
-    stopped = _promote("1", "Canary", "0")
-    return {**load, "start_exit": started, "stop_exit": stopped}
+    from loraflow import registry
+
+    # The server judges a rollout by its policy and may end it before the load ends (the first
+    # round's stop then found no canary: exit 2): stop only one still under way, and say which.
+    under_way = registry.rollout(_store(), NAME)
+    stopped = _promote("1", "Canary", "0") if under_way else None
+    tags = _version_tags("1")
+    return {**load, "start_exit": started, "stop_exit": stopped, "under_way_after_load": under_way is not None,
+            "v1_canary_tags": {k: v for k, v in tags.items() if k.startswith("loraflow.canary")}}
 
 
 def _get(port: int, path: str):
@@ -535,9 +815,13 @@ def run(opts: argparse.Namespace) -> None:
     setup()
     for part in opts.parts.split(","):
         if part == "evaluate":
-            part_evaluate(out, opts.reuse)
+            part_evaluate(out, opts.reuse, yaml.safe_load(opts.eval_set) or {}, opts.bare_engines.split(","))
         elif part == "serve":
             part_serve(out, opts.requests, not opts.no_bare)
+        elif part == "multi_lora":
+            part_multi_lora(out, opts.mix_requests, opts.clients, opts.sides.split(","))
+        elif part != "setup":
+            raise SystemExit(f"unknown part {part}")
 
 
 def main() -> None:
@@ -548,7 +832,13 @@ def main() -> None:
     got.add_argument("call")
     got.set_defaults(func=receive)
     go = commands.add_parser("run", help="there: unpack, then the parts")
-    go.add_argument("--parts", default="evaluate,serve")
+    go.add_argument("--parts", default="evaluate,serve", help="evaluate, serve, multi_lora (setup: unpack only)")
+    go.add_argument("--eval-set", default="", help="evaluate: YAML mapping merged into the config")
+    go.add_argument("--bare-engines", default="adapter,baseline", help="evaluate: bare vLLM's engines to run")
+    go.add_argument("--mix-requests", type=int, default=192, help="multi_lora: requests per traffic mix")
+    go.add_argument("--clients", type=int, default=16, help="multi_lora: clients per traffic mix")
+    go.add_argument("--sides", default="loraflow,bare", help="multi_lora: the sides to run in this call (one "
+                    "each: both do not fit 10 minutes)")
     go.add_argument("--out", required=True)
     go.add_argument("--requests", type=int, default=200, help="timed requests at each client count")
     go.add_argument("--no-bare", action="store_true", help="serve: the project's side only (bare vLLM's figures "
