@@ -59,13 +59,13 @@ def test_every_config_parameter_is_a_path():
     """MLflow makes a `path` absolute (the jobs may run from elsewhere) and refuses a missing one."""
     configs = {f"{point.name}.{param.name}": param.kind for point in ENTRY_POINTS.values() for param in point.params
                if param.name == "config" or param.name.endswith("_config")}
-    assert len(configs) == 7 and set(configs.values()) == {"path"}
+    assert len(configs) == 8 and set(configs.values()) == {"path"}
 
 
 def test_run_py_names_the_entry_points_when_given_none_of_them(capsys):
     assert entry_points.run_script(["nope"]) == 2
     assert capsys.readouterr().err == ("usage: python mlproject/run.py {train,evaluate,pipeline,promote,rollback,"
-                                       "export_traces,serve} [--option value ...]\n")
+                                       "deliver,export_traces,serve} [--option value ...]\n")
 
 
 def _documented_commands() -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from loraflow import envs, promotion_gates, tasks
+from loraflow import envs, job_configs, promotion_gates, tasks
 
 LOCAL_BASE = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
@@ -61,11 +61,21 @@ def built() -> dict[tuple[str, str], dict]:
 
 
 def test_every_shipped_config_is_tested_here():
-    shipped = {f"{kind}/{path.name}" for kind in ("evaluate", "serve", "promote")
+    shipped = {f"{kind}/{path.name}" for kind in ("evaluate", "serve", "promote", "deliver")
                for path in (ROOT / "configs" / kind).glob("*.yaml")}
     assert shipped == {"evaluate/default.yaml", "evaluate/gpu.yaml", "evaluate/viggo-nlg.yaml", "serve/default.yaml",
                        "serve/gpu.yaml", "promote/default.yaml", "promote/production.yaml",
-                       "promote/viggo-nlg.yaml"}
+                       "promote/viggo-nlg.yaml", "deliver/default.yaml"}
+
+
+def test_the_delivery_config_delivers_the_default_model_with_the_shipped_cpu_configs():
+    config = job_configs.load(job_configs.DeliverConfig, ROOT / "configs/deliver/default.yaml")
+    [(name, policy)] = config.models.items()
+    assert name == "viggo-smollm2-lora" and policy.to == "Production" and config.webhook is None
+    assert (policy.evaluate_config, policy.promote_config, policy.parity.serve_config) == (
+        str(ROOT / "configs/evaluate/default.yaml"), str(ROOT / "configs/promote/default.yaml"),
+        str(ROOT / "configs/serve/default.yaml"))
+    assert policy.parity.rows == 16 and policy.parity.min_equal == 0.9
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "viggo-nlg.yaml"])

@@ -102,6 +102,18 @@ ENTRY_POINTS = {point.name: point for point in (
         (_NAME, Param("reason", "why; recorded on the versions", "")),
         interrupted="interrupted: the registry lock is released"),
     EntryPoint(
+        "deliver", "train", "loraflow.delivery:job",
+        "Take each new version of the registered models in the delivery config towards Production with no human "
+        "step: evaluated, through the Staging gate, its served answers checked against its evaluation (parity), "
+        "then a canary that the servers judge. A person's promote, rollback or stop always wins.",
+        (Param("config", "delivery YAML: the registered models delivered and their policies",
+               "configs/deliver/default.yaml", "path"),
+         Param("once", "true: take every pending version as far as it goes now, then exit; false: poll the "
+                       "registry until stopped", "false", "flag")),
+        # Ctrl-C / SIGTERM is how a controller is meant to stop; its state is in the registry.
+        interrupted="stopped: each version's delivery state is in the registry, and a controller started again "
+                    "carries on from there", interrupted_code=0),
+    EntryPoint(
         "export_traces", "train", "loraflow.traces:export_job",
         "Write a registered model's served chat requests, logged as MLflow traces by a server with "
         "traces.sample_rate > 0, to a dataset folder in LLaMA-Factory's layout that train takes "

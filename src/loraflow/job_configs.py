@@ -241,11 +241,82 @@ class PromoteConfig(Schema):
         return {stage: gate or {} for stage, gate in stages.items()} if isinstance(stages, dict) else stages
 
 
+# -- deliver --------------------------------------------------------------------------------------
+
+def _config_file(kind: str) -> AfterValidator:
+    """A config file of `kind` (evaluate, promote, serve) that exists, relative to the project or
+    absolute; read and checked in full when the controller starts (delivery.check_policy)."""
+    def exists(value: str) -> str:
+        path = Path(value) if Path(value).is_absolute() else PROJECT_ROOT / value
+        if not path.is_file():
+            raise ValueError(f"names {value}, which does not exist: name a file such as configs/{kind}/default.yaml")
+        return str(path)
+    return AfterValidator(exists)
+
+
+class ParityCheck(Schema):
+    """Before live traffic: the candidate served by its version id answers test rows as its evaluation did."""
+
+    rows: int = Field(16, ge=0, description="evaluated rows asked again of a server started for the check "
+                                            "(the first N of the evaluation's predictions); 0: no check")
+    min_equal: float = Field(0.9, ge=0, le=1, description="the least share of served answers equal to the "
+                                                          "evaluation's, byte for byte (batched and single requests "
+                                                          "differ in a few rows' last digits on the CPU: "
+                                                          "parity-default.json); every prompt must have as many "
+                                                          "tokens as evaluate's")
+    serve_config: Annotated[str, _config_file("serve")] = Field(
+        "configs/serve/default.yaml", description="the serving config the check's server runs (its engine, "
+                                                  "prompt path and model id; its port is chosen free)")
+
+
+class DeliveryPolicy(Schema):
+    """How far the controller takes a registered model's new versions, and with which configs."""
+
+    to: Literal["Staging", "Canary", "Production"] = Field(
+        "Production", description="Staging: evaluated and through its gate; Canary: a rollout started, the "
+                                  "servers judge it; Production: followed until the servers promote it (or, when "
+                                  "nothing is in Production yet, promoted through its gate)")
+    evaluate_config: Annotated[str, _config_file("evaluate")] = Field(
+        "configs/evaluate/default.yaml", description="how each new version is evaluated")
+    promote_config: Annotated[str, _config_file("promote")] = Field(
+        "configs/promote/default.yaml", description="the gates and the canary rollout policy")
+    parity: ParityCheck = Field(default_factory=ParityCheck, description="the parity check before live traffic")
+
+
+class WebhookSettings(Schema):
+    """Registry events: the tracking server calls the controller at each new version (MLflow webhooks)."""
+
+    listen: str = Field("127.0.0.1:8765", pattern=r"^[^:\s]+:\d{1,5}$",
+                        description="host:port the controller listens on for the tracking server's calls")
+    url: str = Field(description="the URL the tracking server calls (https, unless the server allows http "
+                                 "with MLFLOW_WEBHOOK_ALLOWED_SCHEMES), reaching `listen`")
+    secret_env: str = Field("LORAFLOW_WEBHOOK_SECRET", description="the environment variable holding the "
+                                                                   "webhook's signing secret (never in the config)")
+
+
+class DeliverConfig(Schema):
+    """configs/deliver/*.yaml: which registered models `deliver` takes to Production, and how."""
+
+    poll_interval_s: float = Field(30.0, gt=0, strict=False, description="how often the controller looks for new "
+                                                                         "versions and rollouts that ended")
+    models: dict[str, DeliveryPolicy] = Field(description="each registered model delivered, with its policy")
+    webhook: WebhookSettings | None = Field(None, description="learn of new versions from the tracking server's "
+                                                              "webhooks as well (an `mlflow server` on a SQL store); "
+                                                              "null: by polling alone")
+
+    @field_validator("models")
+    @classmethod
+    def _some(cls, models: dict[str, DeliveryPolicy]) -> dict[str, DeliveryPolicy]:
+        if not models:
+            raise ValueError("names no registered model: add one under models, with its policy")
+        return models
+
+
 # -- the loader -----------------------------------------------------------------------------------
 
 S = TypeVar("S", bound=Schema)
 _WHAT = {EvaluateConfig: ("Evaluation config", "evaluate"), ServeConfig: ("Serving config", "serve"),
-         PromoteConfig: ("Promotion config", "promote")}
+         PromoteConfig: ("Promotion config", "promote"), DeliverConfig: ("Delivery config", "deliver")}
 
 
 def shipped_default(schema: type[Schema]) -> Path:

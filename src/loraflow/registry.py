@@ -58,6 +58,7 @@ EVAL_TAG_PREFIX = "loraflow.eval."  # + a metric the task records (tasks.Task.re
 EVAL_RUN_TAG = "loraflow.eval.run_id"  # the evaluate run those figures come from
 PROMOTION_TAG_PREFIX = "loraflow.promotion."  # + stage, by, at, reason, gate, metrics, previous_production, live
 CANARY_TAG_PREFIX = "loraflow.canary."  # + result (promoted, rolled back, stopped), reason, live, at: a rollout's end
+DELIVERY_TAG_PREFIX = "loraflow.delivery."  # + state, record (JSON), claim (JSON): a version's delivery (delivery.py)
 # On registered models
 PRODUCTION_HISTORY_TAG = "loraflow.production_history"  # JSON list of the versions promoted to Production
 ROLLOUT_TAG = "loraflow.rollout"  # JSON: the canary rollout under way (canary.py), absent when none
