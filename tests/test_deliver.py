@@ -1,7 +1,8 @@
 """`mlflow run . -e deliver`: new versions taken towards Production by the controller, against a real
 registry. The tiny model's versions (trained by the train entry point) go the whole way with real
 engines: two controllers at once deliver one version once (evaluate, Staging gate, parity check with
-a server started for it, Production); a controller killed during evaluation is restarted and
+a server started for it: the input alone, asked by the version's id, gets evaluate's prediction
+byte for byte; Production); a controller killed during evaluation is restarted and
 carries on, and a version whose served answers differ from its evaluation (the server's engine runs
 other generation defaults) is refused at the parity gate. The registry's side (a gate's refusal, a person's
 change mid-delivery, a canary's outcome) runs on versions registered here, each put in the state
@@ -29,11 +30,13 @@ NAME = "viggo-tiny-lora"
 PASSING = {"exact_match": 0.7, "parse_validity": 0.99, "slot_f1": 0.9, "rows": 1083}
 
 
-def _policy(tmp_path, name: str = NAME, to: str = "Production", gates: str | None = None, parity_rows: int = 4,
+def _policy(tmp_path, name: str = NAME, to: str = "Production", gates: str | None = None, parity_rows: int = 16,
             serve_changes: dict | None = None) -> str:
-    """A delivery config for `name`: tiny evaluations (4 rows), `gates` (default: ones the tiny
-    model passes), a parity check of `parity_rows` on the tiny model's server."""
-    evaluate = config_with("evaluate", tmp_path, max_rows=4, sampling={"temperature": 0.0, "max_tokens": 16})
+    """A delivery config for `name`: small evaluations (16 rows, the adapter applied per row as the
+    server applies it), `gates` (default: ones the tiny model passes), a parity check of
+    `parity_rows` (every answer equal) on the tiny model's server."""
+    evaluate = config_with("evaluate", tmp_path, max_rows=16, merge_adapter=False,
+                           sampling={"temperature": 0.0, "max_tokens": 24})
     (tmp_path / "gates.yaml").write_text(gates or "stages: {Staging: {minimum: {rows: 4}}, "
                                                   "Production: {minimum: {rows: 4}}}\nrollout: {min_requests: 5}\n")
     serve = yaml.safe_load((ROOT / "configs/serve/default.yaml").read_text())
@@ -90,7 +93,9 @@ def test_two_controllers_deliver_a_new_version_once_through_evaluation_gate_and_
     version = MlflowClient().get_model_version(NAME, "1")
     state, record = _state(NAME, "1")
     assert (state, version.current_stage) == ("delivered", "Production")
-    assert record["parity"]["rows"] == 4 and record["parity"]["equal"] == 4 and record["parity"]["passed"]
+    # the client's input alone, answered by the version's id at temperature 0: evaluate's prediction,
+    # byte for byte, from as many prompt tokens (the prompt is served with the version)
+    assert record["parity"]["rows"] == record["parity"]["equal"] == record["parity"]["prompt_tokens_equal"] == 16
     assert record["eval_run"] == version.tags[registry.EVAL_RUN_TAG] and record["production"] == ""
     deliverer = next(pid for pid, out in outputs.items() if "v1: delivered" in out)
     assert version.tags["loraflow.promotion.by"].endswith(f"pid {deliverer}")  # the audit names the controller
@@ -126,8 +131,8 @@ def test_a_controller_killed_during_evaluation_is_replaced_and_the_parity_gate_r
     assert _evaluations(NAME, "1") == ["FINISHED", "KILLED"]  # no orphan RUNNING run, one finished
     state, record = _state(NAME, "1")
     assert state == "stopped" and record["reason"].startswith("parity check refused it: ")
-    assert record["reason"].startswith("parity check refused it: 0/4 served answers equal the evaluation's "
-                                       "(at least 100% needed), 4/4 prompts of as many tokens\n  row 0: evaluated ")
+    assert record["reason"].startswith("parity check refused it: 0/16 served answers equal the evaluation's "
+                                       "(at least 100% needed), 16/16 prompts of as many tokens\n  row 0: evaluated ")
     assert record["parity"]["passed"] is False and len(record["parity"]["differences"]) == 3
     version = MlflowClient().get_model_version(NAME, "1")
     assert version.current_stage == "Staging" and registry.ROLLOUT_TAG not in \
