@@ -1,11 +1,11 @@
 """`mlflow run . -e deliver`: new versions taken towards Production by the controller, against a real
-registry. The tiny model's versions (trained by the train entry point) go the whole way with real
-engines: two controllers at once deliver one version once (evaluate, Staging gate, parity check with
-a server started for it: the input alone, asked by the version's id, gets evaluate's prediction
-byte for byte; Production); a controller killed during evaluation is restarted and
-carries on, and a version whose served answers differ from its evaluation (the server's engine runs
-other generation defaults) is refused at the parity gate. The registry's side (a gate's refusal, a person's
-change mid-delivery, a canary's outcome) runs on versions registered here, each put in the state
+registry. The tiny model's version (trained by the train entry point) goes the whole way with real
+engines: two controllers start at once, the one that claimed it is killed mid-evaluation, the other
+leaves it alone, a third takes over and delivers it once (evaluate, Staging gate, the parity check
+with a server started for it: the input alone, asked by the version's id, gets evaluate's
+prediction byte for byte; Production); a server whose generation defaults drifted fails the parity
+check. The registry's side (a gate's refusal, a refused parity report, a person's change
+mid-delivery, a canary's outcome) runs on versions registered here, each put in the state
 a controller leaves it in."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 from conftest import ROOT, config_with, copy_store, entry_point, task_tags
 from mlflow import MlflowClient
 
-from loraflow import canary, delivery, entry_points, registry, rollout
+from loraflow import canary, delivery, entry_points, job_configs, parity, registry, rollout
 from loraflow.evaluate import record_evaluation
 
 NAME = "viggo-tiny-lora"
@@ -83,13 +83,28 @@ def tiny_store(tiny_trainings, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def test_two_controllers_deliver_a_new_version_once_through_evaluation_gate_and_parity(tiny_store, tmp_path):
+def test_two_controllers_at_once_one_killed_mid_evaluation_deliver_a_new_version_once(tiny_store, tmp_path):
     config = _policy(tmp_path)
-    first, second = _deliver(config, wait=False), _deliver(config, wait=False)
-    outputs = {proc.pid: proc.communicate(timeout=1200)[0] for proc in (first, second)}
-    assert [first.returncode, second.returncode] == [0, 0], outputs
+    started = [_deliver(config, wait=False), _deliver(config, wait=False)]
+    deadline = time.monotonic() + 600
+    while "RUNNING" not in _evaluations(NAME, "1"):
+        assert time.monotonic() < deadline and any(p.poll() is None for p in started), \
+            [p.communicate()[0][-2000:] for p in started]
+        time.sleep(1)
+    claimer = delivery.claim_of(MlflowClient().get_model_version(NAME, "1"))["controller"]
+    [killed] = [p for p in started if f" {p.pid} " in f" {claimer} "]
+    [other] = [p for p in started if p is not killed]
+    killed.send_signal(signal.SIGKILL)  # the controller alone: its evaluation dies with it
+    killed.wait()
+    out = other.communicate(timeout=120)[0]
+    assert other.returncode == 0 and "evaluating" not in out  # it left the claimed version alone
+    assert _state(NAME, "1")[0] == "evaluating"
 
-    assert _evaluations(NAME, "1") == ["FINISHED"]  # one evaluation, by one of them
+    restarted = _deliver(config, wait=False)
+    out = restarted.communicate(timeout=1200)[0]
+    assert restarted.returncode == 0, out
+    assert f"deliver: {NAME} v1: taking over from {claimer}, which is gone (state evaluating)" in out
+    assert _evaluations(NAME, "1") == ["FINISHED", "KILLED"]  # no orphan RUNNING run, one finished
     version = MlflowClient().get_model_version(NAME, "1")
     state, record = _state(NAME, "1")
     assert (state, version.current_stage) == ("delivered", "Production")
@@ -97,46 +112,23 @@ def test_two_controllers_deliver_a_new_version_once_through_evaluation_gate_and_
     # byte for byte, from as many prompt tokens (the prompt is served with the version)
     assert record["parity"]["rows"] == record["parity"]["equal"] == record["parity"]["prompt_tokens_equal"] == 16
     assert record["eval_run"] == version.tags[registry.EVAL_RUN_TAG] and record["production"] == ""
-    deliverer = next(pid for pid, out in outputs.items() if "v1: delivered" in out)
-    assert version.tags["loraflow.promotion.by"].endswith(f"pid {deliverer}")  # the audit names the controller
+    assert version.tags["loraflow.promotion.by"].endswith(f"pid {restarted.pid}")  # the audit names the controller
     assert version.tags["loraflow.promotion.reason"].startswith("delivery: the first version in Production")
     assert "delivery: staged (Staging gate passed)" in version.description
-    other = next(out for pid, out in outputs.items() if pid != deliverer)
-    assert "evaluating" not in other  # the other controller left it alone
 
+    # A server whose generation defaults drifted from evaluation's (a repetition penalty applied to
+    # requests that set none: vLLM's generation config) answers otherwise: the parity check says so.
+    engine = yaml.safe_load((ROOT / "configs/engines/smollm2-cpu.yaml").read_text())
+    drifted = yaml.safe_load(Path(_policy(tmp_path, serve_changes={"engine": {
+        **engine, "override_generation_config": {"repetition_penalty": 2.0}}})).read_text())
+    settings = job_configs.ParityCheck.model_validate(drifted["models"][NAME]["parity"])
+    report = parity.check(version, record["eval_run"], {"temperature": 0.0, "max_tokens": 24}, settings,
+                          tmp_path / "drifted.log")
+    assert not report.passed and report.summary().startswith(
+        "0/16 served answers equal the evaluation's (at least 100% needed), 16/16 prompts of as many tokens\n"
+        "  row 0: evaluated ")
     code, out = _deliver(config)  # nothing pending
     assert code == 0 and "v1" not in out
-
-
-def test_a_controller_killed_during_evaluation_is_replaced_and_the_parity_gate_refuses_a_drifted_server(
-        tiny_store, tmp_path):
-    # The serving engine's generation defaults drifted from evaluation's (a repetition penalty the
-    # server applies to requests that do not set one: vLLM's generation config): other answers.
-    engine = yaml.safe_load((ROOT / "configs/engines/smollm2-cpu.yaml").read_text())
-    drifted = {**engine, "override_generation_config": {"repetition_penalty": 2.0}}
-    config = _policy(tmp_path, serve_changes={"engine": drifted})
-    killed = _deliver(config, wait=False)
-    deadline = time.monotonic() + 600
-    while "RUNNING" not in _evaluations(NAME, "1"):
-        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0][-3000:]
-        time.sleep(1)
-    killed.send_signal(signal.SIGKILL)  # the controller alone: its evaluation dies with it
-    killed.wait()
-    assert _state(NAME, "1")[0] == "evaluating"
-
-    code, out = _deliver(config)
-    assert code == 0, out
-    assert f"deliver: {NAME} v1: taking over from {os.uname().nodename} {killed.pid} " in out
-    assert out.count("which is gone (state evaluating)") == 1
-    assert _evaluations(NAME, "1") == ["FINISHED", "KILLED"]  # no orphan RUNNING run, one finished
-    state, record = _state(NAME, "1")
-    assert state == "stopped" and record["reason"].startswith("parity check refused it: ")
-    assert record["reason"].startswith("parity check refused it: 0/16 served answers equal the evaluation's "
-                                       "(at least 100% needed), 16/16 prompts of as many tokens\n  row 0: evaluated ")
-    assert record["parity"]["passed"] is False and len(record["parity"]["differences"]) == 3
-    version = MlflowClient().get_model_version(NAME, "1")
-    assert version.current_stage == "Staging" and registry.ROLLOUT_TAG not in \
-        MlflowClient().get_registered_model(NAME).tags  # no live traffic: no canary, not in Production
 
 
 # -- the registry's side: versions registered here, in the state a controller leaves them in -------
@@ -186,6 +178,25 @@ def test_a_version_that_fails_the_staging_gate_stops_there_with_the_reason(model
     assert record["reason"].startswith(f"{model} v{number} does not pass the Staging gate (exact_match):")
     assert MlflowClient().get_model_version(model, number).current_stage == "None"
     assert f"deliver: {model} v{number}: stopped: {model} v{number} does not pass" in capsys.readouterr().out
+
+
+def test_a_refused_parity_check_stops_the_version_before_any_live_traffic(model, tmp_path, monkeypatch):
+    """What the controller does with a refused report (the check itself runs against a real
+    server in the test above)."""
+    production, candidate = _version(model, PASSING, tmp_path), _version(model, PASSING, tmp_path)
+    assert entry_points.main("promote", ["--name", model, "--version", production]) == 0
+    assert entry_points.main("promote", ["--name", model, "--version", candidate, "--stage", "Staging"]) == 0
+    _left_by_a_dead_controller(model, candidate, "staged", production)
+    refused = parity.ParityReport(16, 3, 16, 1.0, [{"index": 0, "evaluated": "a", "served": "b",
+                                                     "evaluated_tokens": 9, "served_tokens": 9}])
+    monkeypatch.setattr(parity, "check", lambda *args: refused)
+    _round(tmp_path, model)
+    state, record = _state(model, candidate)
+    assert state == "stopped" and record["reason"] == (
+        "parity check refused it: 3/16 served answers equal the evaluation's (at least 100% needed), 16/16 prompts "
+        "of as many tokens\n  row 0: evaluated 'a' (9 prompt tokens), served 'b' (9)")
+    assert record["parity"]["passed"] is False
+    assert registry.rollout(MlflowClient(), model) is None  # no canary: no client saw it
 
 
 def test_a_person_promoting_another_version_mid_delivery_stops_the_controller(model, tmp_path, capsys):
