@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from browser import chromium, page_text
 from conftest import ROOT, config_with, copy_store, entry_point, task_tags
 from mlflow import MlflowClient
+from servers import mlflow_server
 
 from loraflow import canary, delivery, entry_points, job_configs, parity, registry, rollout
 from loraflow.evaluate import record_evaluation
@@ -129,6 +131,13 @@ def test_two_controllers_at_once_one_killed_mid_evaluation_deliver_a_new_version
         "  row 0: evaluated ")
     code, out = _deliver(config)  # nothing pending
     assert code == 0 and "v1" not in out
+
+    # What a person sees: the version's page in the MLflow UI (a real browser) with its delivery
+    # state and one dated line a step in its description.
+    with mlflow_server(os.environ["MLFLOW_TRACKING_URI"], str(tmp_path / "artifacts")) as url, chromium() as browser:
+        page_text(browser, f"{url}/#/models/{NAME}/versions/1",
+                  ["Production", "loraflow.delivery.state", "delivered", "delivery: staged (Staging gate passed)",
+                   "delivery: delivered"], "mlflow-delivered-version.png")
 
 
 # -- the registry's side: versions registered here, in the state a controller leaves them in -------
@@ -267,7 +276,7 @@ def test_registry_webhooks_wake_the_controller_and_forged_calls_are_refused(tmp_
 
     import requests
     from cryptography.fernet import Fernet
-    from servers import free_port, mlflow_server, postgres_server
+    from servers import free_port, postgres_server
 
     secret, port = "webhook-secret-42", free_port()
     server_env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
@@ -325,3 +334,21 @@ def test_registry_webhooks_wake_the_controller_and_forged_calls_are_refused(tmp_
                 assert log.read_text().rstrip().endswith("a controller started again carries on from there")
         finally:
             mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize(("secret", "message"), [
+    (None, "webhook: set LORAFLOW_WEBHOOK_SECRET to the webhook's signing secret"),
+    ("s3cret", ("webhook: webhooks are sent by a tracking server (`mlflow server` on a SQL store), and "
+                "sqlite:///")),
+], ids=["no_secret", "local_store"])
+def test_a_webhook_that_cannot_work_is_refused_at_start(model, tmp_path, capsys, monkeypatch, secret, message):
+    _version(model, PASSING, tmp_path)
+    config = yaml.safe_load(Path(_policy(tmp_path, model)).read_text())
+    config["webhook"] = {"url": "https://deliver.example.com/"}
+    (tmp_path / "webhook.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.delenv("LORAFLOW_WEBHOOK_SECRET", raising=False)
+    if secret:
+        monkeypatch.setenv("LORAFLOW_WEBHOOK_SECRET", secret)
+    assert entry_points.main("deliver", ["--config", str(tmp_path / "webhook.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert _state(model, "1") == (None, {})  # nothing delivered

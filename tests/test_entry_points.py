@@ -65,7 +65,7 @@ def test_every_config_parameter_is_a_path():
 def test_run_py_names_the_entry_points_when_given_none_of_them(capsys):
     assert entry_points.run_script(["nope"]) == 2
     assert capsys.readouterr().err == ("usage: python mlproject/run.py {train,evaluate,pipeline,promote,rollback,"
-                                       "deliver,export_traces,serve} [--option value ...]\n")
+                                       "deliver,lineage,export_traces,serve} [--option value ...]\n")
 
 
 def _documented_commands() -> list[tuple[str, str]]:

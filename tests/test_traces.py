@@ -4,6 +4,7 @@ on. test_serve_job.py checks the traces of a real server."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 from servers import mlflow_server
 from test_promote import GOOD, add_version
 
-from loraflow import datasets, entry_points, job_configs, registry, traces
+from loraflow import datasets, entry_points, job_configs, lineage, registry, traces
 from loraflow.errors import UserError
 from loraflow.job_configs import ServeConfig, TracesConfig
 
@@ -146,7 +147,8 @@ def traced(tracking_uri, tmp_path):
     return rows, run.info.run_id
 
 
-def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_train_trains_on(traced, tmp_path):
+def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_train_trains_on(traced, tmp_path,
+                                                                                             capsys):
     rows, run_id = traced
     logged = MlflowClient().search_traces(locations=["0"], max_results=100)
     assert len(logged) == 11
@@ -185,6 +187,20 @@ def test_traces_carry_the_version_route_and_verdict_and_export_to_a_dataset_trai
     train_run = MlflowClient().get_run(version.run_id)
     assert (train_run.data.params["dataset"], train_run.data.params["dataset_dir"]) == ("served", str(out))
     assert train_run.data.metrics["samples_seen"] == 8
+
+    # Lineage both ways: v1's served traces were exported and learnt from by that train run; the new
+    # version's data came from the traces v1 and v2 answered.
+    [export] = lineage.lineage(f"models:/{NAME}/1")["exported"]  # the v2-only export holds none of v1's
+    assert export["rows"] == 8 and export["sha256"] == hashlib.sha256((out / "served.jsonl").read_bytes()).hexdigest()
+    assert [(run["run_id"], run["registered"]) for run in export["learnt_from_by"]] == \
+        [(train_run.info.run_id, "served-tiny-lora/1")]
+    [data] = lineage.lineage("models:/served-tiny-lora/1")["data"]
+    assert (data["name"], data["context"], data["sha256"]) == ("served", "training", export["sha256"])
+    assert [(run["registered_model"], run["versions"]) for run in data["exported_by"]] == [(NAME, [1, 2])]
+    assert entry_points.main("lineage", ["--model", "models:/served-tiny-lora/1"]) == 0
+    shown = capsys.readouterr().out
+    assert f"    <- served traces of {NAME} v1, v2, exported by export-traces-{NAME}: http://127.0.0.1:5000/#/" in shown
+    assert f"train run: {train_run.info.run_name} (FINISHED)" in shown
 
 
 def test_only_traces_of_a_servers_run_are_exported(traced, tmp_path):

@@ -87,7 +87,11 @@ def _webhook(policy: DeliverConfig, uri: str, wake: threading.Event, once: bool)
                         f"{tracking.display_uri(uri)} is a local store: set MLFLOW_TRACKING_URI to the server, or "
                         "remove webhook from the delivery config to poll.")
     host, _, port = settings.listen.rpartition(":")
-    listener = delivery_webhooks.Listener(host, int(port), secret, set(policy.models), wake)
+    try:
+        listener = delivery_webhooks.Listener(host, int(port), secret, set(policy.models), wake)
+    except OSError as exc:
+        raise UserError(f"webhook: cannot listen on {settings.listen} ({exc.strerror}): set webhook.listen in the "
+                        "delivery config to a free host:port of this machine.") from None
     try:
         delivery_webhooks.subscribe(MlflowClient(), settings.url, secret)
         yield f"webhooks at {settings.url} (listening on {settings.listen}), and {polling}"

@@ -114,6 +114,12 @@ ENTRY_POINTS = {point.name: point for point in (
         interrupted="stopped: each version's delivery state is in the registry, and a controller started again "
                     "carries on from there", interrupted_code=0),
     EntryPoint(
+        "lineage", "train", "loraflow.lineage:job",
+        "A version's lineage both ways, with links into the MLflow UI: the data it learnt from (and the served "
+        "traces that data was exported from), its train run, evaluations, moves, the servers that answered with "
+        "it, and the train runs that learnt from its exported traces.",
+        (Param("model", "models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/STAGE or a train run id"),)),
+    EntryPoint(
         "export_traces", "train", "loraflow.traces:export_job",
         "Write a registered model's served chat requests, logged as MLflow traces by a server with "
         "traces.sample_rate > 0, to a dataset folder in LLaMA-Factory's layout that train takes "

@@ -43,6 +43,9 @@ RAY_RUN_TAG = "loraflow.ray_run"  # train run: the Ray Train run (checkpoints) i
 RESUMED_FROM_STEP_TAG = "loraflow.resumed_from_step"  # train run: the checkpoint a restarted worker continued
 MODEL_REF_TAG = "loraflow.model_ref"  # evaluate run: the reference it was given
 TRAIN_RUN_TAG = "loraflow.train_run"  # evaluate run: the train run of the adapter it scored
+EXPORTED_MODEL_TAG = "loraflow.export.registered_model"  # export_traces run: whose served traces it wrote
+EXPORTED_VERSIONS_TAG = "loraflow.export.versions"  # export_traces run: JSON list of the versions that answered them
+EXPORTED_SHA256_TAG = "loraflow.export.sha256"  # export_traces run: the written data file's SHA-256 (a train run's dataset digest)
 # On train runs and versions
 BASE_MODEL_TAG = "loraflow.base_model"  # base_models.portable_base_model: where the base model is
 BASE_MODEL_ID_TAG = "loraflow.base_model_id"  # base_models.base_model_identity: what it is, on any machine

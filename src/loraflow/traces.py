@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
+import os
 import queue
 import random
 import re
@@ -178,7 +180,7 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
         conditions.append(f"tags.`{registry.TRACE_VALID_TAG}` = 'true'")
     if since:
         conditions.append(f"timestamp_ms >= {_epoch_ms(since)}")
-    rows, skipped = [], 0
+    rows, skipped, versions = [], 0, set()
 
     @functools.cache
     def instruction_of(number: str) -> str:
@@ -190,6 +192,7 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
             skipped += 1
         else:
             rows.append(row)
+            versions.add(int(trace.info.tags[registry.TRACE_VERSION_TAG]))
     if not rows:
         raise UserError(f"No logged chat traces of {name} from a server's run (tagged {registry.JOB_TAG}=serve) "
                         f"match ({' AND '.join(conditions)}; {skipped} others). "
@@ -207,8 +210,27 @@ def export(name: str, out: str, version: str | None = None, since: str | None = 
         staging.rename(target)  # a complete dataset, or none
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"dataset_dir": str(target), "dataset": dataset, "rows": len(rows), "skipped": skipped,
-            "filter": " AND ".join(conditions)}
+    written = {"dataset_dir": str(target), "dataset": dataset, "rows": len(rows), "skipped": skipped,
+               "filter": " AND ".join(conditions), "versions": sorted(versions),
+               "sha256": hashlib.sha256((target / f"{dataset}.jsonl").read_bytes()).hexdigest()}
+    written["run_id"] = _record_export(name, written)
+    return written
+
+
+def _record_export(name: str, written: dict[str, Any]) -> str:
+    """The export as a run (the one `mlflow run` made, or its own in the model's experiment), tagged
+    so that lineage finds it from the versions that answered and from a train run that used it."""
+    import mlflow
+
+    chosen = any(os.environ.get(key) for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"))
+    with mlflow.start_run(run_name=f"export-traces-{name}",
+                          experiment_id=None if chosen else tracking.experiment_named(name)) as run:
+        mlflow.set_tags({registry.JOB_TAG: "export_traces", registry.EXPORTED_MODEL_TAG: name,
+                         registry.EXPORTED_VERSIONS_TAG: json.dumps(written["versions"]),
+                         registry.EXPORTED_SHA256_TAG: written["sha256"]})
+        mlflow.log_params({"out": written["dataset_dir"], "dataset": written["dataset"], "filter": written["filter"]})
+        mlflow.log_metrics({"rows": written["rows"], "skipped": written["skipped"]})
+    return run.info.run_id
 
 
 def _serving_runs() -> dict[str, str]:
@@ -265,5 +287,4 @@ def export_job(name: str, out: str, version: str, since: str, valid_only: bool, 
     """The export_traces entry point (entry_points.py)."""
     tracking.configure()
     written = export(name, out, version or None, since or None, valid_only, dataset)
-    tracking.name_launch_run(f"export-traces-{name}", "export_traces")
     print(json.dumps(written), flush=True)
