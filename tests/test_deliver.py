@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 from browser import chromium, page_text
-from conftest import ROOT, config_with, copy_store, entry_point, task_tags
+from conftest import ROOT, config_with, copy_store, entry_point
 from mlflow import MlflowClient
 from servers import mlflow_server
+from test_promote import add_version
 
 from loraflow import canary, delivery, entry_points, job_configs, parity, registry, rollout
-from loraflow.evaluate import record_evaluation
 
 NAME = "viggo-tiny-lora"
 PASSING = {"exact_match": 0.7, "parse_validity": 0.99, "slot_f1": 0.9, "rows": 1083}
@@ -147,22 +147,6 @@ def model(tracking_uri) -> str:
     return f"viggo-test-{uuid.uuid4().hex[:8]}"
 
 
-def _version(name: str, metrics: dict[str, float], tmp_path) -> str:
-    """A version registered as train does, evaluated as evaluate records it."""
-    import mlflow
-
-    adapter = tmp_path / f"adapter-{uuid.uuid4().hex[:6]}"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(adapter), artifact_path=registry.ADAPTER_ARTIFACT_PATH)
-    version = registry.register_adapter(name, run.info.run_id, {"loraflow.base_model": "tiny",
-                                                                **task_tags(run.info.run_id)},
-                                        "test adapter", registry.file_digests(adapter))
-    record_evaluation(name, str(version.version), metrics, run.info.run_id)
-    return str(version.version)
-
-
 def _left_by_a_dead_controller(name: str, number: str, state: str, production: str) -> None:
     """`number` as a controller that died left it: claimed, `state`, evaluated."""
     client = MlflowClient()
@@ -179,7 +163,7 @@ def _round(tmp_path, name: str, **changes) -> None:
 
 
 def test_a_version_that_fails_the_staging_gate_stops_there_with_the_reason(model, tmp_path, capsys):
-    number = _version(model, {**PASSING, "exact_match": 0.1}, tmp_path)
+    number = add_version(model, {**PASSING, "exact_match": 0.1}, tmp_path)
     _left_by_a_dead_controller(model, number, "evaluated", "")
     _round(tmp_path, model, gates="stages: {Staging: {minimum: {exact_match: 0.3}}}")
     state, record = _state(model, number)
@@ -192,7 +176,7 @@ def test_a_version_that_fails_the_staging_gate_stops_there_with_the_reason(model
 def test_a_refused_parity_check_stops_the_version_before_any_live_traffic(model, tmp_path, monkeypatch):
     """What the controller does with a refused report (the check itself runs against a real
     server in the test above)."""
-    production, candidate = _version(model, PASSING, tmp_path), _version(model, PASSING, tmp_path)
+    production, candidate = add_version(model, PASSING, tmp_path), add_version(model, PASSING, tmp_path)
     assert entry_points.main("promote", ["--name", model, "--version", production]) == 0
     assert entry_points.main("promote", ["--name", model, "--version", candidate, "--stage", "Staging"]) == 0
     _left_by_a_dead_controller(model, candidate, "staged", production)
@@ -209,7 +193,7 @@ def test_a_refused_parity_check_stops_the_version_before_any_live_traffic(model,
 
 
 def test_a_person_promoting_another_version_mid_delivery_stops_the_controller(model, tmp_path, capsys):
-    first, candidate, other = (_version(model, PASSING, tmp_path) for _ in range(3))
+    first, candidate, other = (add_version(model, PASSING, tmp_path) for _ in range(3))
     assert entry_points.main("promote", ["--name", model, "--version", first]) == 0
     _left_by_a_dead_controller(model, candidate, "evaluated", first)
     assert entry_points.main("promote", ["--name", model, "--version", other, "--reason", "hotfix"]) == 0
@@ -223,7 +207,7 @@ def test_a_person_promoting_another_version_mid_delivery_stops_the_controller(mo
 
 @pytest.mark.parametrize("outcome", ["promote", "roll back", "stopped by a person"])
 def test_a_canary_under_way_ends_the_delivery_as_the_servers_or_a_person_decide(model, tmp_path, outcome):
-    production, candidate = _version(model, PASSING, tmp_path), _version(model, PASSING, tmp_path)
+    production, candidate = add_version(model, PASSING, tmp_path), add_version(model, PASSING, tmp_path)
     assert entry_points.main("promote", ["--name", model, "--version", production]) == 0
     gates = str(tmp_path / "gates.yaml")
     (tmp_path / "gates.yaml").write_text("stages: {Staging: {}, Production: {}}\n")
@@ -255,7 +239,7 @@ def test_a_canary_under_way_ends_the_delivery_as_the_servers_or_a_person_decide(
     ("missing-model", "models.missing-model: There is no registered model 'missing-model'"),
 ])
 def test_a_policy_naming_what_is_not_there_is_refused_at_start(model, tmp_path, capsys, change, message):
-    _version(model, PASSING, tmp_path)
+    add_version(model, PASSING, tmp_path)
     config = yaml.safe_load(Path(_policy(tmp_path, model)).read_text())
     if change == "missing-model":
         config["models"] = {"missing-model": config["models"][model]}
@@ -290,7 +274,7 @@ def test_registry_webhooks_wake_the_controller_and_forged_calls_are_refused(tmp_
         env = {**os.environ, "LORAFLOW_WEBHOOK_SECRET": secret}
         try:
             name = f"viggo-test-{uuid.uuid4().hex[:8]}"
-            first = _version(name, PASSING, tmp_path)
+            first = add_version(name, PASSING, tmp_path)
             assert entry_points.main("promote", ["--name", name, "--version", first]) == 0  # nothing new
             config = yaml.safe_load(Path(_policy(tmp_path, name, parity_rows=0)).read_text())
             config.update(poll_interval_s=3600, webhook={"listen": f"127.0.0.1:{port}",
@@ -320,7 +304,7 @@ def test_registry_webhooks_wake_the_controller_and_forged_calls_are_refused(tmp_
                     answer = requests.post(f"http://127.0.0.1:{port}/", data=body, headers=headers, timeout=10)
                     assert (answer.status_code, answer.json()) == (401, {"error": why})
 
-                second = _version(name, PASSING, tmp_path)  # the server calls the controller, which evaluates
+                second = add_version(name, PASSING, tmp_path)  # the server calls the controller, which evaluates
                 deadline = time.monotonic() + 120
                 while _state(name, second)[0] not in delivery.DONE:
                     assert controller.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -342,7 +326,7 @@ def test_registry_webhooks_wake_the_controller_and_forged_calls_are_refused(tmp_
                 "sqlite:///")),
 ], ids=["no_secret", "local_store"])
 def test_a_webhook_that_cannot_work_is_refused_at_start(model, tmp_path, capsys, monkeypatch, secret, message):
-    _version(model, PASSING, tmp_path)
+    add_version(model, PASSING, tmp_path)
     config = yaml.safe_load(Path(_policy(tmp_path, model)).read_text())
     config["webhook"] = {"url": "https://deliver.example.com/"}
     (tmp_path / "webhook.yaml").write_text(yaml.safe_dump(config))

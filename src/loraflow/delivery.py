@@ -39,6 +39,7 @@ from loraflow import (
     promotion_gates,
     registry,
     registry_changes,
+    registry_lock,
     rollout,
     tracking,
 )
@@ -50,8 +51,6 @@ from loraflow.job_configs import DeliverConfig, DeliveryPolicy, EvaluateConfig, 
 # eval_run, parity) and the claim of the controller delivering it (JSON: controller, heartbeat).
 STATE, RECORD, CLAIM = (registry.DELIVERY_TAG_PREFIX + field for field in ("state", "record", "claim"))
 DONE = ("delivered", "stopped")
-HEARTBEAT_S = 30
-STALE_AFTER_S = 300  # a controller on another host with no heartbeat for this long is gone
 
 
 def job(config: str, once: bool) -> None:
@@ -226,18 +225,17 @@ class Controller:
         name, number = version.name, str(version.version)
         sampling = job_configs.load(EvaluateConfig, model.evaluate_config).sampling
         print(f"deliver: {name} v{number}: parity check on {model.parity.rows} rows", flush=True)
-        with tempfile.NamedTemporaryFile(prefix=f"loraflow-parity-{name}-v{number}-", suffix=".log",
-                                         delete=False) as log:
-            pass
+        handle, log = tempfile.mkstemp(prefix=f"loraflow-parity-{name}-v{number}-", suffix=".log")
+        os.close(handle)
         try:
-            report = parity.check(version, record_of(version)["eval_run"], sampling, model.parity, Path(log.name))
+            report = parity.check(version, record_of(version)["eval_run"], sampling, model.parity, Path(log))
         except RuntimeError as exc:
             return self._end(name, number, "stopped", f"parity check: {exc}")
         self._update_record(name, number, parity=report.as_record())
         if not report.passed:
             return self._end(name, number, "stopped", f"parity check refused it: {report.summary()}")
         print(f"deliver: {name} v{number}: parity: {report.summary()}", flush=True)
-        Path(log.name).unlink(missing_ok=True)
+        Path(log).unlink(missing_ok=True)
         return True
 
     # -- claims, state, a person's changes ---------------------------------------------------------
@@ -270,7 +268,7 @@ class Controller:
         alive = processes.alive(holder)
         if alive is not None:
             return alive
-        return time.time() - heartbeat < STALE_AFTER_S  # on another host: its heartbeat says
+        return time.time() - heartbeat < registry_lock.STALE_AFTER_S  # on another host: its heartbeat says
 
     def _overruled(self, version) -> str | None:
         """Why a person's change stops this delivery, if one does: Production changed (but by this
@@ -338,24 +336,13 @@ class Controller:
                 print(f"deliver: {name} v{number}: ended the evaluation run {run.info.run_id} that a controller "
                       "which is gone left RUNNING", flush=True)
 
-    @contextlib.contextmanager
     def _beating(self, name: str, number: str):
-        """The claim's heartbeat, every HEARTBEAT_S while this controller works on the version."""
-        stop = threading.Event()
-
+        """The claim's heartbeat while this controller works on the version."""
         def beat() -> None:
-            while not stop.wait(HEARTBEAT_S):
-                with contextlib.suppress(Exception):  # a missed beat is retried; STALE_AFTER_S is many beats
-                    if claim_of(self.client.get_model_version(name, number)).get("controller") == self.me:
-                        self._claim_tag(name, number)
+            if claim_of(self.client.get_model_version(name, number)).get("controller") == self.me:
+                self._claim_tag(name, number)
 
-        beating = threading.Thread(target=beat, daemon=True)
-        beating.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            beating.join()
+        return registry_lock.heartbeat(beat)
 
 
 def record_of(version) -> dict:

@@ -63,24 +63,36 @@ def locked(client: MlflowClient, name: str, wait_s: float = 60.0):
                 f"has sent no heartbeat for {STALE_AFTER_S} s)."
             )
         time.sleep(0.2)
-    stop = threading.Event()
-    beating = threading.Thread(target=_heartbeat, args=(client, lock, token, stop), daemon=True)
-    beating.start()
+    def beat() -> None:
+        if client.get_registered_model(lock).tags.get(LOCK_OWNER_TAG) == token:
+            client.set_registered_model_tag(lock, LOCK_HEARTBEAT_TAG, str(time.time()))
+
+    try:
+        with heartbeat(beat):
+            yield
+    finally:
+        _release(client, lock, token)
+
+
+@contextlib.contextmanager
+def heartbeat(beat):
+    """`beat()` every HEARTBEAT_S on a thread of its own while the block runs (a holder's sign of life:
+    this lock's, a delivery controller's claim). Any failure (the server unreachable, a timeout)
+    costs one beat, never the thread: a missed beat is retried, and STALE_AFTER_S is many beats."""
+    stop, every_s = threading.Event(), HEARTBEAT_S  # read now: tests shorten it
+
+    def beating() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(Exception):
+                beat()
+
+    thread = threading.Thread(target=beating, daemon=True)
+    thread.start()
     try:
         yield
     finally:
         stop.set()
-        beating.join()
-        _release(client, lock, token)
-
-
-def _heartbeat(client: MlflowClient, lock: str, token: str, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_S):
-        # Any failure (the server unreachable, a timeout) costs one beat, never the thread: a missed
-        # beat is retried, and STALE_AFTER_S is many beats.
-        with contextlib.suppress(Exception):
-            if client.get_registered_model(lock).tags.get(LOCK_OWNER_TAG) == token:
-                client.set_registered_model_tag(lock, LOCK_HEARTBEAT_TAG, str(time.time()))
+        thread.join()
 
 
 def _release(client: MlflowClient, lock: str, token: str) -> None:
