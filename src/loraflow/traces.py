@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import queue
 import random
 import re
@@ -222,9 +221,8 @@ def _record_export(name: str, written: dict[str, Any]) -> str:
     so that lineage finds it from the versions that answered and from a train run that used it."""
     import mlflow
 
-    chosen = any(os.environ.get(key) for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"))
     with mlflow.start_run(run_name=f"export-traces-{name}",
-                          experiment_id=None if chosen else tracking.experiment_named(name)) as run:
+                          experiment_id=None if tracking.experiment_chosen() else tracking.experiment_named(name)) as run:
         mlflow.set_tags({registry.JOB_TAG: "export_traces", registry.EXPORTED_MODEL_TAG: name,
                          registry.EXPORTED_VERSIONS_TAG: json.dumps(written["versions"]),
                          registry.EXPORTED_SHA256_TAG: written["sha256"]})

@@ -94,7 +94,7 @@ def use_model_experiment(model_name: str | None = None, train_run: str | None = 
     among themselves, not among every model's in "Default". `mlflow run` has made the job's run
     already (MLFLOW_RUN_ID) in the experiment of its `--experiment-name`, and MLFLOW_EXPERIMENT_NAME /
     _ID are a choice too. Set as MLFLOW_EXPERIMENT_ID, which MLflow reads and subprocesses inherit."""
-    if any(os.environ.get(key) for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
+    if experiment_chosen():
         return
     from mlflow import MlflowClient
 
@@ -102,6 +102,11 @@ def use_model_experiment(model_name: str | None = None, train_run: str | None = 
         os.environ["MLFLOW_EXPERIMENT_ID"] = MlflowClient().get_run(train_run).info.experiment_id
     else:
         os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_named(model_name)
+
+
+def experiment_chosen() -> bool:
+    """Whether `mlflow run` (its run) or the environment chose where a job's runs go."""
+    return any(os.environ.get(key) for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"))
 
 
 def experiment_named(name: str) -> str:
