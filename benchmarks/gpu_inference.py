@@ -461,11 +461,7 @@ def _multi_loraflow(out: Path, result: dict, write, names, rows, prompt, request
             result["loraflow"] = _multi_points(port, names, rows, ask, MODEL_ID, prompt, requests, clients, sampling)
             result["loraflow_gpu_mib"] = _gpu_mib()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            result["loraflow_exit_on_ctrl_c"] = proc.wait(timeout=60)
-        _kill_group(proc.pid)
+        result["loraflow_exit_on_ctrl_c"] = _ctrl_c(proc, 60)
     write()
     result["gpu_freed"] = _free_gpu()  # the project's engine gone before bare's starts
 
@@ -637,11 +633,7 @@ def part_serve(out: Path, requests: int, bare: bool) -> None:
             result["canary"] = _canary(port, stable, inputs, ask)
             result["models"] = _get(port, "/v1/models")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            result["project_exit_on_ctrl_c"] = proc.wait(timeout=120)
-        _kill_group(proc.pid)
+        result["project_exit_on_ctrl_c"] = _ctrl_c(proc, 120)
     if bare:
         result["bare"] = _bare_serve(out, inputs, prompt, requests)
     elif BARE_LATENCY.exists():  # bare vLLM's points from an earlier call on this machine (multi_lora's)
@@ -796,6 +788,18 @@ def _wait(ready, proc: subprocess.Popen, timeout: float) -> bool:
             return False
         time.sleep(2)
     return False
+
+
+def _ctrl_c(proc: subprocess.Popen, timeout: float) -> int | None:
+    """Stop `mlflow run . -e serve` as Ctrl-C does (SIGINT to its group); its exit code, None if it
+    did not exit in `timeout`; whatever is left of its group is killed."""
+    code = None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        code = proc.wait(timeout=timeout)
+    _kill_group(proc.pid)
+    return code
 
 
 def _kill_group(pid: int) -> None:
